@@ -1,0 +1,62 @@
+"""Training rows: ``{prompt, target, reference}`` (+ optional ``id``, ``answer``) from a JSONL file
+or from the built-in synthetic generator."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from lesft.data.synthetic import ArithmeticSpec, generate_arithmetic
+
+REQUIRED = ("prompt", "target", "reference")
+
+
+class DataError(ValueError):
+    """A malformed data file or row; the message names the file and line."""
+
+
+def load_jsonl(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a JSONL file; each needs non-empty string ``prompt`` and ``target`` and a string ``reference``."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file not found: {p}")
+    rows = []
+    with p.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in REQUIRED if k not in row]
+            if missing:
+                raise DataError(f"{p}:{lineno}: missing field(s) {missing}; each row needs {list(REQUIRED)}")
+            bad = [k for k in REQUIRED if not isinstance(row[k], str)]
+            if bad:
+                raise DataError(f"{p}:{lineno}: field(s) {bad} must be strings")
+            empty = [k for k in ("prompt", "target") if not row[k].strip()]
+            if empty:
+                raise DataError(f"{p}:{lineno}: field(s) {empty} are empty")
+            row.setdefault("id", f"{p.stem}-{lineno}")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{p}: no rows")
+    return rows
+
+
+def load_rows(data: str, samples: int, seed: int, spec: ArithmeticSpec) -> list[dict[str, str]]:
+    """``data='synthetic'``: ``samples`` generated rows; else the JSONL file's rows, a seeded sample of
+    ``samples`` of them when 0 < samples < rows (file order kept)."""
+    if data == "synthetic":
+        if samples < 1:
+            raise ValueError("data=synthetic needs samples >= 1")
+        return generate_arithmetic(samples, seed=seed, spec=spec)
+    rows = load_jsonl(data)
+    if 0 < samples < len(rows):
+        keep = sorted(random.Random(seed).sample(range(len(rows)), samples))
+        rows = [rows[i] for i in keep]
+    return rows

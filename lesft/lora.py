@@ -1,0 +1,108 @@
+"""LoRA adapters on model parts (peft underneath) and export as one peft adapter for the whole model.
+
+A part's adapter tensors are named relative to the part, e.g.
+``layers.2.mlp.gate_proj.lora_A.weight`` with the part's *local* layer index; :func:`export_adapter`
+renumbers them to the full model's layers so ``PeftModel.from_pretrained(base, out/adapter)`` works.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from safetensors.torch import save_file
+from torch import nn
+
+ADAPTER = "default"
+
+
+@dataclass
+class LoraArgs:
+    """LoRA adapters, the same on the client and the server side (peft's LoraConfig underneath)."""
+
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator: the update is scaled by alpha / r."})
+    dropout: float = field(default=0.2, metadata={"help": "Dropout on the LoRA input during training."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Names of the linear modules that get adapters (matched by suffix, as in peft)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one module")
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
+        )
+
+
+def add_lora(part: nn.Module, args: LoraArgs) -> nn.Module:
+    """Inject adapters into ``part`` in place; only adapter weights stay trainable."""
+    if not any(isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in args.target_modules
+               for name, m in part.named_modules()):
+        return part  # e.g. a server part with no layers: nothing to adapt
+    inject_adapter_in_model(args.peft_config(), part, adapter_name=ADAPTER)
+    for name, p in part.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return part
+
+
+def _key(name: str) -> str:
+    return name.replace(f".{ADAPTER}.", ".")
+
+
+def lora_state(part: nn.Module) -> dict[str, torch.Tensor]:
+    """The part's adapter tensors (detached copies), keyed without the adapter name."""
+    return {_key(n): p.detach().clone() for n, p in part.named_parameters() if "lora_" in n}
+
+
+@torch.no_grad()
+def load_lora_state(part: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the part's adapter tensors in place (optimizer state stays attached)."""
+    params = {_key(n): p for n, p in part.named_parameters() if "lora_" in n}
+    if set(params) != set(state):
+        raise ValueError(f"adapter keys differ: missing {sorted(set(params) - set(state))[:3]}, "
+                         f"unexpected {sorted(set(state) - set(params))[:3]}")
+    for k, p in params.items():
+        p.copy_(state[k].to(p.dtype))
+
+
+def full_model_keys(state: dict[str, torch.Tensor], first_layer: int, layers_path: str) -> dict[str, torch.Tensor]:
+    """``layers.{i}.rest`` of a part -> ``base_model.model.{layers_path}.{first_layer+i}.rest`` (peft's file keys)."""
+    out = {}
+    for k, v in state.items():
+        m = re.match(r"layers\.(\d+)\.(.+)$", k)
+        if m is None:
+            raise ValueError(f"adapter tensor {k!r} is not inside a decoder layer")
+        out[f"base_model.model.{layers_path}.{first_layer + int(m.group(1))}.{m.group(2)}"] = v
+    return out
+
+
+def export_adapter(
+    parts: list[tuple[dict[str, torch.Tensor], int]],
+    layers_path: str,
+    args: LoraArgs,
+    out_dir: str | Path,
+    base_model: str,
+) -> Path:
+    """Write ONE peft adapter directory for the unsplit model from ``(part_state, first_layer)`` pairs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for state, first in parts:
+        tensors.update(full_model_keys(state, first, layers_path))
+    save_file({k: v.contiguous().float().cpu() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
+    config = args.peft_config()
+    config.base_model_name_or_path = base_model
+    config.save_pretrained(str(out))
+    return out

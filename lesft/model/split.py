@@ -1,0 +1,187 @@
+"""Cut a decoder-only LM into a client part (embedding + first k layers) and a server part
+(remaining layers + final norm + LM head).
+
+Works for any model laid out as ``embedding -> decoder layers -> final norm -> LM head`` with
+rotary positions (Llama, Qwen2/2.5, Mistral, ...): the structure is read from the modules, not
+from the class name. The cut carries, per path, hidden states ``[B, T, H]``, the attention mask
+``[B, T]`` and position ids ``[B, T]`` -- never the input token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+_MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not a decoder-only LM with the layout lesft can split."""
+
+
+@dataclass
+class DecoderLayout:
+    """Where the pieces of a decoder-only LM live."""
+
+    embed: nn.Embedding
+    layers: nn.ModuleList
+    norm: nn.Module
+    rotary: nn.Module
+    head: nn.Linear
+    layers_path: str  # module path of ``layers`` in the full model, e.g. "model.layers"
+    layer_types: list[str]
+
+
+def inspect_decoder(model: nn.Module) -> DecoderLayout:
+    """Find embedding, layers, norm, rotary embedding and head; refuse anything else by name."""
+    cls = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{cls}: not a decoder-only causal LM (no config or encoder-decoder)")
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    missing = []
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    layers = getattr(decoder, "layers", None)
+    norm = getattr(decoder, "norm", None)
+    rotary = getattr(decoder, "rotary_emb", None)
+    if not isinstance(embed, nn.Embedding):
+        missing.append("input embedding (nn.Embedding)")
+    if not isinstance(layers, nn.ModuleList) or len(layers) < 2:
+        missing.append("decoder.layers (nn.ModuleList of >= 2 layers)")
+    if norm is None:
+        missing.append("decoder.norm (final norm)")
+    if rotary is None:
+        missing.append("decoder.rotary_emb (rotary position embedding)")
+    if not isinstance(head, nn.Linear):
+        missing.append("LM head (nn.Linear output embedding)")
+    n = getattr(config, "num_hidden_layers", None)
+    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * (n or 0))
+    unknown = sorted(set(layer_types) - set(_MASKS))
+    if unknown:
+        missing.append(f"support for attention layer types {unknown}")
+    if missing:
+        raise UnsupportedModelError(
+            f"{cls} cannot be split by lesft: missing {', '.join(missing)}. Supported: decoder-only LMs "
+            "built as embedding -> decoder layers -> final norm -> LM head with rotary positions "
+            "(e.g. LlamaForCausalLM, Qwen2ForCausalLM)."
+        )
+    layers_path = next(name for name, m in model.named_modules() if m is layers)
+    return DecoderLayout(embed, layers, norm, rotary, head, layers_path, layer_types)
+
+
+def resolve_client_layers(spec: str | int, num_layers: int) -> int:
+    """Layer count from ``'7'``, ``7`` or a fraction ``'1/4'`` (rounded, at least 1). Must be in [1, L-1]."""
+    s = str(spec).strip()
+    try:
+        f = Fraction(s)
+        k = int(f) if "/" not in s and "." not in s else round(f * num_layers)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"client_layers must be a count like '7' or a fraction like '1/4', got {spec!r}") from None
+    if not 1 <= k <= num_layers - 1:
+        raise ValueError(
+            f"client_layers={spec!r} gives k={k} client layers, but k must be in [1, {num_layers - 1}] "
+            f"for a model with {num_layers} decoder layers"
+        )
+    return k
+
+
+def _run_layers(
+    layers: nn.ModuleList,
+    first: int,
+    layer_types: list[str],
+    rotary: nn.Module,
+    config,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Apply ``layers`` (global indices ``first..``) the way the model's own forward does."""
+    if len(layers) == 0:
+        return hidden
+    kinds = {layer_types[first + i] for i in range(len(layers))}
+    mask_kwargs = dict(
+        config=config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
+        position_ids=position_ids,
+    )
+    masks = {kind: _MASKS[kind](**mask_kwargs) for kind in kinds}
+    pos_emb = rotary(hidden, position_ids)
+    for i, layer in enumerate(layers):
+        hidden = layer(
+            hidden,
+            attention_mask=masks[layer_types[first + i]],
+            position_embeddings=pos_emb,
+            position_ids=position_ids,
+            past_key_values=None,
+            use_cache=False,
+        )
+    return hidden
+
+
+class ClientPart(nn.Module):
+    """Embedding + decoder layers ``[0, k)``: token ids -> cut-layer hidden states."""
+
+    def __init__(self, layout: DecoderLayout, k: int, config):
+        super().__init__()
+        self.embed_tokens = layout.embed
+        self.layers = nn.ModuleList(layout.layers[:k])
+        self.rotary_emb = layout.rotary
+        self.config = config
+        self.layer_types = layout.layer_types
+        self.first_layer = 0
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids``/``attention_mask`` [B, T] -> (hidden [B, T, H], position_ids [B, T])."""
+        # Same positions as the unsplit model's default (0..T-1, batches are right-padded).
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        hidden = self.embed_tokens(input_ids)
+        hidden = _run_layers(self.layers, 0, self.layer_types, self.rotary_emb, self.config, hidden,
+                             attention_mask, position_ids)
+        return hidden, position_ids
+
+
+class ServerPart(nn.Module):
+    """Decoder layers ``[k, L)`` + final norm + LM head: hidden states -> logits."""
+
+    def __init__(self, layout: DecoderLayout, k: int, config, tied: bool):
+        super().__init__()
+        self.layers = nn.ModuleList(layout.layers[k:])
+        self.norm = layout.norm
+        self.rotary_emb = layout.rotary  # buffers only (inv_freq); each client holds a deep copy
+        if tied:  # the head shares the client's embedding: the server gets its own frozen copy
+            head = nn.Linear(layout.head.in_features, layout.head.out_features, bias=False,
+                             device=layout.head.weight.device, dtype=layout.head.weight.dtype)
+            head.weight = nn.Parameter(layout.head.weight.detach().clone(), requires_grad=False)
+            self.lm_head = head
+        else:
+            self.lm_head = layout.head
+        self.config = config
+        self.layer_types = layout.layer_types
+        self.first_layer = k
+
+    def forward(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, T, H] -> (logits [B, T, V], final hidden after the norm [B, T, H])."""
+        hidden = _run_layers(self.layers, self.first_layer, self.layer_types, self.rotary_emb, self.config,
+                             hidden, attention_mask, position_ids)
+        hidden = self.norm(hidden)
+        return self.lm_head(hidden), hidden
+
+
+def split_model(model: PreTrainedModel, k: int) -> tuple[ClientPart, ServerPart, DecoderLayout]:
+    """Cut ``model`` after ``k`` layers (``k == L`` gives a server part with no layers, for unsplit
+    methods). The parts reuse the model's modules; nothing is copied but a tied head."""
+    layout = inspect_decoder(model)
+    n = len(layout.layers)
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot cut after {k} layers: the model has {n}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tied = layout.head.weight is layout.embed.weight
+    return ClientPart(layout, k, model.config), ServerPart(layout, k, model.config, tied), layout

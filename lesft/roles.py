@@ -1,0 +1,311 @@
+"""The three parties. They share no tensors and talk only through messages (see messages.py).
+
+- :class:`Client` -- tokenised private data, the client part (embedding + first k layers) with its own
+  LoRA and optimizer. Unsplit methods give it the whole model (k = L) and a local head instead.
+- :class:`SplitServer` -- the remaining layers, final norm and LM head with the shared server LoRA.
+  It never sees a tokenizer or token ids of the input: only hidden states, masks, positions and targets.
+- :class:`Aggregator` -- averages client adapters weighted by |D_i|.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import torch
+
+from lesft.config import TrainConfig
+from lesft.data.samples import Batch, Sample, collate
+from lesft.lora import load_lora_state, lora_state
+from lesft.loss import IGNORE_INDEX, ce_loss, lesft_loss
+from lesft.messages import Activations, ActivationGrad, AdapterBroadcast, AdapterUpload, PathBatch
+from lesft.meters import RoleMeter
+from lesft.model.split import ClientPart, ServerPart
+
+STAT_KEYS = ("salient", "subsalient", "irrelevant")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg.dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """No dropout and no graph: how the forward-only reference path runs."""
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was)
+
+
+def _optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW | None:
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
+
+
+@dataclass
+class SliceLoss:
+    """Loss of one client's rows of a batch, with what is needed to merge it with others."""
+
+    loss: torch.Tensor
+    n_samples: int  # rows with >= 1 target token
+    n_tokens: int
+    stats: dict[str, float]
+
+
+def head_losses(
+    top: ServerPart,
+    base: PathBatch,
+    ref: PathBatch | None,
+    bounds: list[tuple[int, int]],
+    cfg: TrainConfig,
+) -> list[SliceLoss]:
+    """Run ``top`` on the base path (with graph) and the reference path (forward only), and compute the
+    loss of each row range in ``bounds``: the server's step and an unsplit client's step share this."""
+    logits, final = top(base.hidden, base.attention_mask, base.position_ids)
+    ref_logits = None
+    if ref is not None:
+        with _eval_mode(top):
+            ref_logits, _ = top(ref.hidden, ref.attention_mask, ref.position_ids)
+    out = []
+    for b0, b1 in bounds:
+        labels = base.labels[b0:b1]
+        targets = labels[:, 1:] != IGNORE_INDEX
+        n_tokens = int(targets.sum())
+        n_samples = int(targets.any(dim=1).sum())
+        if cfg.loss == "lesft":
+            loss, stats = lesft_loss(logits[b0:b1], labels, ref_logits[b0:b1], ref.labels[b0:b1],
+                                     final[b0:b1].detach(), cfg.lesft)
+        else:
+            loss, stats = ce_loss(logits[b0:b1], labels), {}
+        out.append(SliceLoss(loss, n_samples, n_tokens, stats))
+    return out
+
+
+def merge_losses(parts: list[SliceLoss]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over samples of all slices (so the batch mean of per-sample losses) and token-weighted stats."""
+    n = sum(p.n_samples for p in parts)
+    if n == 0:
+        raise ValueError("a batch has no target tokens (targets truncated away?)")
+    total = sum(p.loss * p.n_samples for p in parts) / n
+    stats: dict[str, float] = {}
+    if parts[0].stats:
+        tokens = sum(p.n_tokens for p in parts)
+        for k in STAT_KEYS:
+            cls_tok = sum(p.stats[f"frac_{k}"] * p.n_tokens for p in parts)
+            stats[f"frac_{k}"] = cls_tok / tokens
+            stats[f"mean_weight_{k}"] = (
+                sum(p.stats[f"mean_weight_{k}"] * p.stats[f"frac_{k}"] * p.n_tokens for p in parts) / cls_tok
+                if cls_tok else 0.0
+            )
+        stats["mean_weight"] = sum(p.stats["mean_weight"] * p.n_tokens for p in parts) / tokens
+    return total, stats
+
+
+def _check_finite(loss: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"loss is {loss.item()} {where}; lower --lr, use --dtype fp32, or check the data")
+
+
+def _pad_cat(batches: list[PathBatch]) -> tuple[PathBatch, list[tuple[int, int]]]:
+    """Concatenate clients' batches on the batch axis, right-padding to the longest sequence."""
+    t = max(b.hidden.shape[1] for b in batches)
+
+    def pad(x: torch.Tensor, value: float) -> torch.Tensor:
+        extra = t - x.shape[1]
+        if extra == 0:
+            return x
+        shape = list(x.shape)
+        shape[1] = extra
+        return torch.cat([x, x.new_full(shape, value)], dim=1)
+
+    bounds, start = [], 0
+    for b in batches:
+        bounds.append((start, start + b.hidden.shape[0]))
+        start += b.hidden.shape[0]
+    positions = torch.arange(t).expand(start, t)
+    return PathBatch(
+        hidden=torch.cat([pad(b.hidden, 0.0) for b in batches]),
+        attention_mask=torch.cat([pad(b.attention_mask, 0) for b in batches]),
+        position_ids=positions.clone() if any(b.hidden.shape[1] != t for b in batches)
+        else torch.cat([b.position_ids for b in batches]),
+        labels=torch.cat([pad(b.labels, IGNORE_INDEX) for b in batches]),
+    ), bounds
+
+
+class DataStream:
+    """Seeded mini-batches from one client's samples: a fresh shuffle every pass."""
+
+    def __init__(self, samples: list[Sample], batch_size: int, seed: int) -> None:
+        if not samples:
+            raise ValueError("a client has no training samples")
+        self.samples, self.batch_size, self.seed = samples, batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._order = self._shuffle()
+
+    def _shuffle(self) -> list[int]:
+        order = list(range(len(self.samples)))
+        random.Random(self.seed * 100003 + self.epoch).shuffle(order)
+        return order
+
+    def next(self) -> list[Sample]:
+        out = []
+        while len(out) < self.batch_size:
+            if self.pos == len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._shuffle()
+            out.append(self.samples[self._order[self.pos]])
+            self.pos += 1
+        return out
+
+
+class Client:
+    """An edge device. Split methods: :meth:`forward` / :meth:`backward`; unsplit: :meth:`local_step`."""
+
+    def __init__(
+        self,
+        cid: int,
+        bottom: ClientPart,
+        samples: list[Sample],
+        cfg: TrainConfig,
+        pad_id: int,
+        device: torch.device,
+        top: ServerPart | None = None,
+    ) -> None:
+        self.cid, self.bottom, self.top, self.cfg, self.pad_id, self.device = cid, bottom, top, cfg, pad_id, device
+        self.n_samples = len(samples)
+        self.stream = DataStream(samples, cfg.batch_size, seed=cfg.seed * 1000 + cid)
+        self.trainable = any(p.requires_grad for p in bottom.parameters())
+        self.optimizer = _optimizer(bottom, cfg) if self.trainable else None
+        self.meter = RoleMeter(device)
+        self._pending: torch.Tensor | None = None  # base-path cut activations awaiting their gradient
+
+    def _batch(self) -> Batch:
+        b = collate(self.stream.next(), self.pad_id, self.cfg.pad_to_multiple)
+        return Batch(*(t.to(self.device) if t is not None else None for t in vars(b).values()))
+
+    def _paths(self, batch: Batch) -> tuple[PathBatch, PathBatch | None]:
+        """Bottom forward on the base path (graph kept if trainable) and the reference path (forward only)."""
+        with _autocast(self.cfg, self.device):
+            grad = torch.enable_grad() if self.trainable else torch.no_grad()
+            with grad:
+                h, pos = self.bottom(batch.ids, batch.mask)
+            ref = None
+            if batch.ref_ids is not None:
+                with _eval_mode(self.bottom):
+                    rh, rpos = self.bottom(batch.ref_ids, batch.ref_mask)
+                ref = PathBatch(rh, batch.ref_mask, rpos, batch.ref_labels)
+        return PathBatch(h, batch.mask, pos, batch.labels), ref
+
+    def forward(self, step: int) -> Activations:
+        """Draw a micro-batch, run the client layers, and package the cut-layer activations."""
+        with self.meter.measure():
+            base, ref = self._paths(self._batch())
+            if self.trainable:
+                self._pending = base.hidden
+            return Activations(self.cid, step, base, ref)
+
+    def backward(self, msg: ActivationGrad) -> None:
+        """Back-propagate the server's dL/dh through the client layers (gradients accumulate)."""
+        if self._pending is None:
+            raise RuntimeError(f"client {self.cid}: gradient for step {msg.step} without a pending forward")
+        with self.meter.measure():
+            self._pending.backward(msg.grad.to(self._pending.dtype))
+            self._pending = None
+
+    def local_step(self) -> SliceLoss:
+        """Unsplit methods: forward through the whole model, loss, backward -- no message leaves."""
+        with self.meter.measure():
+            base, ref = self._paths(self._batch())
+            with _autocast(self.cfg, self.device):
+                part = head_losses(self.top, base, ref, [(0, base.hidden.shape[0])], self.cfg)[0]
+            _check_finite(part.loss, f"on client {self.cid}")
+            (part.loss / self.cfg.grad_accum).backward()
+        return part
+
+    def step(self) -> None:
+        """Optimizer step on the accumulated gradients."""
+        if self.optimizer is None:
+            return
+        with self.meter.measure():
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def upload(self) -> AdapterUpload:
+        return AdapterUpload(self.cid, self.n_samples, lora_state(self.bottom))
+
+    def receive(self, msg: AdapterBroadcast) -> None:
+        """Overwrite the adapter with the average; the local AdamW moments are kept (see README)."""
+        with self.meter.measure():
+            load_lora_state(self.bottom, msg.tensors)
+
+
+class SplitServer:
+    """Runs the server part once per micro-step on all clients' activations, concatenated."""
+
+    def __init__(self, top: ServerPart, cfg: TrainConfig, device: torch.device) -> None:
+        self.top, self.cfg, self.device = top, cfg, device
+        self.optimizer = _optimizer(top, cfg)
+        self.meter = RoleMeter(device)
+
+    def forward_backward(self, msgs: list[Activations], send_grads: bool) -> tuple[list[ActivationGrad], list[SliceLoss]]:
+        """Loss over the concatenated batch (mean over samples), backward, and each client's slice of dL/dh."""
+        with self.meter.measure():
+            base, bounds = _pad_cat([m.base for m in msgs])
+            ref = _pad_cat([m.reference for m in msgs])[0] if msgs[0].reference is not None else None
+            base = _to(base, self.device)
+            ref = _to(ref, self.device) if ref is not None else None
+            base.hidden.requires_grad_(send_grads)
+            with _autocast(self.cfg, self.device):
+                parts = head_losses(self.top, base, ref, bounds, self.cfg)
+            loss, _ = merge_losses(parts)
+            _check_finite(loss, f"on the server at step {msgs[0].step}")
+            (loss / self.cfg.grad_accum).backward()
+            grads = []
+            if send_grads:
+                for m, (b0, b1) in zip(msgs, bounds):
+                    t = m.base.hidden.shape[1]
+                    grads.append(ActivationGrad(m.client, m.step, base.hidden.grad[b0:b1, :t]))
+        return grads, parts
+
+    def step(self) -> None:
+        if self.optimizer is None:
+            return
+        with self.meter.measure():
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def _to(b: PathBatch, device: torch.device) -> PathBatch:
+    return PathBatch(*(t.to(device) for t in (b.hidden, b.attention_mask, b.position_ids, b.labels)))
+
+
+class Aggregator:
+    """FedAvg over client adapters: theta = sum_i |D_i| / |D| * theta_i (accumulated in float64)."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+
+    def aggregate(self, uploads: list[AdapterUpload]) -> AdapterBroadcast:
+        if not uploads:
+            raise ValueError("nothing to aggregate")
+        total = sum(u.n_samples for u in uploads)
+        if total <= 0:
+            raise ValueError("clients reported no samples")
+        keys = uploads[0].tensors.keys()
+        avg = {}
+        for k in keys:
+            acc = sum(u.tensors[k].double() * (u.n_samples / total) for u in uploads)
+            avg[k] = acc.to(uploads[0].tensors[k].dtype)
+        self.rounds += 1
+        return AdapterBroadcast(self.rounds, avg)

@@ -1,0 +1,231 @@
+"""Algorithm 1 of the paper over roles and a transport; one loop for every method.
+
+Per round (= one optimizer step for every party):
+  for each of ``grad_accum`` micro-steps:
+    split:   every client sends its cut activations (base, and reference for paths=dual); the server
+             concatenates them, runs once, back-propagates, returns each client its slice of dL/dh
+             (nothing for the reference path, nothing at all when clients are frozen); clients back-propagate.
+    unsplit: every client runs the whole model and its loss locally.
+  every party steps its optimizer; every ``aggregate_every`` rounds (and after the last round) the
+  aggregator averages the client adapters weighted by |D_i| and broadcasts the average.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lesft import methods
+from lesft.config import TrainConfig, save_yaml
+from lesft.data.rows import load_rows
+from lesft.data.samples import build_sample
+from lesft.lora import add_lora, export_adapter, lora_state
+from lesft.meters import MB, module_bytes
+from lesft.model.load import load_model, resolve_device
+from lesft.model.split import resolve_client_layers, split_model
+from lesft.roles import Aggregator, Client, SplitServer, merge_losses
+from lesft.transport import Loopback, Transport
+
+
+def partition(n: int, clients: int, seed: int) -> list[list[int]]:
+    """IID partition of ``range(n)``: a seeded shuffle cut into ``clients`` near-equal parts."""
+    if n < clients:
+        raise ValueError(f"{n} samples cannot be split across {clients} clients")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    size, extra = divmod(n, clients)
+    parts, start = [], 0
+    for i in range(clients):
+        end = start + size + (1 if i < extra else 0)
+        parts.append(sorted(order[start:end]))
+        start = end
+    return parts
+
+
+def num_rounds(cfg: TrainConfig, sizes: list[int]) -> int:
+    """``cfg.rounds``, or enough rounds for ``epochs`` passes over the largest client's data."""
+    if cfg.rounds:
+        return cfg.rounds
+    return max(1, math.ceil(cfg.epochs * max(sizes) / (cfg.batch_size * cfg.grad_accum)))
+
+
+class Run:
+    """The parties of one training run, built from a resolved config."""
+
+    def __init__(self, cfg: TrainConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                 rows: list[dict[str, str]], transport: Transport | None = None) -> None:
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        num_layers = len(model.get_decoder().layers) if hasattr(model, "get_decoder") else None
+        self.k = resolve_client_layers(cfg.client_layers, num_layers) if cfg.split else num_layers
+        torch.manual_seed(cfg.seed)
+        bottom, top, layout = split_model(model, self.k)
+        self.layers_path = layout.layers_path
+        if cfg.client_trainable:
+            add_lora(bottom, cfg.lora)  # one init, copied to every client (the global starting point)
+        add_lora(top, cfg.lora)
+        samples = [build_sample(tokenizer, r, cfg.paths, cfg.max_length, cfg.chat_template) for r in rows]
+        parts = partition(len(samples), cfg.clients, cfg.seed)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.clients = [
+            Client(i, copy.deepcopy(bottom).to(self.device), [samples[j] for j in idx], cfg, pad_id, self.device,
+                   top=None if cfg.split else copy.deepcopy(top).to(self.device))
+            for i, idx in enumerate(parts)
+        ]
+        self.server = SplitServer(top.to(self.device), cfg, self.device) if cfg.split else None
+        self.aggregator = Aggregator() if cfg.aggregate_every else None
+        self.transport = transport or Loopback(cfg.wire_dtype)
+        self.rounds = num_rounds(cfg, [c.n_samples for c in self.clients])
+
+    # ------------------------------------------------------------------ one round
+
+    def round(self, r: int) -> dict[str, Any]:
+        """Run round ``r`` (0-based); return its metrics line."""
+        cfg, send = self.cfg, self.transport.send
+        client_parts: dict[int, list] = {c.cid: [] for c in self.clients}
+        for micro in range(cfg.grad_accum):
+            step = r * cfg.grad_accum + micro
+            if self.server is not None:
+                msgs = [send(c.forward(step), "client_to_server") for c in self.clients]
+                grads, parts = self.server.forward_backward(msgs, send_grads=cfg.client_trainable)
+                for g in grads:
+                    self.clients[g.client].backward(send(g, "server_to_client"))
+                for m, p in zip(msgs, parts):
+                    client_parts[m.client].append(p)
+            else:
+                for c in self.clients:
+                    client_parts[c.cid].append(c.local_step())
+        if self.server is not None:
+            self.server.step()
+        for c in self.clients:
+            c.step()
+        aggregated = bool(self.aggregator and ((r + 1) % cfg.aggregate_every == 0 or r + 1 == self.rounds))
+        if aggregated:
+            self.aggregate()
+        per_client = {cid: merge_losses(ps) for cid, ps in client_parts.items()}
+        loss, stats = merge_losses([p for ps in client_parts.values() for p in ps])
+        return {
+            "round": r + 1,
+            "loss": loss.item(),
+            "loss_per_client": {str(cid): v[0].item() for cid, v in per_client.items()},
+            "aggregated": aggregated,
+            "comm_bytes": self.transport.meter.totals(),
+            **({"token_classes": stats} if stats else {}),
+        }
+
+    def aggregate(self) -> None:
+        send = self.transport.send
+        uploads = [send(c.upload(), "client_to_aggregator") for c in self.clients]
+        avg = self.aggregator.aggregate(uploads)
+        for c in self.clients:
+            c.receive(send(avg, "aggregator_to_client"))
+
+    # ------------------------------------------------------------------ results
+
+    def system_summary(self) -> dict[str, Any]:
+        """Measured bytes per direction, peak memory and busy time per side."""
+        def client_bytes(c: Client) -> int:
+            return module_bytes(c.bottom, c.optimizer) + (module_bytes(c.top) if c.top is not None else 0)
+
+        s = self.server
+        return {
+            "comm_bytes": self.transport.meter.totals(),
+            "comm_detail": self.transport.meter.to_dict(),
+            "peak_memory_mb": {
+                "client": max(client_bytes(c) + c.meter.peak_transient for c in self.clients) / MB,
+                "server": (module_bytes(s.top, s.optimizer) + s.meter.peak_transient) / MB if s else None,
+            },
+            "latency_s": {
+                "client": sum(c.meter.seconds for c in self.clients) / len(self.clients),
+                "server": s.meter.seconds if s else None,
+            },
+        }
+
+    def export(self, out: Path, base_model: str) -> None:
+        """``out/adapter``: the unsplit model's adapter as client 0 holds it (after the final aggregation,
+        every client holds the same); without aggregation also ``out/client_adapters/client_i``."""
+        def write(c: Client, path: Path) -> None:
+            parts = []
+            if self.cfg.client_trainable:
+                parts.append((lora_state(c.bottom), 0))
+            if self.server is not None:
+                parts.append((lora_state(self.server.top), self.k))
+            export_adapter(parts, self.layers_path, self.cfg.lora, path, base_model)
+
+        write(self.clients[0], out / "adapter")
+        if not self.aggregator and len(self.clients) > 1 and self.cfg.client_trainable:
+            for c in self.clients:
+                write(c, out / "client_adapters" / f"client_{c.cid}")
+
+
+def train(
+    cfg: TrainConfig,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    rows: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """Train as configured; write config.yaml, metrics.jsonl, summary.json and adapter/ under ``cfg.out``.
+
+    ``model``/``tokenizer``/``rows`` may be passed in (tests, notebooks); they are loaded from the config
+    otherwise. A passed-in model is consumed: its modules become the parties' parts.
+    """
+    cfg = methods.resolve(cfg)
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "config.yaml")
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(cfg.model, device="cpu")
+    if rows is None:
+        rows = load_rows(cfg.data, cfg.samples, cfg.seed, cfg.synthetic)
+    run = Run(cfg, model, tokenizer, rows)
+    del model
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    last: dict[str, Any] = {}
+    bar = tqdm(range(run.rounds), desc=f"{cfg.method}", disable=not cfg.progress, unit="round")
+    with metrics_path.open("a") as fh:
+        for r in bar:
+            last = run.round(r)
+            last["elapsed_s"] = time.perf_counter() - t0
+            fh.write(json.dumps(last) + "\n")
+            fh.flush()
+            up = last["comm_bytes"]["client_to_server"] + last["comm_bytes"]["client_to_aggregator"]
+            bar.set_postfix(loss=f"{last['loss']:.4f}", up=f"{up / MB:.1f}MB")
+    run.export(out, cfg.model)
+    summary = {
+        "method": cfg.method,
+        "model": cfg.model,
+        "dataset": cfg.data,
+        "clients": cfg.clients,
+        "client_layers": run.k,
+        "rounds": run.rounds,
+        "samples_per_client": [c.n_samples for c in run.clients],
+        "switches": {k: getattr(cfg, k) for k in methods.SWITCHES},
+        "final_loss": last.get("loss"),
+        **run.system_summary(),
+        "wall_s": time.perf_counter() - t0,
+        "versions": _versions(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    import lesft
+
+    return {"lesft": lesft.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+

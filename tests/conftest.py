@@ -1,0 +1,52 @@
+"""Shared fixtures: a character-level tokenizer with a chat template and tiny random Llama/Qwen2 models,
+so the engine's tests run in seconds and need nothing from outside."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    chars = sorted(set(string.printable) - {"\x0b", "\x0c"})
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="<|im_end|>", additional_special_tokens=SPECIALS[2:])
+    fast.chat_template = CHAT
+    return fast
+
+
+def make_model(arch: str = "llama", vocab: int = 104, layers: int = 4, hidden: int = 32, seed: int = 0,
+               tie: bool = True):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+                  max_position_embeddings=2048, pad_token_id=0)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common)).eval()
+    if arch == "qwen2":  # sliding-window attention on the layers above max_window_layers
+        return Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=True, sliding_window=6,
+                                            max_window_layers=2)).eval()
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer()
+
+
+def rows(n: int = 8, seed: int = 0) -> list[dict[str, str]]:
+    """Short synthetic rows (keeps char-level sequences small)."""
+    from lesft.data.synthetic import ArithmeticSpec, generate_arithmetic
+
+    return generate_arithmetic(n, seed=seed, spec=ArithmeticSpec(min_steps=1, max_steps=1, max_value=9))
