@@ -183,10 +183,10 @@ def train(
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     save_yaml(cfg, out / "config.yaml")
+    if rows is None:  # data first: a bad row is reported before a model is loaded
+        rows = load_rows(cfg.data, cfg.samples, cfg.seed, cfg.synthetic)
     if model is None or tokenizer is None:
         model, tokenizer = load_model(cfg.model, device="cpu")
-    if rows is None:
-        rows = load_rows(cfg.data, cfg.samples, cfg.seed, cfg.synthetic)
     run = Run(cfg, model, tokenizer, rows)
     del model
     metrics_path = out / "metrics.jsonl"

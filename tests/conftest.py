@@ -19,7 +19,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     chars = sorted(set(string.printable) - {"\x0b", "\x0c"})
     vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
                                    eos_token="<|im_end|>", additional_special_tokens=SPECIALS[2:])
     fast.chat_template = CHAT

@@ -70,6 +70,8 @@ def resolve(name: str) -> str:
         return str(_convert_gguf(p))
     if p.exists() and not (p / "config.json").is_file():
         raise FileNotFoundError(f"{p} is not a model directory (no config.json)")
+    if not p.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise FileNotFoundError(f"model directory not found: {p}")
     return name
 
 
@@ -78,8 +80,15 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load (model, tokenizer). ``name``: alias, hub id, local directory or ``.gguf`` file."""
     path = resolve(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        known = ", ".join(ALIASES)
+        raise FileNotFoundError(
+            f"could not load model {name!r}: not an alias ({known}), a local model directory or a .gguf file, "
+            f"and the Hugging Face hub could not provide it ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)

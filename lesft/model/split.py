@@ -76,11 +76,11 @@ def inspect_decoder(model: nn.Module) -> DecoderLayout:
 
 
 def resolve_client_layers(spec: str | int, num_layers: int) -> int:
-    """Layer count from ``'7'``, ``7`` or a fraction ``'1/4'`` (rounded, at least 1). Must be in [1, L-1]."""
+    """Layer count from ``'7'``, ``7`` or a fraction ``'1/4'`` (floor of L * f). Must be in [1, L-1]."""
     s = str(spec).strip()
     try:
         f = Fraction(s)
-        k = int(f) if "/" not in s and "." not in s else round(f * num_layers)
+        k = int(f) if "/" not in s and "." not in s else int(f * num_layers)  # a fraction: floor(L * f)
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"client_layers must be a count like '7' or a fraction like '1/4', got {spec!r}") from None
     if not 1 <= k <= num_layers - 1:
