@@ -214,7 +214,7 @@ def main() -> None:
           f"{'foreign cpu':>12}")
     for m in names:
         print(f"{m:<18}{t[m]:>17.3f}{min(wall[m]):>8.3f}{max(wall[m]):>8.3f}"
-              f"{(med(server_s[m]) if m != 'centralized' else float('nan')):>10.3f}{med(client_s[m]):>10.3f}"
+              f"{(f'{med(server_s[m]):.3f}' if m != 'centralized' else '-'):>10}{med(client_s[m]):>10.3f}"
               f"{max(foreign[m]):>11.0%} ")
     print(f"(centralized: the one party holds the whole model; its time is all 'client'. "
           f"lesft aggregation, every {make_cfg(args, 'lesft').aggregate_every} rounds, timed alone: {agg_s:.4f} s)")

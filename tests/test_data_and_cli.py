@@ -109,3 +109,25 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys) -> None:
     assert "lesft: error:" in err and ("bad.jsonl:2" in err or "nomodel" in err)
     assert main(["train", "--method", "nope", "--out", str(tmp_path / "o")]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_demo_yaml_matches_builtin_defaults() -> None:
+    from pathlib import Path
+
+    from lesft.config import load_yaml
+    from lesft.demo import DEMO_DEFAULTS
+
+    assert load_yaml(Path(__file__).parents[1] / "configs" / "demo.yaml") == DEMO_DEFAULTS
+
+
+def test_every_config_field_has_help() -> None:
+    import argparse
+
+    from lesft.config import add_dataclass_args
+
+    p = argparse.ArgumentParser()
+    add_dataclass_args(p, TrainConfig)
+    actions = [a for a in p._actions if a.dest != "help"]
+    assert len(actions) > 40
+    missing = [a.dest for a in actions if not a.help or a.help.startswith(" (default")]
+    assert missing == []

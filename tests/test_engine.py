@@ -271,3 +271,21 @@ def test_loopback_receiver_shares_no_tensor_with_sender(tokenizer, tmp_path) -> 
     assert got.base.hidden.grad_fn is None
     torch.testing.assert_close(got.base.hidden, msg.base.hidden.detach(), rtol=0, atol=0)
     assert torch.equal(got.base.labels, msg.base.labels)
+
+
+def test_lesft_base_only_equals_splitlora(tokenizer, tmp_path) -> None:
+    """The paper's 'base input only' ablation is exactly splitlora: same losses, same bytes."""
+    a = make_run("lesft", tokenizer, tmp_path / "a", paths="base", loss="ce")
+    b = make_run("splitlora", tokenizer, tmp_path / "b")
+    la, lb = run_all(a), run_all(b)
+    assert [x["loss"] for x in la] == [x["loss"] for x in lb]
+    assert a.transport.meter.totals() == b.transport.meter.totals()
+
+
+def test_reference_only_trains_on_the_reference_input(tokenizer, tmp_path) -> None:
+    run = make_run("sl", tokenizer, tmp_path, paths="reference", rounds=1, grad_accum=1)
+    msg = run.clients[0].forward(0)
+    assert msg.reference is None and msg.base.hidden.grad_fn is not None
+    text = tokenizer.decode(msg.base.labels.new_tensor(
+        [t for t in run.clients[0].stream.samples[0].base_ids])).replace(" ", "")
+    assert "Aworkedsolution,forreference:" in text

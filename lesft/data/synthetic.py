@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["OPERATIONS", "ArithmeticSpec", "check_answer", "generate_arithmetic"]
 
@@ -49,12 +49,14 @@ class ArithmeticSpec:
     ``max_running``: upper bound on every intermediate value (they are all in ``[1, max_running]``).
     """
 
-    min_steps: int = 2
-    max_steps: int = 2
-    max_value: int = 20
-    operations: tuple[str, ...] = ("add", "sub", "mul")
-    max_factor: int = 5
-    max_running: int = 1000
+    min_steps: int = field(default=2, metadata={"help": "Fewest arithmetic operations per problem (>= 1)."})
+    max_steps: int = field(default=2, metadata={"help": "Most arithmetic operations per problem (>= min_steps)."})
+    max_value: int = field(default=20, metadata={"help": "Start values and add/sub operands are drawn from [1, max_value]."})
+    operations: tuple[str, ...] = field(
+        default=("add", "sub", "mul"), metadata={"help": "Allowed operations among add, sub, mul, div (div is always exact)."}
+    )
+    max_factor: int = field(default=5, metadata={"help": "Multipliers and divisors are drawn from [2, min(max_factor, max_value)]."})
+    max_running: int = field(default=1000, metadata={"help": "Upper bound on every intermediate value."})
 
     def __post_init__(self) -> None:
         if isinstance(self.operations, str):

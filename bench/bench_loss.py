@@ -1,0 +1,303 @@
+"""Cost of the LESFT loss inside a training round, measured in one run (no timed assertions; exits 0).
+
+Targets (SmolLM2-135M, sequence length 256, 4 clients, method lesft, bf16 autocast):
+
+  (a) sub-salient clustering (``subsalient_mask``)                   <= 5 %  of a full lesft round
+  (b) the whole loss (``lesft_loss``: weights + clustering + CE)     <= 10 % of a full lesft round
+
+How:
+  1. A ``lesft`` Run with 4 clients (batch 1 each, grad_accum 1, every sequence padded to exactly
+     --seq-len tokens) runs --warmup untimed rounds, then --reps timed rounds (``Run.round``; rounds
+     that would aggregate are run untimed, and one aggregation is timed on its own). Median reported.
+  2. Realistic inputs, from the same Run: one more micro-step is run by hand the way ``Run.round`` and
+     ``SplitServer.forward_backward`` do it -- every client's cut activations go through the transport,
+     the server concatenates them and runs its part on the base path (with graph) and on the reference
+     path (forward only). That gives the real logits [4, T, V], reference logits and final hidden
+     states [4, T, 576].
+  3. On those inputs, timed --inner times each (median):
+     - loss: the ``lesft_loss`` calls exactly as ``head_losses`` makes them (one call per client slice,
+       under the same autocast, logits in the autograd graph) -- the sum over the 4 slices;
+     - clustering: the ``subsalient_mask`` calls that those ``lesft_loss`` calls make (per slice: the
+       packed final hidden states of the target slots [1, N, 576] and their salient mask), summed;
+       also, for reference, one batched call on [4, N, 576] and one on the FULL sequence [4, T-1, 576]
+       (every position a slot; the salient mask there is the base path's top-1 probability > p_sal --
+       the cost of the mask does not depend on which tokens are salient);
+     - token weights alone, and the loss forward+backward (to the logits), for information.
+
+    .venv/bin/python bench/bench_loss.py [--reps 5] [--dtype bf16] [--seq-len 256] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lesft import methods  # noqa: E402
+from lesft.config import TrainConfig  # noqa: E402
+from lesft.data.rows import load_rows  # noqa: E402
+from lesft.data.synthetic import ArithmeticSpec  # noqa: E402
+from lesft.loss import _pack, _rows_logprob, _shift, lesft_loss, subsalient_mask, token_weights  # noqa: E402
+from lesft.model.load import load_model  # noqa: E402
+from lesft.roles import _eval_mode, _pad_cat, _to  # noqa: E402
+from lesft.train import Run  # noqa: E402
+
+CLUSTER_TARGET = 0.05
+LOSS_TARGET = 0.10
+HZ = os.sysconf("SC_CLK_TCK")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _busy_jiffies() -> int:
+    with open("/proc/stat") as fh:
+        v = [int(x) for x in fh.readline().split()[1:]]
+    return sum(v) - v[3] - v[4]
+
+
+def _self_jiffies() -> int:
+    with open("/proc/self/stat") as fh:
+        f = fh.read().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])
+
+
+def timed(fn, retries: int = 0, max_foreign: float = 0.15) -> tuple[float, float, int]:
+    """(seconds, CPU used by other processes as a fraction of wall time, retries used); a call during
+    which other processes were busy (> max_foreign) is repeated up to ``retries`` times."""
+    for attempt in range(retries + 1):
+        b0, s0 = _busy_jiffies(), _self_jiffies()
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        foreign = max(0, (_busy_jiffies() - b0) - (_self_jiffies() - s0)) / HZ / dt
+        if foreign <= max_foreign:
+            break
+    return dt, foreign, attempt
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def bench(fn, n: int) -> float:
+    """Median seconds of ``fn`` over ``n`` calls (after one untimed call)."""
+    fn()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return med(out)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence and path (exact, after padding)")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=5, help="timed rounds (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    ap.add_argument("--inner", type=int, default=30, help="timed calls of each loss piece (median reported)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="compute precision (autocast)")
+    ap.add_argument("--client-layers", default="1/4")
+    ap.add_argument("--rows", type=int, default=64, help="synthetic rows (split across clients)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="operations per synthetic problem (longer targets); default: the project's spec")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--retries", type=int, default=2, help="re-takes of a round disturbed by other processes")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--json", default=None, help="also write the numbers here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+
+    spec = ArithmeticSpec() if args.steps is None else ArithmeticSpec(min_steps=args.steps, max_steps=args.steps)
+    cfg = methods.resolve(TrainConfig(
+        method="lesft", model=args.model, clients=args.clients, batch_size=1, grad_accum=1,
+        max_length=args.seq_len, pad_to_multiple=args.seq_len, dtype=args.dtype, client_layers=args.client_layers,
+        device="cpu", progress=False, seed=args.seed, rounds=10**6, samples=args.rows, synthetic=spec,
+    ))
+    rows = load_rows("synthetic", args.rows, args.seed, spec)
+    model, tok = load_model(args.model)
+    run = Run(cfg, model, tok, rows)
+    del model
+
+    # ---------------------------------------------------------------- 1. full rounds
+    r = 0
+    for _ in range(args.warmup):
+        run.round(r)
+        r += 1
+    rounds, server_s, client_s, foreign, retried = [], [], [], [], 0
+    for _ in range(args.reps):
+        while (r + 1) % cfg.aggregate_every == 0:  # aggregation rounds run untimed; aggregation timed below
+            run.round(r)
+            r += 1
+        s0, c0 = run.server.meter.seconds, sum(c.meter.seconds for c in run.clients)
+        box = {}
+
+        def one() -> None:
+            nonlocal r
+            box["m"] = run.round(r)
+            r += 1
+
+        dt, fo, tries = timed(one, args.retries)
+        retried += tries
+        rounds.append(dt)
+        foreign.append(fo)
+        server_s.append((run.server.meter.seconds - s0) / (tries + 1))
+        client_s.append((sum(c.meter.seconds for c in run.clients) - c0) / (tries + 1))
+    t_round = med(rounds)
+    stats = box["m"].get("token_classes", {})
+    agg_s = med([timed(run.aggregate)[0] for _ in range(3)])
+
+    # ---------------------------------------------------------------- 2. realistic inputs
+    send = run.transport.send
+    msgs = [send(c.forward(r), "client_to_server") for c in run.clients]
+    server = run.server
+    def autocast() -> contextlib.AbstractContextManager:  # the server's own: roles._autocast
+        return torch.autocast("cpu", dtype=torch.bfloat16) if cfg.dtype == "bf16" else contextlib.nullcontext()
+
+    base, bounds = _pad_cat([m.base for m in msgs])
+    ref = _pad_cat([m.reference for m in msgs])[0]
+    base, ref = _to(base, run.device), _to(ref, run.device)
+    base.hidden.requires_grad_(True)
+    with autocast():
+        logits, final = server.top(base.hidden, base.attention_mask, base.position_ids)
+        with _eval_mode(server.top):
+            ref_logits, _ = server.top(ref.hidden, ref.attention_mask, ref.position_ids)
+    lc = cfg.lesft
+
+    def loss_calls(lg: torch.Tensor) -> list[torch.Tensor]:
+        with autocast():  # exactly as head_losses: one lesft_loss call per client slice
+            return [lesft_loss(lg[b0:b1], base.labels[b0:b1], ref_logits[b0:b1], ref.labels[b0:b1],
+                               final[b0:b1].detach(), lc)[0] for b0, b1 in bounds]
+
+    # the inputs lesft_loss hands to subsalient_mask / token_weights, per slice (same code path)
+    cl_inputs, w_inputs = [], []
+    all_h, all_sal, all_m = [], [], []
+    with torch.no_grad():
+        for b0, b1 in bounds:
+            _, lab_b, m_b = _shift(logits[b0:b1], base.labels[b0:b1])
+            sl_r, lab_r, m_r = _shift(ref_logits[b0:b1], ref.labels[b0:b1])
+            ref_p = _rows_logprob(sl_r[m_r], lab_r[m_r]).exp()
+            salient = ref_p > lc.p_sal
+            h = final[b0:b1].detach()[:, :-1][m_b].float()
+            h_packed, valid = _pack(h, m_b)
+            sal_packed, _ = _pack(salient, m_b)
+            cl_inputs.append((h_packed, sal_packed, valid))
+            w_inputs.append((ref_p, torch.zeros_like(salient)))
+            all_h.append(h)
+            all_sal.append(salient)
+            all_m.append(m_b)
+        # the batched [B, N, H] version of the same slots
+        m_all = torch.cat(all_m)
+        hb, vb = _pack(torch.cat(all_h), m_all)
+        sb, _ = _pack(torch.cat(all_sal), m_all)
+        # the full sequence [B, T-1, H]: every position a slot
+        full_h = final.detach()[:, :-1]
+        full_valid = base.attention_mask[:, 1:].bool()
+        full_sal = torch.softmax(logits.detach()[:, :-1].float(), dim=-1).amax(-1) > lc.p_sal
+    n_slots = [int(v.sum()) for _, _, v in cl_inputs]
+
+    def clustering() -> None:
+        for h, s, v in cl_inputs:
+            subsalient_mask(h, s, v, lc.tau, lc.window)
+
+    def weights() -> None:
+        for p, sub in w_inputs:
+            token_weights(p, sub, lc.p_sal, lc.gammas)
+
+    def loss_fwd() -> None:
+        loss_calls(logits)
+
+    leaf = logits.detach().requires_grad_(True)
+
+    def loss_fwd_bwd() -> None:
+        leaf.grad = None
+        torch.stack(loss_calls(leaf)).sum().backward()
+
+    n = args.inner
+    t_cluster = bench(clustering, n)
+    t_cluster_batched = bench(lambda: subsalient_mask(hb, sb, vb, lc.tau, lc.window), n)
+    t_cluster_full = bench(lambda: subsalient_mask(full_h, full_sal, full_valid, lc.tau, lc.window), n)
+    t_weights = bench(weights, n)
+    t_loss = bench(loss_fwd, n)
+    t_loss_fb = bench(loss_fwd_bwd, max(5, n // 3))
+
+    # ---------------------------------------------------------------- report
+    B, T, V = logits.shape
+    H = final.shape[-1]
+    r_cluster, r_loss = t_cluster / t_round, t_loss / t_round
+    r_full = t_cluster_full / t_round
+    print(f"bench_loss  model={args.model}  method=lesft  clients={args.clients} x batch 1  seq_len={T} (base and "
+          f"reference path)  dtype={args.dtype}  client_layers={run.k}  threads={torch.get_num_threads()}  "
+          f"cpu_count={os.cpu_count()}  torch={torch.__version__}  {platform.machine()}")
+    print(f"logits [{B}, {T}, {V}] {str(logits.dtype).removeprefix('torch.')}  final hidden [{B}, {T}, {H}]  "
+          f"target tokens per client {n_slots}  token classes (last timed round): "
+          + ", ".join(f"{k.removeprefix('frac_')} {v:.0%}" for k, v in stats.items() if k.startswith("frac_")))
+    print(f"warmup={args.warmup}  reps={args.reps}  inner={n}  re-taken rounds (busy machine)={retried}  "
+          f"max foreign cpu during a timed round={max(foreign):.0%}")
+    print()
+    print(f"{'piece':<58}{'seconds':>10}{'/ round':>10}{'target':>9}  result")
+    print(f"{'lesft round (median; server / clients summed)':<58}{t_round:>10.3f}{1:>10.1%}")
+    print(f"{'  server part of the round':<58}{med(server_s):>10.3f}{med(server_s) / t_round:>10.1%}")
+    print(f"{'  client parts of the round (4 clients)':<58}{med(client_s):>10.3f}{med(client_s) / t_round:>10.1%}")
+    print(f"{'(a) clustering as in the round: 4 x subsalient_mask [1,N,H]':<58}{t_cluster:>10.5f}{r_cluster:>10.2%}"
+          f"{'<= 5%':>9}  {'PASS' if r_cluster <= CLUSTER_TARGET else 'FAIL'}")
+    print(f"{f'    same slots batched: subsalient_mask [{B},{hb.shape[1]},{H}]':<58}{t_cluster_batched:>10.5f}"
+          f"{t_cluster_batched / t_round:>10.2%}")
+    print(f"{f'    full sequence: subsalient_mask [{B},{T - 1},{H}]':<58}{t_cluster_full:>10.5f}{r_full:>10.2%}"
+          f"{'<= 5%':>9}  {'PASS' if r_full <= CLUSTER_TARGET else 'FAIL'}")
+    print(f"{'    token weights (token_weights, 4 slices)':<58}{t_weights:>10.5f}{t_weights / t_round:>10.2%}")
+    print(f"{'(b) whole loss: 4 x lesft_loss (forward, in the graph)':<58}{t_loss:>10.5f}{r_loss:>10.2%}"
+          f"{'<= 10%':>9}  {'PASS' if r_loss <= LOSS_TARGET else 'FAIL'}")
+    print(f"{'    loss forward + backward to the logits':<58}{t_loss_fb:>10.5f}{t_loss_fb / t_round:>10.2%}")
+    print(f"{f'(aggregation, every {cfg.aggregate_every} rounds, not in the timed rounds)':<58}{agg_s:>10.5f}"
+          f"{agg_s / t_round:>10.2%}")
+    print()
+    print(f"PASS/FAIL  clustering / round = {r_cluster:.2%} (<= 5%; full-sequence [{B},{T - 1},{H}]: {r_full:.2%}): "
+          f"{'PASS' if r_cluster <= CLUSTER_TARGET and r_full <= CLUSTER_TARGET else 'FAIL'}")
+    print(f"PASS/FAIL  loss / round = {r_loss:.2%} (<= 10%; with its backward {t_loss_fb / t_round:.2%}): "
+          f"{'PASS' if r_loss <= LOSS_TARGET else 'FAIL'}")
+    elapsed = time.perf_counter() - t_start
+    print(f"(bench wall time {elapsed:.0f} s)")
+
+    if args.json:
+        out = {
+            "bench": "loss", "model": args.model, "seq_len": T, "clients": args.clients, "dtype": args.dtype,
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "warmup": args.warmup,
+            "reps": args.reps, "inner": n, "retried": retried, "target_tokens_per_client": n_slots,
+            "token_classes": stats,
+            "seconds": {"round_median": t_round, "rounds": rounds, "round_foreign_cpu": foreign,
+                        "server_median": med(server_s), "clients_median": med(client_s),
+                        "clustering": t_cluster, "clustering_batched": t_cluster_batched,
+                        "clustering_full_sequence": t_cluster_full, "token_weights": t_weights,
+                        "loss_forward": t_loss, "loss_forward_backward": t_loss_fb, "aggregation": agg_s},
+            "ratios": {"clustering_over_round": r_cluster, "clustering_full_sequence_over_round": r_full,
+                       "loss_over_round": r_loss, "loss_fwd_bwd_over_round": t_loss_fb / t_round},
+            "targets": {"clustering_over_round": CLUSTER_TARGET, "loss_over_round": LOSS_TARGET},
+            "pass": {"clustering": r_cluster <= CLUSTER_TARGET and r_full <= CLUSTER_TARGET,
+                     "loss": r_loss <= LOSS_TARGET},
+            "wall_s": elapsed,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
