@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "methods")}
             base = from_dict(TrainConfig, apply_overrides(data, overrides))
             run_demo(base, args.methods or DEMO_METHODS)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
         print(f"lesft: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -87,6 +87,14 @@ class TrainConfig:
     seed: int = _help("Seed for data, partition, LoRA init, dropout and sampling.", default=0)
     out: str = _help("Run directory: config.yaml, metrics.jsonl, summary.json, adapter/.", default="runs/lesft")
     progress: bool = _help("Show a progress bar.", default=True)
+    checkpoint_every: int = _help(
+        "Write a checkpoint (adapters, optimizer and RNG states, data position, meters) every K rounds "
+        "and after the last one (0 = only after the last).", default=10
+    )
+    resume: bool = _help(
+        "Continue the run in --out from its last checkpoint (a finished run is not retrained).", default=False
+    )
+    overwrite: bool = _help("Start afresh even if --out already holds a run (its files are replaced).", default=False)
     # --- nested groups ---
     lora: LoraArgs = _help("LoRA settings.", default_factory=LoraArgs)
     lesft: LossConfig = _help("LESFT loss settings.", default_factory=LossConfig)

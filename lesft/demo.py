@@ -48,16 +48,14 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
 
 def run_demo(base: TrainConfig, methods: list[str]) -> list[dict[str, Any]]:
     """Train each method with the same data, seed and model; print and save the comparison table."""
-    from lesft.model.load import load_model
     from lesft.train import train
 
     root = Path(base.out)
     summaries = []
     for m in methods:
-        cfg = replace(base, method=m, out=str(root / m))
+        cfg = replace(base, method=m, out=str(root / m), resume=not base.overwrite)  # a finished run is reused
         print(f"== {m}: {cfg.clients} clients, model {cfg.model}, data {cfg.data} -> {cfg.out}", flush=True)
-        model, tokenizer = load_model(cfg.model)  # fresh weights per method: a run consumes its model
-        summaries.append(train(cfg, model, tokenizer))
+        summaries.append(train(cfg))  # loads fresh weights: a run consumes its model
     table = format_table(summaries)
     print("\n" + table)
     (root / "demo.md").write_text(table + "\n")

@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lesft import methods
-from lesft.config import TrainConfig, save_yaml
+from lesft.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from lesft.config import TrainConfig, load_yaml, save_yaml, to_dict
 from lesft.data.rows import load_rows
 from lesft.data.samples import build_sample
 from lesft.lora import add_lora, export_adapter, lora_state
@@ -181,24 +183,36 @@ def train(
     cfg = methods.resolve(cfg)
     t0 = time.perf_counter()
     out = Path(cfg.out)
+    previous = _check_out_dir(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "config.yaml")
+    if previous is None:
+        save_yaml(cfg, out / "config.yaml")
+    elif (done := _finished_summary(out, previous)) is not None:
+        return done  # finished before: nothing to redo
     if rows is None:  # data first: a bad row is reported before a model is loaded
         rows = load_rows(cfg.data, cfg.samples, cfg.seed, cfg.synthetic)
     if model is None or tokenizer is None:
         model, tokenizer = load_model(cfg.model, device="cpu")
     run = Run(cfg, model, tokenizer, rows)
     del model
+    start, extra = load_checkpoint(run, previous) if previous is not None else (0, {})
+    wall0 = extra.get("wall_s", 0.0)
+    summary_path = out / "summary.json"
     metrics_path = out / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
-    last: dict[str, Any] = {}
-    bar = tqdm(range(run.rounds), desc=f"{cfg.method}", disable=not cfg.progress, unit="round")
+    kept = [ln for ln in (metrics_path.read_text().splitlines() if previous and metrics_path.exists() else [])
+            if json.loads(ln)["round"] <= start]
+    metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    last: dict[str, Any] = json.loads(kept[-1]) if kept else {}
+    bar = tqdm(range(start, run.rounds), desc=f"{cfg.method}", disable=not cfg.progress, unit="round",
+               initial=start, total=run.rounds)
     with metrics_path.open("a") as fh:
         for r in bar:
             last = run.round(r)
-            last["elapsed_s"] = time.perf_counter() - t0
+            last["elapsed_s"] = wall0 + time.perf_counter() - t0
             fh.write(json.dumps(last) + "\n")
             fh.flush()
+            if r + 1 == run.rounds or (cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0):
+                save_checkpoint(run, r + 1, out, {"wall_s": last["elapsed_s"]})
             up = last["comm_bytes"]["client_to_server"] + last["comm_bytes"]["client_to_aggregator"]
             bar.set_postfix(loss=f"{last['loss']:.4f}", up=f"{up / MB:.1f}MB")
     run.export(out, cfg.model)
@@ -213,11 +227,52 @@ def train(
         "switches": {k: getattr(cfg, k) for k in methods.SWITCHES},
         "final_loss": last.get("loss"),
         **run.system_summary(),
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall0 + time.perf_counter() - t0,
+        "resumed_from_round": start if previous is not None else None,
         "versions": _versions(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    tmp = summary_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(summary_path)
     return summary
+
+
+def _finished_summary(out: Path, ckpt: Path) -> dict[str, Any] | None:
+    """The summary of a run whose last checkpoint is its final round, else None."""
+    path = out / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    done = json.loads((ckpt / "state.json").read_text())["rounds_done"]
+    return summary if done >= summary.get("rounds", float("inf")) else None
+
+
+# Fields that may differ between a run and its resumption.
+_RESUME_FREE = {"resume", "overwrite", "progress"}
+
+
+def _check_out_dir(cfg: TrainConfig, out: Path) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh start; refuse to clobber a run by accident."""
+    ckpt = find_checkpoint(out)
+    holds_run = ckpt is not None or (out / "metrics.jsonl").exists()
+    if cfg.overwrite or not holds_run:
+        if cfg.overwrite:
+            for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "adapter", "client_adapters"):
+                shutil.rmtree(out / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "summary.json"):
+                (out / name).unlink(missing_ok=True)
+        return None
+    if not cfg.resume:
+        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, --overwrite to replace "
+                              "it, or choose another --out")
+    if ckpt is None:
+        raise FileNotFoundError(f"{out} has metrics but no checkpoint to resume from; use --overwrite")
+    saved = load_yaml(out / "config.yaml")
+    now = to_dict(cfg)
+    diff = sorted(k for k in set(saved) | set(now) if k not in _RESUME_FREE and saved.get(k) != now.get(k))
+    if diff:
+        raise ValueError(f"cannot resume {out}: config differs in {diff}; use another --out or --overwrite")
+    return ckpt
 
 
 def _versions() -> dict[str, str]:
