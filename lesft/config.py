@@ -22,8 +22,8 @@ from lesft.loss import LossConfig
 from lesft.lora import LoraArgs
 
 
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, aliases: tuple[str, ...] = (), **kw: Any) -> Any:
+    return field(metadata={"help": text, "aliases": aliases}, **kw)
 
 
 @dataclass
@@ -38,12 +38,23 @@ class TrainConfig:
         default="smollm2-135m",
     )
     data: str = _help(
-        "Training data: 'synthetic' (built-in arithmetic word problems) or a JSONL file of "
-        "{prompt, target, reference} rows.",
-        default="synthetic",
+        "Training data (alias --dataset): a benchmark (synthetic, gsm8k, commonsenseqa, aqua_rat: its train "
+        "split) or a JSONL file of {prompt, target, reference} rows.",
+        default="synthetic", aliases=("dataset",),
+    )
+    data_dir: str | None = _help(
+        "Folder with the benchmarks' official files (gsm8k/, commonsenseqa/, aqua/); default $LESFT_DATA_DIR, "
+        "then ../shared/data, then the Hugging Face hub.", default=None
+    )
+    target: str = _help(
+        "Target source for benchmarks: 'dataset' (its own rationale) or 'teacher:FILE' (JSONL of {id, completion}).",
+        default="dataset",
+    )
+    rationale: str | None = _help(
+        "CommonsenseQA rationale source for targets and references: ecqa (default), palm, cose or none.", default=None
     )
     samples: int = _help(
-        "Training rows in total across clients (0 = every row of --data). For 'synthetic', the number generated.",
+        "Training rows in total across clients, a seeded sample (0 = every row). For 'synthetic', the number generated.",
         default=256,
     )
     clients: int = _help("Number of clients (edge devices). Ignored by 'centralized' (one party).", default=4)
@@ -200,6 +211,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        flags += [f"--{a}" for a in f.metadata.get("aliases", ())]
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         origin = typing.get_origin(tp)
         if tp is bool:

@@ -190,7 +190,8 @@ def train(
     elif (done := _finished_summary(out, previous)) is not None:
         return done  # finished before: nothing to redo
     if rows is None:  # data first: a bad row is reported before a model is loaded
-        rows = load_rows(cfg.data, cfg.samples, cfg.seed, cfg.synthetic)
+        rows = load_rows(cfg.data, cfg.samples, cfg.seed, cfg.synthetic, data_dir=cfg.data_dir, target=cfg.target,
+                         rationale=cfg.rationale)
     if model is None or tokenizer is None:
         model, tokenizer = load_model(cfg.model, device="cpu")
     run = Run(cfg, model, tokenizer, rows)

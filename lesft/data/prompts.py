@@ -30,3 +30,58 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, text: str, chat_template: 
 def render_target(tokenizer: PreTrainedTokenizerBase, target: str) -> str:
     """The target y as trained on: the text followed by the end-of-sequence token."""
     return target + (tokenizer.eos_token or "")
+
+
+# --------------------------------------------------------------------------------------------
+# Benchmark questions and the canonical answer sentence
+# --------------------------------------------------------------------------------------------
+
+#: The one instruction line closing every numeric prompt (GSM8K, synthetic arithmetic).
+INSTRUCTION_NUMERIC = (
+    'Reason step by step, then end with the sentence "The answer is N." where N is the final number.'
+)
+#: The one instruction line closing every multiple-choice prompt (CommonsenseQA, AQuA-RAT).
+INSTRUCTION_CHOICE = (
+    'Reason step by step, then end with the sentence "The answer is (X)." where X is the letter of the '
+    "correct option."
+)
+#: Answer kind of each benchmark: ``"numeric"`` (a number) or ``"choice"`` (an option letter).
+ANSWER_KINDS: dict[str, str] = {
+    "gsm8k": "numeric",
+    "synthetic": "numeric",
+    "commonsenseqa": "choice",
+    "aqua_rat": "choice",
+}
+#: Instruction line of each benchmark.
+INSTRUCTIONS: dict[str, str] = {
+    name: INSTRUCTION_NUMERIC if kind == "numeric" else INSTRUCTION_CHOICE for name, kind in ANSWER_KINDS.items()
+}
+
+
+def _answer_kind(dataset: str) -> str:
+    try:
+        return ANSWER_KINDS[dataset]
+    except KeyError:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(ANSWER_KINDS)}") from None
+
+
+def format_question(dataset: str, question: str, options: list[tuple[str, str]] | None = None) -> str:
+    """The user text x: the question, then one ``(A) text`` line per option (multiple choice only),
+    then the dataset's instruction line. Lines are joined with a single newline."""
+    kind = _answer_kind(dataset)
+    if kind == "choice" and not options:
+        raise ValueError(f"{dataset} is multiple choice: options are required")
+    if kind == "numeric" and options:
+        raise ValueError(f"{dataset} has numeric answers: options must be None")
+    lines = [question.strip()]
+    lines += [f"({label}) {text.strip()}" for label, text in options or ()]
+    lines.append(INSTRUCTIONS[dataset])
+    return "\n".join(lines)
+
+
+def answer_sentence(dataset: str, answer: str) -> str:
+    """The canonical closing sentence of a target: ``The answer is 18.`` or ``The answer is (C).``"""
+    answer = str(answer).strip()
+    if _answer_kind(dataset) == "choice":
+        return f"The answer is ({answer})."
+    return f"The answer is {answer}."

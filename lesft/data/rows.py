@@ -7,7 +7,7 @@ import json
 import random
 from pathlib import Path
 
-from lesft.data.synthetic import ArithmeticSpec, generate_arithmetic
+from lesft.data.synthetic import ArithmeticSpec
 
 REQUIRED = ("prompt", "target", "reference")
 
@@ -48,13 +48,16 @@ def load_jsonl(path: str | Path) -> list[dict[str, str]]:
     return rows
 
 
-def load_rows(data: str, samples: int, seed: int, spec: ArithmeticSpec) -> list[dict[str, str]]:
-    """``data='synthetic'``: ``samples`` generated rows; else the JSONL file's rows, a seeded sample of
-    ``samples`` of them when 0 < samples < rows (file order kept)."""
-    if data == "synthetic":
-        if samples < 1:
-            raise ValueError("data=synthetic needs samples >= 1")
-        return generate_arithmetic(samples, seed=seed, spec=spec)
+def load_rows(data: str, samples: int, seed: int, spec: ArithmeticSpec, *, data_dir: str | None = None,
+              target: str = "dataset", rationale: str | None = None) -> list[dict[str, str]]:
+    """Training rows. ``data``: a benchmark name (gsm8k, commonsenseqa, aqua_rat, synthetic; its train
+    split, ``samples`` of them as a seeded sample, all if 0) or a JSONL file of {prompt, target, reference}
+    rows (a seeded sample of ``samples`` rows when 0 < samples < rows, file order kept)."""
+    from lesft.data.benchmarks import BENCHMARKS, load_benchmark
+
+    if data in BENCHMARKS:
+        return load_benchmark(data, "train", data_dir, target=target, rationale=rationale,
+                              n=samples or None, seed=seed, spec=spec)
     rows = load_jsonl(data)
     if 0 < samples < len(rows):
         keep = sorted(random.Random(seed).sample(range(len(rows)), samples))
