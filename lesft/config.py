@@ -57,6 +57,14 @@ class TrainConfig:
         "Training rows in total across clients, a seeded sample (0 = every row). For 'synthetic', the number generated.",
         default=256,
     )
+    partition: str = _help(
+        "How rows are split across clients: 'iid' (seeded, near-equal) or 'dirichlet:ALPHA' (non-IID over answer "
+        "labels, or prompt-length quartiles for numeric tasks; smaller ALPHA = more skew).", default="iid"
+    )
+    per_client: int = _help(
+        "Rows per client, disjoint (the paper's 10..50 sample-size study); 0 = split all rows by --partition.",
+        default=0,
+    )
     clients: int = _help("Number of clients (edge devices). Ignored by 'centralized' (one party).", default=4)
     client_layers: str = _help(
         "Decoder layers kept on the client: a count ('7') or a fraction of all layers ('1/4').", default="1/4"
@@ -117,6 +125,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.rounds < 0 or self.epochs <= 0 and self.rounds == 0:
             raise ValueError(f"need rounds >= 1 or epochs > 0 (got rounds={self.rounds}, epochs={self.epochs})")
+        if self.partition != "iid":
+            kind, _, alpha = self.partition.partition(":")
+            try:
+                ok = kind == "dirichlet" and float(alpha) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"partition must be 'iid' or 'dirichlet:ALPHA' with ALPHA > 0, got {self.partition!r}")
+        if self.per_client < 0:
+            raise ValueError(f"per_client must be >= 0, got {self.per_client}")
         if self.wire_dtype not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"wire_dtype must be fp32, bf16 or fp16, got {self.wire_dtype!r}")
         if self.dtype not in ("fp32", "bf16"):

@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lesft import methods
 from lesft.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from lesft.config import TrainConfig, load_yaml, save_yaml, to_dict
+from lesft.data.partition import length_buckets, partition_dirichlet, partition_iid, per_client_sample
 from lesft.data.rows import load_rows
 from lesft.data.samples import build_sample
 from lesft.lora import add_lora, export_adapter, lora_state
@@ -38,19 +39,17 @@ from lesft.roles import Aggregator, Client, SplitServer, merge_losses
 from lesft.transport import Loopback, Transport
 
 
-def partition(n: int, clients: int, seed: int) -> list[list[int]]:
-    """IID partition of ``range(n)``: a seeded shuffle cut into ``clients`` near-equal parts."""
-    if n < clients:
-        raise ValueError(f"{n} samples cannot be split across {clients} clients")
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    size, extra = divmod(n, clients)
-    parts, start = [], 0
-    for i in range(clients):
-        end = start + size + (1 if i < extra else 0)
-        parts.append(sorted(order[start:end]))
-        start = end
-    return parts
+def split_clients(cfg: TrainConfig, rows: list[dict[str, str]]) -> list[list[int]]:
+    """Row indices of each client: ``per_client`` rows each, or all rows split IID / Dirichlet non-IID
+    (over answer labels when rows carry a letter answer, else over prompt-length quartiles)."""
+    if cfg.per_client:
+        return per_client_sample(len(rows), cfg.clients, cfg.per_client, cfg.seed)
+    if cfg.partition == "iid":
+        return partition_iid(len(rows), cfg.clients, cfg.seed)
+    alpha = float(cfg.partition.split(":", 1)[1])
+    answers = [r.get("answer", "") for r in rows]
+    labels = answers if all(len(a) == 1 and a.isalpha() for a in answers) else length_buckets(rows)
+    return partition_dirichlet(labels, cfg.clients, alpha, cfg.seed)
 
 
 def num_rounds(cfg: TrainConfig, sizes: list[int]) -> int:
@@ -76,7 +75,7 @@ class Run:
             add_lora(bottom, cfg.lora)  # one init, copied to every client (the global starting point)
         add_lora(top, cfg.lora)
         samples = [build_sample(tokenizer, r, cfg.paths, cfg.max_length, cfg.chat_template) for r in rows]
-        parts = partition(len(samples), cfg.clients, cfg.seed)
+        parts = split_clients(cfg, rows)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.clients = [
             Client(i, copy.deepcopy(bottom).to(self.device), [samples[j] for j in idx], cfg, pad_id, self.device,

@@ -15,7 +15,8 @@ from lesft.config import TrainConfig
 from lesft.lora import LoraArgs
 from lesft.messages import AdapterUpload
 from lesft.roles import Aggregator, NonFiniteLossError
-from lesft.train import Run, partition, train
+from lesft.data.partition import partition_iid as partition
+from lesft.train import Run, train
 from lesft.transport import Loopback
 
 T = 384  # every sequence padded to exactly T tokens, so byte counts are hand-computable
@@ -246,7 +247,7 @@ def test_partition_is_seeded_and_complete() -> None:
     assert sorted(i for part in p for i in part) == list(range(10))
     assert [len(x) for x in p] == [4, 3, 3]
     assert p == partition(10, 3, seed=4) and p != partition(10, 3, seed=5)
-    with pytest.raises(ValueError, match="cannot be split across 3 clients"):
+    with pytest.raises(ValueError):
         partition(2, 3, seed=0)
 
 
@@ -289,3 +290,12 @@ def test_reference_only_trains_on_the_reference_input(tokenizer, tmp_path) -> No
     text = tokenizer.decode(msg.base.labels.new_tensor(
         [t for t in run.clients[0].stream.samples[0].base_ids])).replace(" ", "")
     assert "Aworkedsolution,forreference:" in text
+
+
+def test_per_client_and_dirichlet_partitions_reach_the_clients(tokenizer, tmp_path) -> None:
+    run = make_run("sl", tokenizer, tmp_path / "a", n_rows=12, clients=3, per_client=2)
+    assert [c.n_samples for c in run.clients] == [2, 2, 2]
+    run = make_run("sl", tokenizer, tmp_path / "b", n_rows=12, clients=3, partition="dirichlet:0.5")
+    assert sum(c.n_samples for c in run.clients) == 12 and all(c.n_samples >= 1 for c in run.clients)
+    with pytest.raises(ValueError, match="dirichlet:ALPHA"):
+        TrainConfig(partition="dirichlet")

@@ -7,7 +7,21 @@ from collections import Counter
 import pytest
 
 from lesft.data.partition import length_buckets, partition_dirichlet, partition_iid, per_client_sample
-from lesft.train import partition
+
+
+def partition(n: int, clients: int, seed: int) -> list[list[int]]:
+    """Independent reference: seeded shuffle, contiguous chunks, first n % clients one larger."""
+    import random
+
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    size, extra = divmod(n, clients)
+    out, start = [], 0
+    for i in range(clients):
+        end = start + size + (i < extra)
+        out.append(sorted(order[start:end]))
+        start = end
+    return out
 
 
 def _is_partition(parts: list[list[int]], n: int) -> bool:
