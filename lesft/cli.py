@@ -1,4 +1,4 @@
-"""Command line: ``lesft train`` and ``lesft demo``.
+"""Command line: ``lesft train``, ``lesft eval`` and ``lesft demo``.
 
 Configuration = defaults <- YAML file (``--config``) <- command-line flags, e.g.::
 
@@ -12,6 +12,7 @@ import sys
 from typing import Any, Sequence
 
 from lesft.config import TrainConfig, add_dataclass_args, apply_overrides, from_dict, load_yaml
+from lesft.evaluate import EvalConfig
 
 
 def _config(args: argparse.Namespace, skip: tuple[str, ...] = ("command", "config", "methods")) -> TrainConfig:
@@ -27,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one method; writes config, metrics, summary and adapter to --out")
     train.add_argument("--config", help="YAML file of TrainConfig fields")
     add_dataclass_args(train, TrainConfig)
+    ev = sub.add_parser("eval", help="accuracy of a base model + adapter (or a training run) on a benchmark")
+    ev.add_argument("--run", help="a `lesft train` output directory (its model, adapter and dataset)")
+    ev.add_argument("--model", help="base model (alias, hub id, directory or .gguf); default: the run's")
+    ev.add_argument("--adapter", help="peft adapter directory; default: RUN/adapter, none without --run")
+    add_dataclass_args(ev, EvalConfig)
     demo = sub.add_parser("demo", help="the embedded default: several methods on SmolLM2-135M + synthetic data, "
                                        "then a comparison table")
     demo.add_argument("--config", default=None, help="YAML file of TrainConfig fields (default: built-in demo)")
@@ -45,6 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = train(_config(args))
             print(f"done: final loss {summary['final_loss']:.4f}, bytes {summary['comm_bytes']}, "
                   f"wall {summary['wall_s']:.1f} s -> {_config(args).out}")
+        elif args.command == "eval":
+            from lesft.evaluate import run_eval
+
+            fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "model", "adapter")}
+            r = run_eval(from_dict(EvalConfig, fields), model=args.model, adapter=args.adapter, run_dir=args.run)
+            lo, hi = r["ci95"]
+            print(f"{r['dataset']}/{r['split']} ({r['mode']}): accuracy {r['accuracy']:.1%} "
+                  f"[95% CI {lo:.1%}, {hi:.1%}] on {r['n']} questions -> {r['out']}")
         elif args.command == "demo":
             from lesft.demo import DEMO_DEFAULTS, DEMO_METHODS, run_demo
 

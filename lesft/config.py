@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from lesft.data.synthetic import ArithmeticSpec
+from lesft.evaluate import EvalConfig
 from lesft.loss import LossConfig
 from lesft.lora import LoraArgs
 
@@ -114,10 +115,15 @@ class TrainConfig:
         "Continue the run in --out from its last checkpoint (a finished run is not retrained).", default=False
     )
     overwrite: bool = _help("Start afresh even if --out already holds a run (its files are replaced).", default=False)
+    eval: bool = _help(
+        "After training, evaluate the exported adapter (settings: --evaluation.*) and put accuracy into "
+        "summary.json.", default=False
+    )
     # --- nested groups ---
     lora: LoraArgs = _help("LoRA settings.", default_factory=LoraArgs)
     lesft: LossConfig = _help("LESFT loss settings.", default_factory=LossConfig)
     synthetic: ArithmeticSpec = _help("Difficulty of the built-in synthetic data.", default_factory=ArithmeticSpec)
+    evaluation: EvalConfig = _help("Evaluation after training (with --eval).", default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         for name in ("clients", "batch_size", "grad_accum", "max_length", "pad_to_multiple"):
@@ -232,8 +238,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         flags += [f"--{a}" for a in f.metadata.get("aliases", ())]
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         origin = typing.get_origin(tp)
-        if tp is bool:
-            kw.update(type=_parse_bool, metavar="BOOL")
+        if tp is bool:  # "--eval" alone means true; "--eval false" is accepted too
+            kw.update(type=_parse_bool, metavar="BOOL", nargs="?", const=True)
         elif origin in (list, tuple):
             inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
             kw.update(type=inner, nargs="+")

@@ -18,6 +18,7 @@ import math
 import random
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,13 @@ def train(
         "resumed_from_round": start if previous is not None else None,
         "versions": _versions(),
     }
+    del run  # free the parties before evaluation loads the merged model
+    if cfg.eval:
+        from lesft.evaluate import run_eval
+
+        result = run_eval(replace(cfg.evaluation, out=None), run_dir=str(out))
+        summary["accuracy"] = result["accuracy"]
+        summary["eval"] = {k: result[k] for k in ("dataset", "split", "mode", "n", "correct", "accuracy", "ci95")}
     tmp = summary_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(summary, indent=2))
     tmp.replace(summary_path)

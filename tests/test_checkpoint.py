@@ -79,3 +79,17 @@ def test_resume_refuses_a_different_config(setup, capsys) -> None:
     assert main(short + ["--out", str(d / "x"), "--resume", "true", "--lr", "0.1"]) == 2
     assert "config differs in ['lr']" in capsys.readouterr().err
     assert main(short + ["--out", str(d / "x"), "--overwrite", "true", "--lr", "0.1"]) == 0
+
+
+def test_train_eval_puts_accuracy_into_summary(setup) -> None:
+    d, args = setup
+    short = [a if a != "12" else "1" for a in args]
+    out = d / "with_eval"
+    assert main(short + ["--out", str(out), "--eval", "--evaluation.dataset", "synthetic",
+                         "--evaluation.limit", "6", "--evaluation.max_new_tokens", "8"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    preds = [json.loads(x) for x in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == summary["eval"]["n"] == 6
+    assert summary["accuracy"] == sum(p["correct"] for p in preds) / 6
+    assert main(["eval", "--run", str(out), "--limit", "4", "--max_new_tokens", "8", "--out", str(d / "ev")]) == 0
+    assert json.loads((d / "ev" / "eval.json").read_text())["n"] == 4

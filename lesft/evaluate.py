@@ -1,0 +1,529 @@
+"""Accuracy of a (base or LoRA-tuned) causal LM on a benchmark: batched greedy generation or
+multiple-choice log-likelihood scoring, answer extraction, Wilson 95% interval, per-question records.
+
+Two modes:
+
+* ``generate`` (every dataset): the prompt is rendered like in training (:func:`render_prompt`), the
+  model continues it greedily (KV cache, left padding, prompts of similar length batched together),
+  the completion is cut at EOS or the first stop string, and the answer is taken from it with
+  :func:`lesft.data.extract.extract_answer` and compared with ``row["answer"]`` by ``is_correct``.
+* ``loglik`` (multiple choice only: commonsenseqa, aqua_rat): for every option letter ``L`` the model
+  scores ``log P("The answer is (L)." | prompt)`` (summed over the sentence's tokens, in batches) and the
+  best-scoring letter is the prediction. No sampling, no parsing: a cheap, low-variance check.
+
+Outputs (when ``EvalConfig.out`` is set): ``predictions.jsonl`` (one line per question: ``id, prompt,
+completion, extracted, gold, correct``) and ``eval.json`` (the returned summary plus the config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+
+from lesft.data.prompts import render_prompt
+
+__all__ = [
+    "DEFAULT_STOP",
+    "MC_DATASETS",
+    "EvalConfig",
+    "evaluate_rows",
+    "generate",
+    "load_for_eval",
+    "run_eval",
+    "score_continuations",
+    "wilson_ci",
+]
+
+#: Default stop strings. Special tokens among them (``<|im_end|>`` ...) that the tokenizer knows as one
+#: added token become extra end-of-sequence ids; the rest are matched on the decoded new text. EOS
+#: always stops too. ``"\n\n\n"`` ends the runaway blank-line loops small models fall into, and
+#: ``"\nQuestion:"`` the "next few-shot question" a model writes after its answer without a chat template.
+DEFAULT_STOP: tuple[str, ...] = ("\n\n\n", "<|im_end|>", "<|im_start|>", "<|endoftext|>", "</s>", "\nQuestion:")
+
+#: Datasets with lettered options (the only ones ``mode="loglik"`` accepts).
+MC_DATASETS = ("commonsenseqa", "aqua_rat")
+KNOWN_DATASETS = ("gsm8k", "commonsenseqa", "aqua_rat", "synthetic")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class EvalConfig:
+    """Everything ``lesft eval`` needs besides the model (and adapter or run directory)."""
+
+    dataset: str | None = _help(
+        "Benchmark: gsm8k, commonsenseqa, aqua_rat or synthetic. Unset: the run's own dataset when it is one "
+        "of these, else synthetic.",
+        default=None,
+    )
+    split: str = _help("Split of the benchmark (e.g. test; CommonsenseQA's labelled one is dev).", default="test")
+    data_dir: str | None = _help(
+        "Folder holding the benchmark files (None: the project's default data location).", default=None
+    )
+    file: str | None = _help("Read the questions from this file instead of the benchmark's default one.", default=None)
+    limit: int = _help(
+        "Number of questions (0 = all); a seeded sample (see --seed) when smaller than the split.", default=200
+    )
+    batch_size: int = _help(
+        "Questions per generation batch (loglik: scored sequences per forward pass).", default=16
+    )
+    max_new_tokens: int = _help("Most tokens generated per question (generate mode).", default=256)
+    chat_template: bool = _help(
+        "Wrap prompts in the tokenizer's chat template when it has one (as in training). With a run "
+        "directory, a run trained without it turns it off.",
+        default=True,
+    )
+    mode: str = _help(
+        "'generate' (greedy generation + answer extraction) or 'loglik' (multiple choice only: pick the "
+        "option letter L maximising log P(\"The answer is (L).\" | prompt)).",
+        default="generate",
+    )
+    stop: list[str] = _help(
+        "Stop strings: generation of a question ends at EOS or at the first of these; the completion is cut "
+        "before it. Special tokens in the list (e.g. <|im_end|>) act as extra EOS ids.",
+        default_factory=lambda: list(DEFAULT_STOP),
+    )
+    choice_template: str = _help(
+        "Loglik mode: the sentence scored after the prompt for each option ({letter} is replaced).",
+        default="The answer is ({letter}).",
+    )
+    seed: int = _help("Seed of the question sample (when --limit is smaller than the split).", default=0)
+    out: str | None = _help(
+        "Folder for predictions.jsonl and eval.json (None: RUN_DIR/eval with a run directory, else nothing "
+        "is written).",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("generate", "loglik"):
+            raise ValueError(f"mode must be 'generate' or 'loglik', got {self.mode!r}")
+        if self.limit < 0:
+            raise ValueError(f"limit must be >= 0 (0 = all), got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+        if "{letter}" not in self.choice_template:
+            raise ValueError(f"choice_template must contain '{{letter}}', got {self.choice_template!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation
+# ----------------------------------------------------------------------------------------------
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for e in ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])) + [tokenizer.eos_token_id]:
+        if e is not None and e not in ids:
+            ids.append(int(e))
+    return ids
+
+
+def _split_stops(tokenizer: PreTrainedTokenizerBase, stop: list[str]) -> tuple[list[str], list[int]]:
+    """(text stop strings, token ids of stop strings that are single added/special tokens)."""
+    added = tokenizer.get_added_vocab()
+    texts, ids = [], []
+    for s in stop:
+        if s in added:
+            ids.append(int(added[s]))
+        else:
+            texts.append(s)
+    return texts, ids
+
+
+class StopOnStrings(StoppingCriteria):
+    """Per-sequence stop once any of ``stops`` occurs in the decoded *new* tokens.
+
+    Only the last ``window`` new tokens are decoded each step (a stop string first appears at the end,
+    and each token decodes to at least one character), so the cost stays flat along the sequence.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: list[str], prompt_len: int):
+        self.tokenizer = tokenizer
+        self.stops = list(stops)
+        self.prompt_len = prompt_len
+        self.window = max(len(s) for s in stops) + 8
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        new = input_ids[:, self.prompt_len:][:, -self.window:]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool,
+                            device=input_ids.device)
+
+
+def _cut(text: str, stops: list[str]) -> str:
+    """``text`` up to (not including) the earliest stop string."""
+    cut = len(text)
+    for s in stops:
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+@torch.inference_mode()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    stop: list[str] | None = None,
+) -> list[str]:
+    """Greedy completions of ``prompts`` (full model inputs, e.g. from :func:`render_prompt`), in order.
+
+    Prompts are sorted by token length (longest first) and batched, left-padded with an attention mask
+    (``tokenizer.padding_side`` is set to ``"left"`` for the call and restored), and generated with the
+    KV cache. A sequence stops at EOS (the tokenizer's and the model's generation-config ones), at a
+    stop string that is a single special token, or once a text stop string shows up in its new text.
+    Only the new tokens are decoded (special tokens skipped) and the text from the first stop string on
+    is dropped. Same outputs as one prompt at a time (up to float rounding).
+    """
+    if not prompts:
+        return []
+    stop = [s for s in (stop or []) if s]
+    text_stops, stop_ids = _split_stops(tokenizer, stop)
+    eos = _eos_ids(model, tokenizer)
+    eos += [i for i in stop_ids if i not in eos]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    device = _device(model)
+
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
+    results: list[str | None] = [None] * len(prompts)
+
+    saved_side, saved_pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # padding needs one; the pad positions are masked out anyway
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
+            input_ids = enc["input_ids"].to(device)
+            attention_mask = enc["attention_mask"].to(device)
+            prompt_len = input_ids.shape[1]
+            criteria = StoppingCriteriaList([StopOnStrings(tokenizer, text_stops, prompt_len)] if text_stops else [])
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                num_beams=1,
+                use_cache=True,
+                eos_token_id=eos or None,
+                pad_token_id=pad_id,
+                stopping_criteria=criteria,
+            )
+            for row, i in enumerate(idx):
+                new = out[row, prompt_len:].tolist()
+                for k, t in enumerate(new):  # finished sequences are padded on: cut at the first EOS
+                    if t in eos:
+                        new = new[:k]
+                        break
+                text = tokenizer.decode(new, skip_special_tokens=True)
+                results[i] = _cut(text, text_stops)
+    finally:
+        tokenizer.padding_side = saved_side
+        if saved_pad is None:
+            tokenizer.pad_token = None
+    return results  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-likelihood scoring (multiple choice)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def score_continuations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: list[str],
+    continuations: list[str],
+    batch_size: int,
+) -> list[float]:
+    """``log P(continuation | context)`` summed over the continuation's tokens, for each pair.
+
+    Tokenized like training: the context with the tokenizer's special tokens, the continuation without,
+    concatenated. Pairs are sorted by length and scored in right-padded batches of ``batch_size``.
+    """
+    if len(contexts) != len(continuations):
+        raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations")
+    if not contexts:
+        return []
+    ctx_ids = tokenizer(contexts)["input_ids"]
+    cont_ids = tokenizer(continuations, add_special_tokens=False)["input_ids"]
+    seqs = [c + t for c, t in zip(ctx_ids, cont_ids)]
+    for i, t in enumerate(cont_ids):
+        if not t:
+            raise ValueError(f"continuation {continuations[i]!r} has no tokens")
+        if not ctx_ids[i]:
+            raise ValueError(f"context {i} has no tokens (nothing to condition the first token on)")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = _device(model)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    scores = [0.0] * len(seqs)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(seqs[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+            mask[r, : len(seqs[i])] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for r, i in enumerate(idx):
+            n_ctx, n_cont = len(ctx_ids[i]), len(cont_ids[i])
+            # token at position p is predicted by the logits at position p - 1
+            pos = torch.arange(n_ctx - 1, n_ctx - 1 + n_cont, device=logprobs.device)
+            target = torch.tensor(cont_ids[i], device=logprobs.device)
+            scores[i] = float(logprobs[r, pos, target].sum())
+    return scores
+
+
+_OPTION_LINE = re.compile(r"^\s*\(?([A-J])[\)\.:]\s*\S", re.MULTILINE)
+
+
+def option_letters(row: dict) -> list[str]:
+    """The option letters of a multiple-choice row: from ``row["options"]``/``row["choices"]`` when
+    present, else from option lines in the prompt (``A) ...``, ``(A) ...``, ``A. ...``), else A-E."""
+    for key in ("options", "choices", "letters"):
+        opts = row.get(key)
+        if isinstance(opts, dict) and opts:
+            return [str(k).strip() for k in opts]
+        if isinstance(opts, (list, tuple)) and opts:
+            letters = []
+            for o in opts:
+                if isinstance(o, dict) and "label" in o:
+                    letters.append(str(o["label"]).strip())
+                elif isinstance(o, str):
+                    m = re.match(r"\s*\(?([A-J])(?:[\)\.:]|$)", o)
+                    if m:
+                        letters.append(m.group(1))
+            if len(letters) == len(opts):
+                return letters
+    found: list[str] = []
+    for m in _OPTION_LINE.finditer(row.get("prompt", "")):
+        if m.group(1) not in found:
+            found.append(m.group(1))
+    if len(found) >= 2 and found == [chr(ord("A") + k) for k in range(len(found))]:
+        return found
+    return list("ABCDE")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics and the evaluation loop
+# ----------------------------------------------------------------------------------------------
+
+
+def wilson_ci(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion ``correct / n`` ((0, 1) when ``n`` is 0)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    if not 0 <= correct <= n:
+        raise ValueError(f"need 0 <= correct <= n, got correct={correct}, n={n}")
+    p = correct / n
+    denom = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, center - half), min(1.0, center + half))
+
+
+def _extract(dataset: str):
+    from lesft.data.extract import extract_answer, is_correct  # written alongside; imported lazily
+
+    return extract_answer, is_correct
+
+
+def evaluate_rows(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    dataset: str,
+    cfg: EvalConfig,
+    meta: dict | None = None,
+) -> dict:
+    """Evaluate ``model`` on every row (``id, prompt, answer``); write ``cfg.out`` files when set.
+
+    Returns ``{"dataset", "split", "mode", "n", "correct", "accuracy", "ci95", "questions_per_s",
+    "wall_s"}`` (``wall_s``: generation/scoring plus extraction, model loading excluded). ``meta`` is
+    added to ``eval.json`` only. ``cfg.limit`` is not applied here (the caller picks the rows).
+    """
+    extract_answer, is_correct = _extract(dataset)
+    model.eval()
+    texts = [render_prompt(tokenizer, r["prompt"], cfg.chat_template) for r in rows]
+    t0 = time.perf_counter()
+    records: list[dict] = []
+    if cfg.mode == "generate":
+        completions = generate(model, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size, cfg.stop)
+        for r, c in zip(rows, completions):
+            pred = extract_answer(dataset, c)
+            ok = pred is not None and bool(is_correct(dataset, pred, str(r["answer"])))
+            records.append({"id": r.get("id"), "prompt": r["prompt"], "completion": c, "extracted": pred,
+                            "gold": str(r["answer"]), "correct": ok})
+    elif cfg.mode == "loglik":
+        if dataset not in MC_DATASETS:
+            raise ValueError(f"mode 'loglik' needs a multiple-choice dataset ({', '.join(MC_DATASETS)}), got {dataset!r}")
+        letters = [option_letters(r) for r in rows]
+        ctx, cont, owner = [], [], []
+        for k, (t, ls) in enumerate(zip(texts, letters)):
+            for L in ls:
+                ctx.append(t)
+                cont.append(cfg.choice_template.format(letter=L))
+                owner.append(k)
+        flat = score_continuations(model, tokenizer, ctx, cont, cfg.batch_size)
+        per_row: list[dict[str, float]] = [{} for _ in rows]
+        for k, (o, s) in enumerate(zip(owner, flat)):
+            per_row[o][cont[k]] = s
+        for r, ls, sc in zip(rows, letters, per_row):
+            scores = {L: sc[cfg.choice_template.format(letter=L)] for L in ls}
+            best = max(ls, key=lambda L: scores[L])  # ties: the first letter
+            ok = bool(is_correct(dataset, best, str(r["answer"])))
+            records.append({"id": r.get("id"), "prompt": r["prompt"],
+                            "completion": cfg.choice_template.format(letter=best), "extracted": best,
+                            "gold": str(r["answer"]), "correct": ok, "scores": scores})
+    else:
+        raise ValueError(f"mode must be 'generate' or 'loglik', got {cfg.mode!r}")
+    wall = time.perf_counter() - t0
+
+    n = len(records)
+    correct = sum(r["correct"] for r in records)
+    lo, hi = wilson_ci(correct, n)
+    result = {
+        "dataset": dataset,
+        "split": cfg.split,
+        "mode": cfg.mode,
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else 0.0,
+        "ci95": [lo, hi],
+        "questions_per_s": n / wall if wall > 0 else 0.0,
+        "wall_s": wall,
+    }
+    if cfg.out:
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        summary = dict(result, config=dataclasses.asdict(cfg), **(meta or {}))
+        (out / "eval.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return result
+
+
+def load_for_eval(model: str, adapter: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model via :func:`lesft.model.load.load_model`, with the peft ``adapter`` directory merged
+    into it when given; in eval mode."""
+    from lesft.model.load import load_model
+
+    base, tokenizer = load_model(model)
+    if adapter:
+        path = Path(adapter)
+        if not (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a peft adapter directory (no adapter_config.json)")
+        from peft import PeftModel
+
+        base = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    base.eval()
+    return base, tokenizer
+
+
+def _run_config(run_dir: Path) -> dict:
+    import yaml
+
+    p = run_dir / "config.yaml"
+    if not p.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a training run directory (no config.yaml)")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{p} does not hold a mapping")
+    return data
+
+
+def run_eval(
+    cfg: EvalConfig, model: str | None = None, adapter: str | None = None, run_dir: str | None = None
+) -> dict:
+    """Load the questions and the model (+ adapter), evaluate, write files; return the summary.
+
+    With ``run_dir`` (a ``lesft train`` output): the model is the run's ``model`` unless given, the adapter
+    ``run_dir/adapter`` unless given, and the files go to ``run_dir/eval`` unless ``cfg.out`` is set.
+    Fields left at their defaults follow the run: ``dataset`` (when the run's ``dataset``/``data`` is a
+    benchmark name) and ``chat_template`` (off when the run trained without it). For the synthetic
+    benchmark the run's ``synthetic`` difficulty is passed on when ``load_benchmark`` takes it.
+    CommonsenseQA with ``split`` left at ``test`` (unlabelled) is evaluated on ``validation``.
+    """
+    cfg = dataclasses.replace(cfg, stop=list(cfg.stop))
+    defaults = EvalConfig()
+    run_conf: dict = {}
+    if run_dir is not None:
+        rd = Path(run_dir)
+        run_conf = _run_config(rd)
+        model = model or run_conf.get("model")
+        if adapter is None:
+            if not (rd / "adapter" / "adapter_config.json").is_file():
+                raise FileNotFoundError(f"no adapter in {rd / 'adapter'} (has the run finished?)")
+            adapter = str(rd / "adapter")
+        run_data = run_conf.get("dataset", run_conf.get("data"))
+        if cfg.dataset is None and isinstance(run_data, str) and run_data in KNOWN_DATASETS:
+            cfg.dataset = run_data
+        if cfg.data_dir is None:
+            cfg.data_dir = run_conf.get("data_dir")
+        if cfg.chat_template == defaults.chat_template and run_conf.get("chat_template") is False:
+            cfg.chat_template = False
+        if cfg.out is None:
+            cfg.out = str(rd / "eval")
+    if cfg.dataset is None:
+        cfg.dataset = "synthetic"
+    if cfg.dataset == "commonsenseqa" and cfg.split == defaults.split:
+        cfg.split = "validation"  # CSQA's public test split has no answer keys; dev is the evaluation split
+    if not model:
+        raise ValueError("no model: pass one, or a run directory whose config.yaml names it")
+    if cfg.mode == "loglik" and cfg.dataset not in MC_DATASETS:
+        raise ValueError(f"mode 'loglik' needs a multiple-choice dataset ({', '.join(MC_DATASETS)}), got {cfg.dataset!r}")
+
+    rows = _load_rows(cfg, run_conf)
+    if not rows:
+        raise ValueError(f"no questions in {cfg.dataset}/{cfg.split}")
+    lm, tokenizer = load_for_eval(model, adapter)
+    meta = {"model": model, "adapter": adapter, "run_dir": run_dir}
+    result = evaluate_rows(lm, tokenizer, rows, cfg.dataset, cfg, meta=meta)
+    return dict(result, **meta, out=cfg.out)
+
+
+def _load_rows(cfg: EvalConfig, run_conf: dict) -> list[dict]:
+    from lesft.data.benchmarks import load_benchmark
+    from lesft.data.synthetic import ArithmeticSpec
+
+    kwargs: dict[str, Any] = dict(file=cfg.file, n=cfg.limit or None, seed=cfg.seed)
+    spec = run_conf.get("synthetic")
+    if cfg.dataset == "synthetic" and isinstance(spec, dict):
+        kwargs["spec"] = ArithmeticSpec(**spec)
+    return load_benchmark(cfg.dataset, cfg.split, cfg.data_dir, **kwargs)
