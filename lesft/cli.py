@@ -1,4 +1,4 @@
-"""Command line: ``lesft train``, ``lesft eval`` and ``lesft demo``.
+"""Command line: ``lesft train``, ``lesft eval``, ``lesft distill`` and ``lesft demo``.
 
 Configuration = defaults <- YAML file (``--config``) <- command-line flags, e.g.::
 
@@ -12,6 +12,7 @@ import sys
 from typing import Any, Sequence
 
 from lesft.config import TrainConfig, add_dataclass_args, apply_overrides, from_dict, load_yaml
+from lesft.distill import DistillConfig
 from lesft.evaluate import EvalConfig
 
 
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="base model (alias, hub id, directory or .gguf); default: the run's")
     ev.add_argument("--adapter", help="peft adapter directory; default: RUN/adapter, none without --run")
     add_dataclass_args(ev, EvalConfig)
+    dist = sub.add_parser("distill", help="teacher chain-of-thought targets, kept where the answer is correct")
+    add_dataclass_args(dist, DistillConfig)
     demo = sub.add_parser("demo", help="the embedded default: several methods on SmolLM2-135M + synthetic data, "
                                        "then a comparison table")
     demo.add_argument("--config", default=None, help="YAML file of TrainConfig fields (default: built-in demo)")
@@ -59,6 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             lo, hi = r["ci95"]
             print(f"{r['dataset']}/{r['split']} ({r['mode']}): accuracy {r['accuracy']:.1%} "
                   f"[95% CI {lo:.1%}, {hi:.1%}] on {r['n']} questions -> {r['out']}")
+        elif args.command == "distill":
+            from lesft.distill import run_distill
+
+            r = run_distill(from_dict(DistillConfig, {k: v for k, v in vars(args).items() if k != "command"}))
+            print(f"kept {r['kept']}/{r['questions']} teacher completions ({r['kept_fraction']:.1%}) -> {r['out']}"
+                  f"  (train with --target teacher:{r['out']})")
         elif args.command == "demo":
             from lesft.demo import DEMO_DEFAULTS, DEMO_METHODS, run_demo
 

@@ -192,8 +192,10 @@ def generate(
     max_new_tokens: int,
     batch_size: int,
     stop: list[str] | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> list[str]:
-    """Greedy completions of ``prompts`` (full model inputs, e.g. from :func:`render_prompt`), in order.
+    """Completions of ``prompts`` (greedy when ``temperature`` is 0, else sampled) (full model inputs, e.g. from :func:`render_prompt`), in order.
 
     Prompts are sorted by token length (longest first) and batched, left-padded with an attention mask
     (``tokenizer.padding_side`` is set to ``"left"`` for the call and restored), and generated with the
@@ -231,9 +233,9 @@ def generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_p=top_p if temperature > 0 else None,
                 top_k=None,
                 num_beams=1,
                 use_cache=True,
