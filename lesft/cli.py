@@ -1,4 +1,4 @@
-"""Command line: ``lesft train``, ``lesft eval``, ``lesft distill`` and ``lesft demo``.
+"""Command line: ``lesft train | eval | distill | sweep | report | demo``.
 
 Configuration = defaults <- YAML file (``--config``) <- command-line flags, e.g.::
 
@@ -12,6 +12,8 @@ import sys
 from typing import Any, Sequence
 
 from lesft.config import TrainConfig, add_dataclass_args, apply_overrides, from_dict, load_yaml
+from lesft import report as report_cli
+from lesft import sweep as sweep_cli
 from lesft.distill import DistillConfig
 from lesft.evaluate import EvalConfig
 
@@ -36,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(ev, EvalConfig)
     dist = sub.add_parser("distill", help="teacher chain-of-thought targets, kept where the answer is correct")
     add_dataclass_args(dist, DistillConfig)
+    sw = sub.add_parser("sweep", help="grid of trainings (+ evaluations) from a YAML spec; resumable")
+    sweep_cli.add_arguments(sw)
+    rp = sub.add_parser("report", help="tables + figures of a sweep directory -> DIR/report.md, DIR/figures/")
+    report_cli.add_arguments(rp)
     demo = sub.add_parser("demo", help="the embedded default: several methods on SmolLM2-135M + synthetic data, "
                                        "then a comparison table")
     demo.add_argument("--config", default=None, help="YAML file of TrainConfig fields (default: built-in demo)")
@@ -68,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             r = run_distill(from_dict(DistillConfig, {k: v for k, v in vars(args).items() if k != "command"}))
             print(f"kept {r['kept']}/{r['questions']} teacher completions ({r['kept_fraction']:.1%}) -> {r['out']}"
                   f"  (train with --target teacher:{r['out']})")
+        elif args.command == "sweep":
+            return sweep_cli.command(args)
+        elif args.command == "report":
+            return report_cli.command(args)
         elif args.command == "demo":
             from lesft.demo import DEMO_DEFAULTS, DEMO_METHODS, run_demo
 
