@@ -15,7 +15,7 @@ are taken per method, interleaved (the order rotates every repetition, so slow d
 neighbour hit every method alike); a round during which other processes used noticeable CPU is
 re-taken (at most --retries times) and counted. Reported: medians.
 
-    .venv/bin/python bench/bench_split.py [--reps 9] [--dtype bf16] [--seq-len 256] [--json out.json]
+    .venv/bin/python bench/bench_split.py [--reps 15] [--dtype bf16] [--seq-len 256] [--json out.json]
 """
 
 from __future__ import annotations
@@ -60,19 +60,52 @@ def _self_jiffies() -> int:
     return int(f[11]) + int(f[12])  # utime + stime of all threads
 
 
-def timed(fn, retries: int, max_foreign: float = 0.15) -> tuple[float, float, int]:
-    """Run ``fn`` once; return (seconds, foreign CPU fraction, retries used). ``foreign`` is the CPU time
-    other processes used during the call, as a fraction of the wall time; above ``max_foreign`` the
-    call is repeated (up to ``retries`` times) and the last one is kept."""
+BUSY = 0.15  # other processes using more than this many cores' worth of CPU = a disturbed measurement
+
+
+def _foreign(b0: int, s0: int, seconds: float) -> float:
+    """CPU used by other processes since (b0, s0), in cores (1.0 = one core busy the whole time)."""
+    return max(0, (_busy_jiffies() - b0) - (_self_jiffies() - s0)) / HZ / seconds
+
+
+def wait_quiet(max_wait: float, window: float = 0.5) -> None:
+    """Wait (at most ``max_wait`` s) for a ``window`` in which other processes leave the CPU alone."""
+    end = time.perf_counter() + max_wait
+    while time.perf_counter() < end:
+        b0, s0 = _busy_jiffies(), _self_jiffies()
+        time.sleep(window)
+        if _foreign(b0, s0, window) <= BUSY:
+            return
+
+
+def timed(fn, retries: int = 0, *, prepare=None, snap=None, deadline: float = float("inf"),
+          quiet_wait: float = 0.0) -> tuple[float, float, int, list[float]]:
+    """Time one call of ``fn``. Returns (seconds, foreign, retries used, deltas of ``snap()`` over the call).
+
+    ``foreign`` is the CPU other processes used during the call, in cores. Above ``BUSY`` (a busy
+    neighbour: with 2 cores and 2 torch threads it can slow a round many times over) the call is
+    re-taken, at most ``retries`` times and not after ``deadline`` (perf_counter); the last attempt is
+    kept. Before each attempt: ``prepare()`` (untimed), then up to ``quiet_wait`` s waiting for a quiet CPU."""
     for attempt in range(retries + 1):
+        if prepare is not None:
+            prepare()
+        if quiet_wait > 0 and time.perf_counter() < deadline:
+            wait_quiet(min(quiet_wait, deadline - time.perf_counter()))
+        m0 = snap() if snap is not None else ()
         b0, s0 = _busy_jiffies(), _self_jiffies()
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
-        foreign = max(0, (_busy_jiffies() - b0) - (_self_jiffies() - s0)) / HZ / dt
-        if foreign <= max_foreign:
+        foreign = _foreign(b0, s0, dt)
+        m1 = snap() if snap is not None else ()
+        if foreign <= BUSY or time.perf_counter() > deadline:
             break
-    return dt, foreign, attempt
+    return dt, foreign, attempt, [y - x for x, y in zip(m0, m1)]
+
+
+def disturbed(foreign: list[float]) -> int:
+    """How many of the kept measurements other processes disturbed."""
+    return sum(f > BUSY for f in foreign)
 
 
 def med(xs: list[float]) -> float:
@@ -102,7 +135,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (exact, after padding)")
-    ap.add_argument("--reps", type=int, default=9, help="timed rounds per method (median reported)")
+    ap.add_argument("--reps", type=int, default=15, help="timed rounds per method (median reported)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds per method first")
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="compute precision (autocast)")
     ap.add_argument("--wire-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -111,6 +144,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8, help="copies of the one synthetic row")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retries", type=int, default=3, help="re-takes of a round disturbed by other processes")
+    ap.add_argument("--retry-budget", type=float, default=200.0,
+                    help="no re-takes (and no waiting for a quiet CPU) once the bench has run this many seconds")
+    ap.add_argument("--quiet-wait", type=float, default=10.0,
+                    help="before each timed round, wait up to this many seconds for other processes to idle")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the numbers here")
     args = ap.parse_args()
@@ -141,25 +178,27 @@ def main() -> None:
     client_s = {m: [] for m in names}
     foreign = {m: [] for m in names}
     retried = 0
+    deadline = t_start + args.retry_budget
     for rep in range(args.reps):
         order = names[rep % 3:] + names[:rep % 3]
         for m in order:
             run = runs[m]
-            s0 = run.server.meter.seconds if run.server else 0.0
-            c0 = run.clients[0].meter.seconds
-            agg = run.aggregator is not None and (r_idx[m] + 1) % run.cfg.aggregate_every == 0
-            while agg:  # keep the every-I-rounds aggregation out of the timed rounds (timed separately)
-                one_round(m)
-                s0 = run.server.meter.seconds if run.server else 0.0
-                c0 = run.clients[0].meter.seconds
-                agg = (r_idx[m] + 1) % run.cfg.aggregate_every == 0
-            dt, fo, tries = timed(lambda: one_round(m), args.retries)
+
+            def skip_aggregation(m: str = m, run: Run = run) -> None:
+                # keep the every-I-rounds aggregation out of the timed rounds (it is timed on its own)
+                while run.aggregator is not None and (r_idx[m] + 1) % run.cfg.aggregate_every == 0:
+                    one_round(m)
+
+            def snap(run: Run = run) -> tuple[float, float]:
+                return (run.server.meter.seconds if run.server else 0.0, run.clients[0].meter.seconds)
+
+            dt, fo, tries, (ds, dc) = timed(lambda: one_round(m), args.retries, prepare=skip_aggregation,
+                                            snap=snap, deadline=deadline, quiet_wait=args.quiet_wait)
             retried += tries
             wall[m].append(dt)
             foreign[m].append(fo)
-            # meters accumulate over retries: divide by the attempts made
-            server_s[m].append(((run.server.meter.seconds if run.server else 0.0) - s0) / (tries + 1))
-            client_s[m].append((run.clients[0].meter.seconds - c0) / (tries + 1))
+            server_s[m].append(ds)
+            client_s[m].append(dc)
 
     # aggregation of the lesft run (1 client: upload, |D_i|-weighted average, broadcast), timed alone
     agg_s = med([timed(runs["lesft"].aggregate, 0)[0] for _ in range(3)])
@@ -169,6 +208,11 @@ def main() -> None:
     ratio_lesft = t["lesft"] / t["sl"]
     paired_split = med([a / b for a, b in zip(wall["sl"], wall["centralized"])])
     paired_lesft = med([a / b for a, b in zip(wall["lesft"], wall["sl"])])
+    # a ratio is unreliable when other processes disturbed over a quarter of the rounds behind it
+    bad = {m: disturbed(foreign[m]) for m in names}
+    shaky = {m: bad[m] * 4 > len(foreign[m]) for m in names}
+    unreliable_split = shaky["sl"] or shaky["centralized"]
+    unreliable_lesft = shaky["lesft"] or shaky["sl"]
     k = runs["sl"].k
     n_layers = k + len(runs["sl"].server.top.layers)
     del runs
@@ -208,14 +252,15 @@ def main() -> None:
           f"seq_len={args.seq_len}  batch=1  dtype={args.dtype}  wire(timed)={args.wire_dtype}  "
           f"threads={torch.get_num_threads()}  cpu_count={os.cpu_count()}  "
           f"torch={torch.__version__}  {platform.machine()}")
-    print(f"warmup={args.warmup}  reps={args.reps} (interleaved)  re-taken rounds (busy machine)={retried}")
+    print(f"warmup={args.warmup}  reps={args.reps} (interleaved)  re-taken rounds (busy machine)={retried}  "
+          f"'disturbed' = kept rounds during which other processes used > {BUSY} core")
     print()
     print(f"{'method (1 client)':<18}{'round s (median)':>17}{'min':>8}{'max':>8}{'server s':>10}{'client s':>10}"
-          f"{'foreign cpu':>12}")
+          f"{'disturbed':>11}")
     for m in names:
         print(f"{m:<18}{t[m]:>17.3f}{min(wall[m]):>8.3f}{max(wall[m]):>8.3f}"
               f"{(f'{med(server_s[m]):.3f}' if m != 'centralized' else '-'):>10}{med(client_s[m]):>10.3f}"
-              f"{max(foreign[m]):>11.0%} ")
+              f"{f'{bad[m]}/{len(foreign[m])}':>11}")
     print(f"(centralized: the one party holds the whole model; its time is all 'client'. "
           f"lesft aggregation, every {make_cfg(args, 'lesft').aggregate_every} rounds, timed alone: {agg_s:.4f} s)")
     print()
@@ -235,10 +280,11 @@ def main() -> None:
     print(f"(hidden = payload - int64 bytes; equals B*T*H*elem exactly: {hidden_exact})")
     print()
     wire_pass = hidden_ratio == 0.5 and hidden_exact
+    note = "  -- UNRELIABLE: the machine was busy (see 'disturbed'); rerun on an idle machine"
     print(f"PASS/FAIL  split overhead     sl/centralized = {ratio_split:.3f} (<= {SPLIT_TARGET}): "
-          f"{'PASS' if ratio_split <= SPLIT_TARGET else 'FAIL'}")
+          f"{'PASS' if ratio_split <= SPLIT_TARGET else 'FAIL'}{note if unreliable_split else ''}")
     print(f"PASS/FAIL  lesft overhead     lesft/sl = {ratio_lesft:.3f} (<= {LESFT_TARGET}): "
-          f"{'PASS' if ratio_lesft <= LESFT_TARGET else 'FAIL'}")
+          f"{'PASS' if ratio_lesft <= LESFT_TARGET else 'FAIL'}{note if unreliable_lesft else ''}")
     print(f"PASS/FAIL  wire bf16 hidden   bf16/fp32 = {hidden_ratio:.4f} (== 0.5; total c->s {total_ratio:.4f}): "
           f"{'PASS' if wire_pass else 'FAIL'}")
     elapsed = time.perf_counter() - t_start
@@ -250,7 +296,8 @@ def main() -> None:
             "wire_dtype_timed": args.wire_dtype, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "client_layers": k, "layers": n_layers, "warmup": args.warmup, "reps": args.reps, "retried": retried,
             "round_s": {m: {"median": t[m], "all": wall[m], "server_median": med(server_s[m]),
-                            "client_median": med(client_s[m]), "foreign_cpu_max": max(foreign[m])} for m in names},
+                            "client_median": med(client_s[m]), "foreign_cpu_cores": foreign[m],
+                            "disturbed": bad[m]} for m in names},
             "lesft_aggregation_s": agg_s,
             "ratios": {"sl_over_centralized": ratio_split, "sl_over_centralized_paired": paired_split,
                        "lesft_over_sl": ratio_lesft, "lesft_over_sl_paired": paired_lesft,
@@ -260,6 +307,7 @@ def main() -> None:
             "wire_bytes_per_message": wire,
             "targets": {"sl_over_centralized": SPLIT_TARGET, "lesft_over_sl": LESFT_TARGET, "wire_hidden": 0.5},
             "pass": {"split": ratio_split <= SPLIT_TARGET, "lesft": ratio_lesft <= LESFT_TARGET, "wire": wire_pass},
+            "unreliable": {"split": unreliable_split, "lesft": unreliable_lesft},
             "wall_s": elapsed,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

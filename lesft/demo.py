@@ -17,6 +17,7 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "samples": 64,
     "clients": 4,
     "epochs": 1.0,
+    "grad_accum": 2,  # 8 rounds: aggregation (every 5) happens mid-run, not only at the end
     "lr": 2e-4,  # above the paper's 5e-5 so that 4 rounds visibly move the loss
     "out": "runs/demo",
 }
