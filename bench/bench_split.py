@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,76 +40,7 @@ from lesft.train import Run  # noqa: E402
 
 SPLIT_TARGET = 1.05
 LESFT_TARGET = 1.5
-HZ = os.sysconf("SC_CLK_TCK")
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _busy_jiffies() -> int:
-    """CPU time (all cores, all processes) spent not idle, from /proc/stat."""
-    with open("/proc/stat") as fh:
-        v = [int(x) for x in fh.readline().split()[1:]]
-    return sum(v) - v[3] - v[4]  # minus idle and iowait
-
-
-def _self_jiffies() -> int:
-    with open("/proc/self/stat") as fh:
-        f = fh.read().rsplit(")", 1)[1].split()
-    return int(f[11]) + int(f[12])  # utime + stime of all threads
-
-
-BUSY = 0.15  # other processes using more than this many cores' worth of CPU = a disturbed measurement
-
-
-def _foreign(b0: int, s0: int, seconds: float) -> float:
-    """CPU used by other processes since (b0, s0), in cores (1.0 = one core busy the whole time)."""
-    return max(0, (_busy_jiffies() - b0) - (_self_jiffies() - s0)) / HZ / seconds
-
-
-def wait_quiet(max_wait: float, window: float = 0.5) -> None:
-    """Wait (at most ``max_wait`` s) for a ``window`` in which other processes leave the CPU alone."""
-    end = time.perf_counter() + max_wait
-    while time.perf_counter() < end:
-        b0, s0 = _busy_jiffies(), _self_jiffies()
-        time.sleep(window)
-        if _foreign(b0, s0, window) <= BUSY:
-            return
-
-
-def timed(fn, retries: int = 0, *, prepare=None, snap=None, deadline: float = float("inf"),
-          quiet_wait: float = 0.0) -> tuple[float, float, int, list[float]]:
-    """Time one call of ``fn``. Returns (seconds, foreign, retries used, deltas of ``snap()`` over the call).
-
-    ``foreign`` is the CPU other processes used during the call, in cores. Above ``BUSY`` (a busy
-    neighbour: with 2 cores and 2 torch threads it can slow a round many times over) the call is
-    re-taken, at most ``retries`` times and not after ``deadline`` (perf_counter); the last attempt is
-    kept. Before each attempt: ``prepare()`` (untimed), then up to ``quiet_wait`` s waiting for a quiet CPU."""
-    for attempt in range(retries + 1):
-        if prepare is not None:
-            prepare()
-        if quiet_wait > 0 and time.perf_counter() < deadline:
-            wait_quiet(min(quiet_wait, deadline - time.perf_counter()))
-        m0 = snap() if snap is not None else ()
-        b0, s0 = _busy_jiffies(), _self_jiffies()
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        foreign = _foreign(b0, s0, dt)
-        m1 = snap() if snap is not None else ()
-        if foreign <= BUSY or time.perf_counter() > deadline:
-            break
-    return dt, foreign, attempt, [y - x for x, y in zip(m0, m1)]
-
-
-def disturbed(foreign: list[float]) -> int:
-    """How many of the kept measurements other processes disturbed."""
-    return sum(f > BUSY for f in foreign)
-
-
-def med(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
+from timing import BUSY, disturbed, med, timed  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 def make_cfg(args: argparse.Namespace, method: str, **over) -> TrainConfig:
     kw = dict(

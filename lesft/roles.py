@@ -53,6 +53,15 @@ def _optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW |
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
 
 
+def _step(optimizer: torch.optim.Optimizer | None, meter: RoleMeter) -> None:
+    """One AdamW step on the accumulated gradients, then clear them (a party with nothing to train: no-op)."""
+    if optimizer is None:
+        return
+    with meter.measure():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
 @dataclass
 class SliceLoss:
     """Loss of one client's rows of a batch, with what is needed to merge it with others."""
@@ -235,11 +244,7 @@ class Client:
 
     def step(self) -> None:
         """Optimizer step on the accumulated gradients."""
-        if self.optimizer is None:
-            return
-        with self.meter.measure():
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        _step(self.optimizer, self.meter)
 
     def upload(self) -> AdapterUpload:
         return AdapterUpload(self.cid, self.n_samples, lora_state(self.bottom))
@@ -279,11 +284,8 @@ class SplitServer:
         return grads, parts
 
     def step(self) -> None:
-        if self.optimizer is None:
-            return
-        with self.meter.measure():
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        """Optimizer step on the accumulated gradients."""
+        _step(self.optimizer, self.meter)
 
 
 def _to(b: PathBatch, device: torch.device) -> PathBatch:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import shutil
 import time
 from dataclasses import replace

@@ -52,7 +52,6 @@ Hugging Face hub is tried (``datasets`` is imported only then).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -62,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from lesft.data.prompts import ANSWER_KINDS, answer_sentence, format_question
-from lesft.data.rows import DataError
+from lesft.data.rows import DataError, read_json_lines
 from lesft.data.synthetic import ArithmeticSpec, generate_arithmetic
 
 __all__ = [
@@ -125,22 +124,6 @@ def default_data_dir() -> Path | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, record)`` per non-blank line; ``where`` is ``path:line``."""
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            yield where, rec
-
-
 def _read_hub(name: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
     import datasets  # optional dependency, imported only when a hub load is needed
 
@@ -178,12 +161,12 @@ def _records(name: str, split: str, data_dir: Path | None, file: str | None):
     stem = Path(local_name).stem
     if file is not None:
         path = _resolve_file(name, file, data_dir)
-        return _read_json_lines(path), path.stem
+        return read_json_lines(path), path.stem
     tried = []
     if data_dir is not None:
         path = data_dir / SUBDIRS[name] / local_name
         if path.is_file():
-            return _read_json_lines(path), stem
+            return read_json_lines(path), stem
         tried.append(str(path))
     hub_id, config = HUB[name]
     try:
@@ -298,7 +281,7 @@ def _csqa_question(rec: dict[str, Any], where: str) -> tuple[str, list[tuple[str
 @lru_cache(maxsize=16)
 def _rationale_table(path: str, csqa_split: str, source: str) -> dict[str, str]:
     table: dict[str, str] = {}
-    for where, rec in _read_json_lines(Path(path)):
+    for where, rec in read_json_lines(Path(path)):
         if rec.get("csqa_split") != csqa_split:
             continue
         if source == "palm" and rec.get("teacher_correct") is not True:
@@ -388,7 +371,7 @@ def _load_teacher(path: Path) -> dict[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"teacher completions file not found: {path}")
     out: dict[str, str] = {}
-    for where, rec in _read_json_lines(path):
+    for where, rec in read_json_lines(path):
         key = _field(rec, "id", where)
         completion = _field(rec, "completion", where)
         if key in out:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any, Iterator
 
 from lesft.data.synthetic import ArithmeticSpec
 
@@ -16,33 +17,40 @@ class DataError(ValueError):
     """A malformed data file or row; the message names the file and line."""
 
 
+def read_json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, record)`` per non-blank line of a JSON-lines file; ``where`` is ``path:line``."""
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            yield where, rec
+
+
 def load_jsonl(path: str | Path) -> list[dict[str, str]]:
     """Rows of a JSONL file; each needs non-empty string ``prompt`` and ``target`` and a string ``reference``."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data file not found: {p}")
     rows = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in REQUIRED if k not in row]
-            if missing:
-                raise DataError(f"{p}:{lineno}: missing field(s) {missing}; each row needs {list(REQUIRED)}")
-            bad = [k for k in REQUIRED if not isinstance(row[k], str)]
-            if bad:
-                raise DataError(f"{p}:{lineno}: field(s) {bad} must be strings")
-            empty = [k for k in ("prompt", "target") if not row[k].strip()]
-            if empty:
-                raise DataError(f"{p}:{lineno}: field(s) {empty} are empty")
-            row.setdefault("id", f"{p.stem}-{lineno}")
-            rows.append(row)
+    for where, row in read_json_lines(p):
+        missing = [k for k in REQUIRED if k not in row]
+        if missing:
+            raise DataError(f"{where}: missing field(s) {missing}; each row needs {list(REQUIRED)}")
+        bad = [k for k in REQUIRED if not isinstance(row[k], str)]
+        if bad:
+            raise DataError(f"{where}: field(s) {bad} must be strings")
+        empty = [k for k in ("prompt", "target") if not row[k].strip()]
+        if empty:
+            raise DataError(f"{where}: field(s) {empty} are empty")
+        row.setdefault("id", f"{p.stem}-{where.rsplit(':', 1)[1]}")
+        rows.append(row)
     if not rows:
         raise DataError(f"{p}: no rows")
     return rows
