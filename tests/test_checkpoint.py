@@ -12,17 +12,13 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from conftest import make_model, rows
 from lesft.cli import main
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tokenizer):
+def setup(assets, tmp_path_factory):
     d = tmp_path_factory.mktemp("ckpt")
-    make_model("llama", layers=4, hidden=32).save_pretrained(d / "model")
-    tokenizer.save_pretrained(d / "model")
-    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(8)))
-    args = ["train", "--model", str(d / "model"), "--data", str(d / "rows.jsonl"), "--samples", "0",
+    args = ["train", "--model", str(assets / "model"), "--data", str(assets / "rows.jsonl"), "--samples", "0",
             "--method", "lesft", "--clients", "2", "--rounds", "12", "--grad_accum", "1", "--aggregate_every", "4",
             "--checkpoint_every", "1", "--client_layers", "1", "--max_length", "384", "--progress", "false",
             "--device", "cpu"]

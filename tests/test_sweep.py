@@ -7,30 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from conftest import make_model, rows
 from lesft import sweep as sw
 from lesft.sweep import expand, run_sweep
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is much faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("sweep_assets")
-    make_model("llama", layers=4, hidden=32).save_pretrained(d / "model")
-    tokenizer.save_pretrained(d / "model")
-    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(8)))
-    return d
 
 
 def base(assets: Path, **kw) -> dict:
