@@ -105,6 +105,7 @@ from typing import Any, Sequence
 import yaml
 
 from lesft.config import TrainConfig, _base_type, apply_overrides, from_dict, load_yaml, to_dict
+from lesft.provenance import git_commit
 
 __all__ = ["BASE_METHOD", "expand", "load_spec", "run_sweep", "add_arguments", "command", "main"]
 
@@ -543,30 +544,6 @@ def _record(p: Point, status: str, detail: str, action: str, wall: float | None 
             "action": action, "wall_s": wall, "detail": detail}
 
 
-def _git_commit() -> str | None:
-    """The checkout's commit, read from its .git files (no git process); None when not in a checkout."""
-    try:
-        root = Path(__file__).resolve().parent.parent
-        git = root / ".git"
-        if git.is_file():  # a worktree: "gitdir: PATH"
-            git = (root / git.read_text().split(":", 1)[1].strip()).resolve()
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref:"):
-            return head or None
-        ref = head.split(":", 1)[1].strip()
-        common = (git / (git / "commondir").read_text().strip()).resolve() if (git / "commondir").is_file() else git
-        for base in dict.fromkeys([git, common]):
-            if (base / ref).is_file():
-                return (base / ref).read_text().strip()
-            if (base / "packed-refs").is_file():
-                for line in (base / "packed-refs").read_text().splitlines():
-                    if line.endswith(" " + ref):
-                        return line.split()[0]
-    except OSError:
-        pass
-    return None
-
-
 def _sweep_json(spec: dict[str, Any], spec_path: str, records: list[dict[str, Any]], t0: float,
                 env: dict[str, Any]) -> dict[str, Any]:
     grid = spec.get("grid") or {}
@@ -611,7 +588,7 @@ def run_sweep(spec_path: str, out: str, dry_run: bool = False, jobs: int = 1) ->
         return records
 
     root.mkdir(parents=True, exist_ok=True)
-    env = {"git_commit": _git_commit(), "python": sys.version.split()[0], "argv": sys.argv,
+    env = {"git_commit": git_commit(), "python": sys.version.split()[0], "argv": sys.argv,
            "platform": sys.platform, "jobs": jobs}
     lock = threading.Lock()
 

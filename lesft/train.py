@@ -33,6 +33,7 @@ from lesft.data.rows import load_rows
 from lesft.data.samples import build_sample
 from lesft.lora import add_lora, export_adapter, lora_state
 from lesft.meters import MB, module_bytes
+from lesft.provenance import device_name, git_commit, versions
 from lesft.model.load import load_model, resolve_device
 from lesft.model.split import resolve_client_layers, split_model
 from lesft.roles import Aggregator, Client, SplitServer, merge_losses
@@ -229,7 +230,11 @@ def train(
         **run.system_summary(),
         "wall_s": wall0 + time.perf_counter() - t0,
         "resumed_from_round": start if previous is not None else None,
-        "versions": _versions(),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "device": device_name(run.device),
+        "dtype": cfg.dtype,
+        "seed": cfg.seed,
     }
     del run  # free the parties before evaluation loads the merged model
     if cfg.eval:
@@ -280,14 +285,3 @@ def _check_out_dir(cfg: TrainConfig, out: Path) -> Path | None:
     if diff:
         raise ValueError(f"cannot resume {out}: config differs in {diff}; use another --out or --overwrite")
     return ckpt
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    import lesft
-
-    return {"lesft": lesft.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}
-
