@@ -22,6 +22,7 @@ test: setup                ## the test suite (CPU, offline)
 bench: setup               ## speed/size targets, printed as measured ratios
 	$(PY) bench/bench_split.py
 	$(PY) bench/bench_loss.py
+	$(PY) bench/bench_eval.py
 
 clean:
 	rm -rf runs .pytest_cache
