@@ -35,7 +35,7 @@ from lesft.lora import add_lora, export_adapter, lora_state
 from lesft.meters import MB, module_bytes
 from lesft.provenance import device_name, git_commit, versions
 from lesft.model.load import load_model, resolve_device
-from lesft.model.split import resolve_client_layers, split_model
+from lesft.model.split import inspect_decoder, resolve_client_layers, split_model
 from lesft.roles import Aggregator, Client, SplitServer, merge_losses
 from lesft.transport import Loopback, Transport
 
@@ -67,7 +67,7 @@ class Run:
                  rows: list[dict[str, str]], transport: Transport | None = None) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        num_layers = len(model.get_decoder().layers) if hasattr(model, "get_decoder") else None
+        num_layers = len(inspect_decoder(model).layers)  # refuses unsupported models by name
         self.k = resolve_client_layers(cfg.client_layers, num_layers) if cfg.split else num_layers
         torch.manual_seed(cfg.seed)
         bottom, top, layout = split_model(model, self.k)
