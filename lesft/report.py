@@ -110,6 +110,11 @@ class Run:
         return e["accuracy"], (e["ci95"][1] - e["ci95"][0]) / 2, e["n"]
 
 
+
+def _yerr(accs: list[float], halves: list[float]) -> list[list[float]]:
+    """Error bars in percent: +-half the 95% interval, the lower bar clipped at 0 % (accuracy is never negative)."""
+    return [[100 * min(h, a) for a, h in zip(accs, halves)], [100 * h for h in halves]]
+
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -567,7 +572,7 @@ def _fig_accuracy_vs(runs: list[Run], lay: Layout, key: str, label: str, path: P
     ax = fig.add_subplot()
     for lab, pts in series.items():
         xs = [x for x in xs_all if x in pts]
-        ax.errorbar([pos[x] for x in xs], [100 * pts[x].acc for x in xs], yerr=[100 * pts[x].half for x in xs],
+        ax.errorbar([pos[x] for x in xs], [100 * pts[x].acc for x in xs], yerr=_yerr([pts[x].acc for x in xs], [pts[x].half for x in xs]),
                     marker="o", capsize=3, label=lab)
     if not numeric:
         ax.set_xticks(list(pos.values()), [_fmt_value(x) for x in xs_all])
@@ -609,7 +614,7 @@ def _fig_ablation(runs: list[Run], lay: Layout, key: str, path: Path) -> bool:
             c = _cell(groups[x][hue])
             if c is None:
                 continue
-            ax.bar(i + width * (j - (len(present) - 1) / 2), 100 * c.acc, width * 0.95, yerr=100 * c.half,
+            ax.bar(i + width * (j - (len(present) - 1) / 2), 100 * c.acc, width * 0.95, yerr=_yerr([c.acc], [c.half]),
                    capsize=3, color=colours[hue], label=None if hue in labelled else hue)
             labelled.add(hue)
     ax.set_xticks(range(len(xs)), [_fmt_value(x) for x in xs])
@@ -672,7 +677,7 @@ def _fig_bytes(runs: list[Run], lay: Layout, path: Path) -> bool:
         if not rs:
             continue
         total = [max(sum(r.summary["comm_bytes"].get(d, 0) for d in DIRECTIONS) / MB, 1e-6) for r in rs]
-        ax.errorbar(total, [100 * r.accuracy[0] for r in rs], yerr=[100 * r.accuracy[1] for r in rs], fmt="o",
+        ax.errorbar(total, [100 * r.accuracy[0] for r in rs], yerr=_yerr([r.accuracy[0] for r in rs], [r.accuracy[1] for r in rs]), fmt="o",
                     capsize=3, color=_colour(lay, row), label=row)
     if all(sum(r.summary["comm_bytes"].get(d, 0) for d in DIRECTIONS) > 0 for r in pts):
         ax.set_xscale("log")
