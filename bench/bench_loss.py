@@ -53,7 +53,7 @@ from lesft.train import Run  # noqa: E402
 
 CLUSTER_TARGET = 0.05
 LOSS_TARGET = 0.10
-from timing import BUSY, _busy_jiffies, _foreign, _self_jiffies, disturbed, med, timed, wait_quiet  # noqa: E402  (bench/ is on sys.path when run as a script)
+from timing import parse_with_timing_args, BUSY, _busy_jiffies, _foreign, _self_jiffies, disturbed, med, timed, wait_quiet  # noqa: E402  (bench/ is on sys.path when run as a script)
 PIECE_FOREIGN: list[float] = []  # CPU other processes used while each loss piece was timed (cores)
 
 
@@ -91,16 +91,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None,
                     help="operations per synthetic problem (longer targets); default: the project's spec")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--retries", type=int, default=2, help="re-takes of a round disturbed by other processes")
-    ap.add_argument("--retry-budget", type=float, default=150.0,
-                    help="no re-takes (and no waiting for a quiet CPU) once the bench has run this many seconds")
-    ap.add_argument("--quiet-wait", type=float, default=10.0,
-                    help="before each timed round, wait up to this many seconds for other processes to idle")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--json", default=None, help="also write the numbers here")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_with_timing_args(ap, retries=2, retry_budget=150.0)
     t_start = time.perf_counter()
 
     spec = ArithmeticSpec() if args.steps is None else ArithmeticSpec(min_steps=args.steps, max_steps=args.steps)

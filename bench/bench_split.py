@@ -40,7 +40,7 @@ from lesft.train import Run  # noqa: E402
 
 SPLIT_TARGET = 1.05
 LESFT_TARGET = 1.5
-from timing import BUSY, disturbed, med, timed  # noqa: E402  (bench/ is on sys.path when run as a script)
+from timing import parse_with_timing_args, BUSY, disturbed, med, timed  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 def make_cfg(args: argparse.Namespace, method: str, **over) -> TrainConfig:
     kw = dict(
@@ -73,16 +73,7 @@ def main() -> None:
     ap.add_argument("--client-layers", default="1/4")
     ap.add_argument("--rows", type=int, default=8, help="copies of the one synthetic row")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--retries", type=int, default=3, help="re-takes of a round disturbed by other processes")
-    ap.add_argument("--retry-budget", type=float, default=200.0,
-                    help="no re-takes (and no waiting for a quiet CPU) once the bench has run this many seconds")
-    ap.add_argument("--quiet-wait", type=float, default=10.0,
-                    help="before each timed round, wait up to this many seconds for other processes to idle")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--json", default=None, help="also write the numbers here")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_with_timing_args(ap, retries=3, retry_budget=200.0)
     t_start = time.perf_counter()
 
     spec = TrainConfig().synthetic

@@ -3,9 +3,12 @@ disturbed (on 2 cores with 2 torch threads, one busy neighbour core slows a roun
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
+
+import torch
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -76,3 +79,18 @@ def disturbed(foreign: list[float]) -> int:
 
 def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def parse_with_timing_args(ap: argparse.ArgumentParser, retries: int, retry_budget: float) -> argparse.Namespace:
+    """Add the flags every bench shares (re-takes, quiet wait, threads, --json), parse, apply --threads."""
+    ap.add_argument("--retries", type=int, default=retries, help="re-takes of a round disturbed by other processes")
+    ap.add_argument("--retry-budget", type=float, default=retry_budget,
+                    help="no re-takes (and no waiting for a quiet CPU) once the bench has run this many seconds")
+    ap.add_argument("--quiet-wait", type=float, default=10.0,
+                    help="before each timed round, wait up to this many seconds for other processes to idle")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--json", default=None, help="also write the numbers here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args

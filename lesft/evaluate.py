@@ -459,15 +459,12 @@ def load_for_eval(model: str, adapter: str | None = None) -> tuple[PreTrainedMod
 
 
 def _run_config(run_dir: Path) -> dict:
-    import yaml
+    from lesft.config import load_yaml  # lesft.config imports this module
 
     p = run_dir / "config.yaml"
     if not p.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run directory (no config.yaml)")
-    data = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{p} does not hold a mapping")
-    return data
+    return load_yaml(p)
 
 
 def run_eval(

@@ -65,7 +65,6 @@ class RoleMeter:
         self.device = device
         self.seconds = 0.0
         self.peak_transient = 0
-        self.cpu_peak_ok = device.type != "cpu" or _reset_cpu_peak()
 
     @contextmanager
     def measure(self) -> Iterator[None]:

@@ -115,13 +115,15 @@ def _yerr(accs: list[float], halves: list[float]) -> list[list[float]]:
     """Error bars in percent: +-half the 95% interval, the lower bar clipped at 0 % (accuracy is never negative)."""
     return [[100 * min(h, a) for a, h in zip(accs, halves)], [100 * h for h in halves]]
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> dotted keys (``{"lora": {"r": 8}}`` -> ``{"lora.r": 8}``); tuples become lists."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
-            out[f"{prefix}{k}"] = v
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
     return out
 
 
@@ -191,7 +193,7 @@ def _read_run(run: Run, problems: list[str], want_eval: bool) -> None:
             try:
                 cfg = yaml.load(p.read_text(), Loader=_Loader)
                 if isinstance(cfg, dict):
-                    run.config = _flat(cfg)
+                    run.config = flatten(cfg)
                     break
             except yaml.YAMLError as e:
                 problems.append(f"`{run.name}`: {name} is not valid YAML ({str(e).splitlines()[0]})")

@@ -106,6 +106,7 @@ import yaml
 
 from lesft.config import TrainConfig, _base_type, apply_overrides, from_dict, load_yaml, to_dict
 from lesft.provenance import git_commit
+from lesft.report import flatten
 
 __all__ = ["BASE_METHOD", "expand", "load_spec", "run_sweep", "add_arguments", "command", "main"]
 
@@ -343,20 +344,10 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _plain_flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_plain_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
 def _config_diff(saved: dict[str, Any], now: dict[str, Any], base_only: bool = False) -> list[str]:
     """Dotted keys whose values differ (ignoring the sweep's own fields; for a base run, only the keys
     that can change an untuned model's evaluation)."""
-    a, b = _plain_flat(saved), _plain_flat(now)
+    a, b = flatten(saved), flatten(now)
     keys = set(a) | set(b)
     if base_only:
         keys = {k for k in keys if k in BASE_KEYS or k.startswith(BASE_PREFIXES)}
