@@ -98,6 +98,10 @@ class TrainConfig:
         default=None,
     )
     loss: str | None = _help("Loss: 'ce' (token-mean cross-entropy) or 'lesft' (token-weighted, needs paths=dual).", default=None)
+    label_privacy: bool = _help(
+        "U-shaped split: the client also holds the final norm and LM head and computes the loss, so the "
+        "server receives hidden states only, never target ids (two exchanges per micro-step).", default=False
+    )
     # --- system ---
     wire_dtype: str = _help("dtype of activations and gradients on the wire: fp32, bf16 or fp16.", default="fp32")
     dtype: str = _help(

@@ -26,31 +26,41 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in
 class PathBatch:
     """One input path of a client's micro-batch at the cut layer."""
 
-    hidden: torch.Tensor          # [B, T, H] cut-layer activations
-    attention_mask: torch.Tensor  # [B, T] 1 = token, 0 = padding
-    position_ids: torch.Tensor    # [B, T] rotary positions
-    labels: torch.Tensor          # [B, T] target token ids, -100 on prompt and padding
+    hidden: torch.Tensor                        # [B, T, H] cut-layer activations
+    attention_mask: torch.Tensor | None = None  # [B, T] 1 = token, 0 = padding (None: server -> client)
+    position_ids: torch.Tensor | None = None    # [B, T] rotary positions (None: server -> client)
+    labels: torch.Tensor | None = None  # [B, T] target ids, -100 on prompt and padding; None: label-private
 
 
 @dataclass
 class Activations:
-    """client -> server: cut-layer activations of the base path and, for ``paths=dual``, the reference path."""
+    """client -> server: cut-layer activations of the base path and, for ``paths=dual``, the reference path.
+
+    Label-private mode (U-shaped split): the client sends no labels, and the server answers with an
+    ``Activations`` of its last layer's hidden states; ``batch_rows`` then carries the number of rows
+    with targets in the step's batch over all clients, so that each client can weight its loss."""
 
     kind: ClassVar[str] = "activations"
     client: int
     step: int
     base: PathBatch
     reference: PathBatch | None = None
+    batch_rows: int | None = None
 
 
 @dataclass
 class ActivationGrad:
-    """server -> client: dL/d(base hidden) [B, T, H]; nothing for the reference path."""
+    """dL/d(base hidden) [B, T, H]; nothing for the reference path. server -> client at the cut; in
+    label-private mode also client -> server, for the hidden states the server returned.
+
+    ``loss`` (JSON scalars, optional): the client's share of the step's loss as the server computed it
+    (``loss``, ``n_samples``, ``n_tokens`` and token-class stats)."""
 
     kind: ClassVar[str] = "activation_grad"
     client: int
     step: int
     grad: torch.Tensor
+    loss: dict[str, float] | None = None
 
 
 @dataclass
@@ -87,8 +97,9 @@ def _flatten(msg: Message) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             tensors[f.name] = v
         elif isinstance(v, PathBatch):
             for g in fields(v):
-                tensors[f"{f.name}.{g.name}"] = getattr(v, g.name)
-        elif isinstance(v, dict):
+                if getattr(v, g.name) is not None:
+                    tensors[f"{f.name}.{g.name}"] = getattr(v, g.name)
+        elif f.name == "tensors":
             for k, t in v.items():
                 tensors[f"{f.name}.{k}"] = t
         else:
@@ -147,6 +158,6 @@ def decode(data: bytes | bytearray | memoryview, float_dtype: torch.dtype | None
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if f.name in ("base", "reference"):
             kwargs[f.name] = PathBatch(**sub) if sub else None
-        else:
+        elif f.name == "tensors":
             kwargs[f.name] = sub
     return cls(**kwargs)

@@ -53,6 +53,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"aggregate_every must be >= 0, got {cfg.aggregate_every}")
     if not cfg.client_trainable and cfg.aggregate_every:
         raise ValueError("client_trainable=False leaves nothing to aggregate: set aggregate_every=0")
+    if cfg.label_privacy and not cfg.split:
+        raise ValueError("label_privacy keeps the labels on the client of a split model: it needs split=True "
+                         f"(method {cfg.method!r} does not split; its clients never send labels anyway)")
     if not cfg.split and not cfg.client_trainable:
         raise ValueError("split=False with client_trainable=False trains nothing")
     return cfg

@@ -21,7 +21,7 @@ from lesft.lora import load_lora_state, lora_state
 from lesft.loss import IGNORE_INDEX, ce_loss, lesft_loss
 from lesft.messages import Activations, ActivationGrad, AdapterBroadcast, AdapterUpload, PathBatch
 from lesft.meters import RoleMeter
-from lesft.model.split import ClientPart, ServerPart
+from lesft.model.split import ClientPart, HeadPart, ServerPart
 
 STAT_KEYS = ("salient", "subsalient", "irrelevant")
 
@@ -148,7 +148,7 @@ def _pad_cat(batches: list[PathBatch]) -> tuple[PathBatch, list[tuple[int, int]]
         attention_mask=torch.cat([pad(b.attention_mask, 0) for b in batches]),
         position_ids=positions.clone() if any(b.hidden.shape[1] != t for b in batches)
         else torch.cat([b.position_ids for b in batches]),
-        labels=torch.cat([pad(b.labels, IGNORE_INDEX) for b in batches]),
+        labels=torch.cat([pad(b.labels, IGNORE_INDEX) for b in batches]) if batches[0].labels is not None else None,
     ), bounds
 
 
@@ -190,14 +190,17 @@ class Client:
         pad_id: int,
         device: torch.device,
         top: ServerPart | None = None,
+        head: HeadPart | None = None,
     ) -> None:
         self.cid, self.bottom, self.top, self.cfg, self.pad_id, self.device = cid, bottom, top, cfg, pad_id, device
+        self.head = head  # label-private mode: the final norm + LM head stay here
         self.n_samples = len(samples)
         self.stream = DataStream(samples, cfg.batch_size, seed=cfg.seed * 1000 + cid)
         self.trainable = any(p.requires_grad for p in bottom.parameters())
         self.optimizer = _optimizer(bottom, cfg) if self.trainable else None
         self.meter = RoleMeter(device)
         self._pending: torch.Tensor | None = None  # base-path cut activations awaiting their gradient
+        self._labels: tuple[PathBatch, PathBatch | None] | None = None  # label-private: the batch's targets
 
     def _batch(self) -> Batch:
         b = collate(self.stream.next(), self.pad_id, self.cfg.pad_to_multiple)
@@ -217,12 +220,36 @@ class Client:
         return PathBatch(h, batch.mask, pos, batch.labels), ref
 
     def forward(self, step: int) -> Activations:
-        """Draw a micro-batch, run the client layers, and package the cut-layer activations."""
+        """Draw a micro-batch, run the client layers, and package the cut-layer activations (label-private
+        mode: without labels, which stay here for :meth:`head_backward`)."""
         with self.meter.measure():
             base, ref = self._paths(self._batch())
             if self.trainable:
                 self._pending = base.hidden
-            return Activations(self.cid, step, base, ref)
+            if self.head is None:
+                return Activations(self.cid, step, base, ref)
+            self._labels = (base, ref)
+            rows = int((base.labels[:, 1:] != IGNORE_INDEX).any(dim=1).sum())
+            return Activations(self.cid, step, _unlabelled(base), _unlabelled(ref) if ref else None, batch_rows=rows)
+
+    def head_backward(self, msg: Activations) -> tuple[ActivationGrad, SliceLoss]:
+        """Label-private mode: the server's last-layer hidden states -> norm, head and loss here; return
+        dL/d(those hidden states) for the server. The loss is weighted by this client's share of the
+        step's rows (``msg.batch_rows``), so the sum over clients is the batch mean of the standard split."""
+        if self._labels is None or self.head is None:
+            raise RuntimeError(f"client {self.cid}: hidden states for step {msg.step} without a pending forward")
+        base, ref = self._labels
+        self._labels = None
+        with self.meter.measure():
+            h = msg.base.hidden.to(self.device).requires_grad_(True)
+            top_base = PathBatch(h, base.attention_mask, base.position_ids, base.labels)
+            top_ref = (PathBatch(msg.reference.hidden.to(self.device), ref.attention_mask, ref.position_ids,
+                                 ref.labels) if ref is not None else None)
+            with _autocast(self.cfg, self.device):
+                part = head_losses(self.head, top_base, top_ref, [(0, h.shape[0])], self.cfg)[0]
+            _check_finite(part.loss, f"on client {self.cid}")
+            (part.loss * part.n_samples / max(msg.batch_rows or 1, 1) / self.cfg.grad_accum).backward()
+        return ActivationGrad(self.cid, msg.step, h.grad), part
 
     def backward(self, msg: ActivationGrad) -> None:
         """Back-propagate the server's dL/dh through the client layers (gradients accumulate)."""
@@ -262,6 +289,7 @@ class SplitServer:
         self.top, self.cfg, self.device = top, cfg, device
         self.optimizer = _optimizer(top, cfg)
         self.meter = RoleMeter(device)
+        self._pending: tuple | None = None  # label-private: (msgs, bounds, input hidden, output hidden)
 
     def forward_backward(self, msgs: list[Activations], send_grads: bool) -> tuple[list[ActivationGrad], list[SliceLoss]]:
         """Loss over the concatenated batch (mean over samples), backward, and each client's slice of dL/dh."""
@@ -283,13 +311,63 @@ class SplitServer:
                     grads.append(ActivationGrad(m.client, m.step, base.hidden.grad[b0:b1, :t]))
         return grads, parts
 
+    def forward_middle(self, msgs: list[Activations]) -> list[Activations]:
+        """Label-private mode, first half: run the server layers on the concatenated batch (graph kept for
+        the base path) and return each client its slice of the last-layer hidden states."""
+        with self.meter.measure():
+            base, bounds = _pad_cat([m.base for m in msgs])
+            ref = _pad_cat([m.reference for m in msgs])[0] if msgs[0].reference is not None else None
+            base = _to(base, self.device)
+            base.hidden.requires_grad_(self.cfg.client_trainable)
+            with _autocast(self.cfg, self.device):
+                out = self.top.middle(base.hidden, base.attention_mask, base.position_ids)
+                ref_out = None
+                if ref is not None:
+                    ref = _to(ref, self.device)
+                    with _eval_mode(self.top):
+                        ref_out = self.top.middle(ref.hidden, ref.attention_mask, ref.position_ids)
+            rows = sum(m.batch_rows or 0 for m in msgs)
+            self._pending = (msgs, bounds, base.hidden, out)
+            replies = []
+            for m, (b0, b1) in zip(msgs, bounds):
+                t, rt = m.base.hidden.shape[1], (m.reference.hidden.shape[1] if ref_out is not None else 0)
+                replies.append(Activations(m.client, m.step, PathBatch(out[b0:b1, :t].detach()),
+                                           PathBatch(ref_out[b0:b1, :rt]) if ref_out is not None else None,
+                                           batch_rows=rows))
+        return replies
+
+    def backward_middle(self, grads: list[ActivationGrad]) -> list[ActivationGrad]:
+        """Label-private mode, second half: back-propagate the clients' dL/d(last hidden) (a client that sent
+        none contributes zero) and return each client its slice of dL/d(cut hidden) (none when frozen)."""
+        if self._pending is None:
+            raise RuntimeError("backward_middle without forward_middle")
+        msgs, bounds, inp, out = self._pending
+        self._pending = None
+        with self.meter.measure():
+            by_client = {g.client: g for g in grads}
+            g_out = torch.zeros_like(out)
+            for m, (b0, b1) in zip(msgs, bounds):
+                if m.client in by_client:
+                    g = by_client[m.client].grad
+                    g_out[b0:b1, :g.shape[1]] = g.to(g_out.dtype)
+            out.backward(g_out)
+            if not self.cfg.client_trainable:
+                return []
+            return [ActivationGrad(m.client, m.step, inp.grad[b0:b1, :m.base.hidden.shape[1]])
+                    for m, (b0, b1) in zip(msgs, bounds)]
+
     def step(self) -> None:
         """Optimizer step on the accumulated gradients."""
         _step(self.optimizer, self.meter)
 
 
 def _to(b: PathBatch, device: torch.device) -> PathBatch:
-    return PathBatch(*(t.to(device) for t in (b.hidden, b.attention_mask, b.position_ids, b.labels)))
+    return PathBatch(*(t.to(device) if t is not None else None
+                       for t in (b.hidden, b.attention_mask, b.position_ids, b.labels)))
+
+
+def _unlabelled(b: PathBatch) -> PathBatch:
+    return PathBatch(b.hidden, b.attention_mask, b.position_ids, None)
 
 
 class Aggregator:

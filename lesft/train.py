@@ -35,7 +35,8 @@ from lesft.lora import add_lora, export_adapter, lora_state
 from lesft.meters import MB, module_bytes
 from lesft.provenance import device_name, git_commit, versions
 from lesft.model.load import load_model, resolve_device
-from lesft.model.split import inspect_decoder, resolve_client_layers, split_model
+from lesft.exchange import LocalSplit, SplitLink
+from lesft.model.split import client_head, inspect_decoder, resolve_client_layers, split_model
 from lesft.roles import Aggregator, Client, SplitServer, merge_losses
 from lesft.transport import Loopback, Transport
 
@@ -60,54 +61,70 @@ def num_rounds(cfg: TrainConfig, sizes: list[int]) -> int:
     return max(1, math.ceil(cfg.epochs * max(sizes) / (cfg.batch_size * cfg.grad_accum)))
 
 
+def build_parts(cfg: TrainConfig, model: PreTrainedModel):
+    """Cut ``model`` for ``cfg`` and add the initial LoRA: (k, bottom, top, head, layers_path).
+
+    Every party calls this with the same seed and gets the same initial adapters (the client's
+    bottom LoRA is drawn first, then the server's), whether they run in one process or several.
+    ``head`` is the client's final norm + LM head in label-private mode, else None."""
+    num_layers = len(inspect_decoder(model).layers)  # refuses unsupported models by name
+    k = resolve_client_layers(cfg.client_layers, num_layers) if cfg.split else num_layers
+    torch.manual_seed(cfg.seed)
+    bottom, top, layout = split_model(model, k, label_private=cfg.label_privacy)
+    if cfg.client_trainable:
+        add_lora(bottom, cfg.lora)  # one init, copied to every client (the global starting point)
+    add_lora(top, cfg.lora)
+    head = client_head(layout) if cfg.label_privacy else None
+    return k, bottom, top, head, layout.layers_path
+
+
 class Run:
-    """The parties of one training run, built from a resolved config."""
+    """The parties of one training run, built from a resolved config.
+
+    In-process (default): every client, the split server and the aggregator. With ``link`` (a remote
+    split server) and ``client_id``: one client holding all of ``rows``, talking to the server over
+    ``link``; aggregation is then someone else's (Flower), and the server part here is discarded."""
 
     def __init__(self, cfg: TrainConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-                 rows: list[dict[str, str]], transport: Transport | None = None) -> None:
+                 rows: list[dict[str, str]], transport: Transport | None = None,
+                 link: SplitLink | None = None, client_id: int | None = None) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
-        num_layers = len(inspect_decoder(model).layers)  # refuses unsupported models by name
-        self.k = resolve_client_layers(cfg.client_layers, num_layers) if cfg.split else num_layers
-        torch.manual_seed(cfg.seed)
-        bottom, top, layout = split_model(model, self.k)
-        self.layers_path = layout.layers_path
-        if cfg.client_trainable:
-            add_lora(bottom, cfg.lora)  # one init, copied to every client (the global starting point)
-        add_lora(top, cfg.lora)
+        self.k, bottom, top, head, self.layers_path = build_parts(cfg, model)
         samples = [build_sample(tokenizer, r, cfg.paths, cfg.max_length, cfg.chat_template) for r in rows]
-        parts = split_clients(cfg, rows)
+        parts = split_clients(cfg, rows) if link is None else [list(range(len(rows)))]
+        ids = range(len(parts)) if link is None else [client_id or 0]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.clients = [
-            Client(i, copy.deepcopy(bottom).to(self.device), [samples[j] for j in idx], cfg, pad_id, self.device,
-                   top=None if cfg.split else copy.deepcopy(top).to(self.device))
-            for i, idx in enumerate(parts)
-        ]
-        self.server = SplitServer(top.to(self.device), cfg, self.device) if cfg.split else None
-        self.aggregator = Aggregator() if cfg.aggregate_every else None
+
+        def client(cid: int, idx: list[int]) -> Client:
+            b, t, h = copy.deepcopy((bottom, None if cfg.split else top, head))  # one copy: a tied head
+            return Client(cid, b.to(self.device), [samples[j] for j in idx], cfg, pad_id, self.device,
+                          top=t.to(self.device) if t is not None else None,
+                          head=h.to(self.device) if h is not None else None)
+
+        self.clients = [client(cid, idx) for cid, idx in zip(ids, parts)]
         self.transport = transport or Loopback(cfg.wire_dtype)
+        self.server = SplitServer(top.to(self.device), cfg, self.device) if cfg.split and link is None else None
+        self.link = link or (LocalSplit(self.server, self.transport, cfg.label_privacy) if self.server else None)
+        self.aggregator = Aggregator() if cfg.aggregate_every and link is None else None
         self.rounds = num_rounds(cfg, [c.n_samples for c in self.clients])
 
     # ------------------------------------------------------------------ one round
 
     def round(self, r: int) -> dict[str, Any]:
         """Run round ``r`` (0-based); return its metrics line."""
-        cfg, send = self.cfg, self.transport.send
+        cfg = self.cfg
         client_parts: dict[int, list] = {c.cid: [] for c in self.clients}
         for micro in range(cfg.grad_accum):
             step = r * cfg.grad_accum + micro
-            if self.server is not None:
-                msgs = [send(c.forward(step), "client_to_server") for c in self.clients]
-                grads, parts = self.server.forward_backward(msgs, send_grads=cfg.client_trainable)
-                for g in grads:
-                    self.clients[g.client].backward(send(g, "server_to_client"))
-                for m, p in zip(msgs, parts):
-                    client_parts[m.client].append(p)
+            if self.link is not None:
+                for c, p in zip(self.clients, self.link.micro_step(self.clients, step)):
+                    client_parts[c.cid].append(p)
             else:
                 for c in self.clients:
                     client_parts[c.cid].append(c.local_step())
-        if self.server is not None:
-            self.server.step()
+        if self.link is not None:
+            self.link.round_end()
         for c in self.clients:
             c.step()
         aggregated = bool(self.aggregator and ((r + 1) % cfg.aggregate_every == 0 or r + 1 == self.rounds))

@@ -74,9 +74,9 @@ def test_split_equals_unsplit_logits_and_lora_grads(arch: str, k: int) -> None:
 def test_tied_head_is_a_frozen_copy_on_the_server() -> None:
     model = make_model("llama", tie=True)
     bottom, top, _ = split_model(model, 1)
-    assert top.lm_head.weight.data_ptr() != bottom.embed_tokens.weight.data_ptr()
-    torch.testing.assert_close(top.lm_head.weight, bottom.embed_tokens.weight, rtol=0, atol=0)
-    assert not top.lm_head.weight.requires_grad
+    assert top.head.lm_head.weight.data_ptr() != bottom.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(top.head.lm_head.weight, bottom.embed_tokens.weight, rtol=0, atol=0)
+    assert not top.head.lm_head.weight.requires_grad
     # the client part has no head, the server part no embedding
     assert not any("embed" in n for n, _ in top.named_parameters())
     assert not any("lm_head" in n or n.startswith("norm") for n, _ in bottom.named_parameters())

@@ -145,38 +145,63 @@ class ClientPart(nn.Module):
         return hidden, position_ids
 
 
+def _own_head(layout: DecoderLayout, tied: bool) -> nn.Linear:
+    """The LM head; for tied embeddings a frozen copy (the embedding itself stays with the client)."""
+    if not tied:
+        return layout.head
+    head = nn.Linear(layout.head.in_features, layout.head.out_features, bias=False,
+                     device=layout.head.weight.device, dtype=layout.head.weight.dtype)
+    head.weight = nn.Parameter(layout.head.weight.detach().clone(), requires_grad=False)
+    return head
+
+
+class HeadPart(nn.Module):
+    """Final norm + LM head: last-layer hidden states -> logits. Held by the server, or by the client in
+    label-private (U-shaped) mode, where it shares a tied embedding's weight at no extra memory."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Linear):
+        super().__init__()
+        self.norm, self.lm_head = norm, lm_head
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, T, H] -> (logits [B, T, V], hidden after the norm [B, T, H]); mask/positions unused."""
+        hidden = self.norm(hidden)
+        return self.lm_head(hidden), hidden
+
+
 class ServerPart(nn.Module):
-    """Decoder layers ``[k, L)`` + final norm + LM head: hidden states -> logits."""
+    """Decoder layers ``[k, L)`` + final norm + LM head: hidden states -> logits. In label-private mode
+    ``head`` is None and only :meth:`middle` is used."""
 
     def __init__(self, layout: DecoderLayout, k: int, config, tied: bool):
         super().__init__()
         self.layers = nn.ModuleList(layout.layers[k:])
-        self.norm = layout.norm
         self.rotary_emb = layout.rotary  # buffers only (inv_freq); each client holds a deep copy
-        if tied:  # the head shares the client's embedding: the server gets its own frozen copy
-            head = nn.Linear(layout.head.in_features, layout.head.out_features, bias=False,
-                             device=layout.head.weight.device, dtype=layout.head.weight.dtype)
-            head.weight = nn.Parameter(layout.head.weight.detach().clone(), requires_grad=False)
-            self.lm_head = head
-        else:
-            self.lm_head = layout.head
+        self.head: HeadPart | None = HeadPart(layout.norm, _own_head(layout, tied))
         self.config = config
         self.layer_types = layout.layer_types
         self.first_layer = k
+
+    def middle(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """hidden [B, T, H] at the cut -> hidden [B, T, H] after the last decoder layer (before the norm)."""
+        return _run_layers(self.layers, self.first_layer, self.layer_types, self.rotary_emb, self.config,
+                           hidden, attention_mask, position_ids)
 
     def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [B, T, H] -> (logits [B, T, V], final hidden after the norm [B, T, H])."""
-        hidden = _run_layers(self.layers, self.first_layer, self.layer_types, self.rotary_emb, self.config,
-                             hidden, attention_mask, position_ids)
-        hidden = self.norm(hidden)
-        return self.lm_head(hidden), hidden
+        if self.head is None:
+            raise RuntimeError("this server part has no head (label-private mode): use middle()")
+        return self.head(self.middle(hidden, attention_mask, position_ids))
 
 
-def split_model(model: PreTrainedModel, k: int) -> tuple[ClientPart, ServerPart, DecoderLayout]:
+def split_model(model: PreTrainedModel, k: int, label_private: bool = False
+                ) -> tuple[ClientPart, ServerPart, DecoderLayout]:
     """Cut ``model`` after ``k`` layers (``k == L`` gives a server part with no layers, for unsplit
-    methods). The parts reuse the model's modules; nothing is copied but a tied head."""
+    methods). The parts reuse the model's modules; nothing is copied but a tied head. With
+    ``label_private`` the server part has no norm and head: take them with :func:`client_head`."""
     layout = inspect_decoder(model)
     n = len(layout.layers)
     if not 1 <= k <= n:
@@ -184,4 +209,13 @@ def split_model(model: PreTrainedModel, k: int) -> tuple[ClientPart, ServerPart,
     for p in model.parameters():
         p.requires_grad_(False)
     tied = layout.head.weight is layout.embed.weight
-    return ClientPart(layout, k, model.config), ServerPart(layout, k, model.config, tied), layout
+    server = ServerPart(layout, k, model.config, tied)
+    if label_private:  # built, then dropped: both modes draw the same random numbers, so the same LoRA init
+        server.head = None
+    return ClientPart(layout, k, model.config), server, layout
+
+
+def client_head(layout: DecoderLayout) -> HeadPart:
+    """The final norm and LM head for the client of a U-shaped split (the model's own modules: a tied
+    head shares the client's embedding weight)."""
+    return HeadPart(layout.norm, layout.head)

@@ -1,0 +1,57 @@
+"""One micro-step of split training between clients and the split server, over some link.
+
+The training loop (``train.Run.round``) calls ``link.micro_step(clients, step)`` and never knows where
+the server is:
+
+- :class:`LocalSplit` -- the server in this process, every message through a :class:`Transport`
+  (``Loopback`` encodes, counts and decodes each one, exactly as a network would).
+- ``lesft.deploy.remote.RemoteSplit`` -- the server behind gRPC; the same ``Client`` methods run here.
+
+Standard split: ``Activations`` up, ``ActivationGrad`` down. Label-private (U-shaped) split:
+``Activations`` without labels up, last-layer ``Activations`` down, ``ActivationGrad`` for them up,
+``ActivationGrad`` at the cut down.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from lesft.roles import Client, SliceLoss, SplitServer
+from lesft.transport import Transport
+
+
+class SplitLink(Protocol):
+    def micro_step(self, clients: list[Client], step: int) -> list[SliceLoss]:
+        """Forward and backward of one micro-batch per client; the clients' loss slices, in client order."""
+        ...
+
+    def round_end(self) -> None:
+        """After the last micro-step of a round (the server steps its optimizer)."""
+        ...
+
+
+class LocalSplit:
+    """The split server in this process; every message crosses ``transport``."""
+
+    def __init__(self, server: SplitServer, transport: Transport, label_private: bool = False) -> None:
+        self.server, self.transport, self.label_private = server, transport, label_private
+
+    def micro_step(self, clients: list[Client], step: int) -> list[SliceLoss]:
+        send, server = self.transport.send, self.server
+        by_id = {c.cid: c for c in clients}
+        msgs = [send(c.forward(step), "client_to_server") for c in clients]
+        if not self.label_private:
+            grads, parts = server.forward_backward(msgs, send_grads=server.cfg.client_trainable)
+        else:
+            parts, top_grads = [], []
+            for top in server.forward_middle(msgs):
+                g, part = by_id[top.client].head_backward(send(top, "server_to_client"))
+                top_grads.append(send(g, "client_to_server"))
+                parts.append(part)
+            grads = server.backward_middle(top_grads)
+        for g in grads:
+            by_id[g.client].backward(send(g, "server_to_client"))
+        return parts
+
+    def round_end(self) -> None:
+        self.server.step()
