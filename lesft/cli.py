@@ -1,4 +1,4 @@
-"""Command line: ``lesft train | eval | distill | sweep | report | demo``.
+"""Command line: ``lesft train | eval | distill | sweep | report | demo | server | client``.
 
 Configuration = defaults <- YAML file (``--config``) <- command-line flags, e.g.::
 
@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", nargs="+", default=None, help="methods to compare (default: sl splitlora "
                                                                   "splitfrozen lesft)")
     add_dataclass_args(demo, TrainConfig)
+    from lesft.deploy import cli as deploy_cli
+
+    srv = sub.add_parser("server", help="the split server as a gRPC service (networked split training)")
+    deploy_cli.add_server_arguments(srv)
+    cl = sub.add_parser("client", help="one client of a networked run, against `lesft server`")
+    deploy_cli.add_client_arguments(cl)
     return parser
 
 
@@ -78,6 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return sweep_cli.command(args)
         elif args.command == "report":
             return report_cli.command(args)
+        elif args.command in ("server", "client"):
+            from lesft.deploy import cli as deploy_cli
+
+            return (deploy_cli.run_server if args.command == "server" else deploy_cli.run_client)(args)
         elif args.command == "demo":
             from lesft.demo import DEMO_DEFAULTS, DEMO_METHODS, run_demo
 
@@ -85,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "methods")}
             base = from_dict(TrainConfig, apply_overrides(data, overrides))
             run_demo(base, args.methods or DEMO_METHODS)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ConnectionError) as e:
         print(f"lesft: error: {e}", file=sys.stderr)
         return 2
     return 0

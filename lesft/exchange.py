@@ -20,6 +20,14 @@ from lesft.roles import Client, SliceLoss, SplitServer
 from lesft.transport import Transport
 
 
+class Resync(Exception):
+    """The split server has moved on without this client: continue from round ``round``."""
+
+    def __init__(self, round: int) -> None:
+        super().__init__(f"resync at round {round}")
+        self.round = round
+
+
 class SplitLink(Protocol):
     def micro_step(self, clients: list[Client], step: int) -> list[SliceLoss]:
         """Forward and backward of one micro-batch per client; the clients' loss slices, in client order."""

@@ -35,7 +35,7 @@ from lesft.lora import add_lora, export_adapter, lora_state
 from lesft.meters import MB, module_bytes
 from lesft.provenance import device_name, git_commit, versions
 from lesft.model.load import load_model, resolve_device
-from lesft.exchange import LocalSplit, SplitLink
+from lesft.exchange import LocalSplit, Resync, SplitLink
 from lesft.model.split import client_head, inspect_decoder, resolve_client_layers, split_model
 from lesft.roles import Aggregator, Client, SplitServer, merge_losses
 from lesft.transport import Loopback, Transport
@@ -141,6 +141,12 @@ class Run:
             **({"token_classes": stats} if stats else {}),
         }
 
+    def discard_partial_round(self) -> None:
+        """Forget the gradients of an unfinished round (networked: the server restarted or moved on)."""
+        for c in self.clients:
+            c.bottom.zero_grad(set_to_none=True)
+            c._pending, c._labels = None, None
+
     def aggregate(self) -> None:
         send = self.transport.send
         uploads = [send(c.upload(), "client_to_aggregator") for c in self.clients]
@@ -191,11 +197,15 @@ def train(
     model: PreTrainedModel | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     rows: list[dict[str, str]] | None = None,
+    link: Any = None,
+    client_id: int = 0,
 ) -> dict[str, Any]:
     """Train as configured; write config.yaml, metrics.jsonl, summary.json and adapter/ under ``cfg.out``.
 
     ``model``/``tokenizer``/``rows`` may be passed in (tests, notebooks); they are loaded from the config
-    otherwise. A passed-in model is consumed: its modules become the parties' parts.
+    otherwise. A passed-in model is consumed: its modules become the parties' parts. With ``link`` (a
+    ``lesft.deploy.remote.RemoteSplit``) this process is client ``client_id`` of a networked run holding all
+    of ``rows``; the split server runs elsewhere and the adapter written is the client's part only.
     """
     cfg = methods.resolve(cfg)
     t0 = time.perf_counter()
@@ -211,9 +221,15 @@ def train(
                          rationale=cfg.rationale)
     if model is None or tokenizer is None:
         model, tokenizer = load_model(cfg.model, device="cpu")
-    run = Run(cfg, model, tokenizer, rows)
+    transport = None
+    if link is not None:
+        transport = Loopback(cfg.wire_dtype)
+        transport.meter = link.meter
+    run = Run(cfg, model, tokenizer, rows, transport=transport, link=link, client_id=client_id)
     del model
     start, extra = load_checkpoint(run, previous) if previous is not None else (0, {})
+    if link is not None:
+        start = max(start, link.join())  # a restarted or late client continues where the server is
     wall0 = extra.get("wall_s", 0.0)
     summary_path = out / "summary.json"
     metrics_path = out / "metrics.jsonl"
@@ -224,8 +240,16 @@ def train(
     bar = tqdm(range(start, run.rounds), desc=f"{cfg.method}", disable=not cfg.progress, unit="round",
                initial=start, total=run.rounds)
     with metrics_path.open("a") as fh:
-        for r in bar:
-            last = run.round(r)
+        r = start
+        while r < run.rounds:
+            try:
+                last = run.round(r)
+            except Resync as e:  # networked: the server went on without us (or restarted): catch up
+                run.discard_partial_round()
+                r = e.round
+                bar.n = r
+                continue
+            bar.update(1)
             last["elapsed_s"] = wall0 + time.perf_counter() - t0
             fh.write(json.dumps(last) + "\n")
             fh.flush()
@@ -233,6 +257,8 @@ def train(
                 save_checkpoint(run, r + 1, out, {"wall_s": last["elapsed_s"]})
             up = last["comm_bytes"]["client_to_server"] + last["comm_bytes"]["client_to_aggregator"]
             bar.set_postfix(loss=f"{last['loss']:.4f}", up=f"{up / MB:.1f}MB")
+            r += 1
+    bar.close()
     run.export(out, cfg.model)
     summary = {
         "method": cfg.method,

@@ -76,23 +76,26 @@ def resolve(name: str) -> str:
 
 
 def load_model(
-    name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load (model, tokenizer). ``name``: alias, hub id, local directory or ``.gguf`` file."""
+    name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", tokenizer: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """Load (model, tokenizer). ``name``: alias, hub id, local directory or ``.gguf`` file. With
+    ``tokenizer=False`` (the split server) no tokenizer is loaded and None is returned in its place."""
     path = resolve(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        if not tokenizer:
+            return model.to(device), None
+        tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         known = ", ".join(ALIASES)
         raise FileNotFoundError(
             f"could not load model {name!r}: not an alias ({known}), a local model directory or a .gguf file, "
             f"and the Hugging Face hub could not provide it ({type(e).__name__}: {str(e).splitlines()[0]})"
         ) from e
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
     model.to(device)
-    return model, tokenizer
+    return model, tok
 
 
 def resolve_device(device: str) -> torch.device:

@@ -1,0 +1,135 @@
+"""``lesft server`` and ``lesft client``: split training across processes and machines over gRPC.
+
+    lesft server --config run.yaml --listen 127.0.0.1:50051 --tokens tokens.json --out runs/server
+    lesft client --config run.yaml --server 127.0.0.1:50051 --token-file tokens.json --client-id 0 \\
+                 --data my_rows.jsonl --out runs/client0
+
+Both take the training config (``--config`` and the ``lesft train`` flags): the fields that shape the
+split (client layers, method switches, LoRA, loss, wire dtype, seed, grad_accum) must agree, and the
+server refuses a client whose config differs. The server loads the model without a tokenizer and
+keeps only its part (and never receives token ids of the input; with ``--label_privacy`` no targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from lesft.config import TrainConfig, add_dataclass_args, apply_overrides, from_dict, load_yaml
+from lesft.deploy.wire import NetArgs
+
+_OWN = ("command", "config", "listen", "tokens", "server", "token", "token_file", "client_id", "take_share",
+        "max_rounds")
+
+
+def _split_args(args: argparse.Namespace) -> tuple[TrainConfig, NetArgs]:
+    net_keys = {f.name for f in fields(NetArgs)}
+    given = {k: v for k, v in vars(args).items() if k not in _OWN}
+    data: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    net_data = {k: data.pop(k) for k in list(data) if k in net_keys}
+    net = from_dict(NetArgs, {**net_data, **{k: v for k, v in given.items() if k in net_keys}})
+    cfg = from_dict(TrainConfig, apply_overrides(data, {k: v for k, v in given.items() if k not in net_keys}))
+    return cfg, net
+
+
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of TrainConfig (and network) fields")
+    p.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT to serve on (port 0: any free port)")
+    p.add_argument("--tokens", required=True, help="JSON {client id: token}; created with --clients random "
+                                                   "tokens if missing (hand each client its own)")
+    p.add_argument("--max-rounds", dest="max_rounds", type=int, default=0,
+                   help="stop after this many finished rounds (0: serve until interrupted)")
+    add_dataclass_args(p, TrainConfig)
+    add_dataclass_args(p, NetArgs)
+
+
+def add_client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of TrainConfig (and network) fields")
+    p.add_argument("--server", required=True, help="HOST:PORT of `lesft server`")
+    p.add_argument("--token", help="this client's token")
+    p.add_argument("--token-file", dest="token_file", help="JSON {client id: token}: take this client's")
+    p.add_argument("--client-id", dest="client_id", type=int, required=True, help="this client's id (0..N-1)")
+    p.add_argument("--take-share", dest="take_share", action="store_true",
+                   help="use the share of --data that the in-process simulation gives this client among --clients "
+                        "(experiments on one machine); default: every row of --data is this device's")
+    add_dataclass_args(p, TrainConfig)
+    add_dataclass_args(p, NetArgs)
+
+
+def build_service(cfg: TrainConfig, net: NetArgs, clients: list[int], out: Path | None):
+    """Load the server's part of the model (no tokenizer) and wrap it in a SplitService."""
+    from lesft import methods
+    from lesft.deploy.service import SplitService
+    from lesft.model.load import load_model, resolve_device
+    from lesft.roles import SplitServer
+    from lesft.train import build_parts
+
+    cfg = methods.resolve(cfg)
+    if not cfg.split:
+        raise ValueError(f"method {cfg.method!r} does not split the model: there is nothing to serve")
+    model, _ = load_model(cfg.model, device="cpu", tokenizer=False)
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    _, bottom, top, head, _ = build_parts(cfg, model)
+    del bottom, head, model  # the server keeps its layers only
+    device = resolve_device(cfg.device)
+    return SplitService(SplitServer(top.to(device), cfg, device), cfg, clients, net, hidden, vocab, out)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from lesft.deploy.service import serve
+    from lesft.deploy.wire import load_tokens
+
+    cfg, net = _split_args(args)
+    tokens = load_tokens(args.tokens, cfg.clients)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    service = build_service(cfg, net, sorted(set(tokens.values())), out)
+    server, port = serve(service, args.listen, net, tokens)
+    host = args.listen.rsplit(":", 1)[0]
+    print(f"lesft server: serving {cfg.method} ({len(tokens)} clients) on {host}:{port}, state in {out}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        if args.max_rounds and service.step >= args.max_rounds * service.cfg.grad_accum:
+            break
+    server.stop(grace=2).wait()
+    (out / "server_summary.json").write_text(json.dumps(service.summary(), indent=2))
+    print(f"lesft server: stopped at round {service.step // service.cfg.grad_accum}", flush=True)
+    return 0
+
+
+def run_client(args: argparse.Namespace) -> int:
+    from lesft import methods
+    from lesft.data.rows import load_rows
+    from lesft.deploy.remote import RemoteSplit
+    from lesft.train import split_clients, train
+
+    cfg, net = _split_args(args)
+    cfg = methods.resolve(cfg)
+    if cfg.aggregate_every:
+        print(f"lesft client: {cfg.method} aggregates every {cfg.aggregate_every} rounds; a standalone client "
+              "trains without aggregation (use the Flower apps, docs/deploy.md, to aggregate)", flush=True)
+    token = args.token
+    if token is None and args.token_file:
+        tokens = json.loads(Path(args.token_file).read_text())
+        token = tokens.get(str(args.client_id))
+    if not token:
+        raise ValueError(f"client {args.client_id}: give --token or a --token-file that holds its token")
+    rows = load_rows(cfg.data, cfg.samples, cfg.seed, cfg.synthetic, data_dir=cfg.data_dir, target=cfg.target,
+                     rationale=cfg.rationale)
+    if args.take_share:
+        rows = [rows[i] for i in split_clients(cfg, rows)[args.client_id]]
+    link = RemoteSplit(args.server, token, cfg, net)
+    try:
+        summary = train(cfg, rows=rows, link=link, client_id=args.client_id)
+    finally:
+        link.close()
+    print(f"lesft client {args.client_id}: done, final loss {summary['final_loss']:.4f}, "
+          f"bytes {summary['comm_bytes']} -> {cfg.out}", flush=True)
+    return 0

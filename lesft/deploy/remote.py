@@ -1,0 +1,117 @@
+"""The client's side of the gRPC split server: a :class:`~lesft.exchange.SplitLink` over the network.
+
+``RemoteSplit.micro_step`` runs the very same ``Client`` methods as the in-process ``LocalSplit``; only
+the way the server's reply arrives differs. Calls are retried with exponential backoff while the server
+is unreachable (a restarting server), and a reply lost in transit is fetched again (the server keeps
+the last reply per client). When the server has moved on without this client (it stalled past the
+server's timeout, or the server restarted from its last round), :class:`~lesft.exchange.Resync` tells the
+training loop where to continue.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+import grpc
+import torch
+
+from lesft.config import TrainConfig, to_dict
+from lesft.deploy.wire import EXCHANGE, HELLO, NetArgs, channel, chunks, join, metadata
+from lesft.exchange import Resync
+from lesft.messages import Message, decode, encode
+from lesft.roles import Client, SliceLoss
+from lesft.transport import Meter
+
+RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class RemoteError(ConnectionError):
+    """The split server refused a call (the message names why)."""
+
+
+class RemoteSplit:
+    """One client's link to ``lesft server``; bytes are counted in ``meter`` per direction and kind."""
+
+    def __init__(self, address: str, token: str, cfg: TrainConfig, net: NetArgs, meter: Meter | None = None) -> None:
+        self.address, self.cfg, self.net = address, cfg, net
+        self.meter = meter or Meter()
+        self.metadata = metadata(token)
+        self.channel = channel(address, net)
+        self._hello = self.channel.unary_unary(HELLO)
+        self._exchange = self.channel.stream_stream(EXCHANGE)
+
+    # ------------------------------------------------------------------ calls with retries
+
+    def _retry(self, what: str, fn):
+        delay = self.net.backoff_s
+        for attempt in range(self.net.retries + 1):
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                code = e.code()
+                if code in RETRY and attempt < self.net.retries:
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                if code == grpc.StatusCode.FAILED_PRECONDITION and "resync" in (e.details() or ""):
+                    raise Resync(self.join()) from None
+                raise RemoteError(f"split server {self.address} refused {what}: {code.name}: {e.details()}") from None
+        raise AssertionError("unreachable")
+
+    def hello(self, leaving: bool = False) -> dict[str, Any]:
+        info = json.dumps({"config": to_dict(self.cfg), "leaving": leaving}).encode()
+        reply = self._retry("hello", lambda: self._hello(info, metadata=self.metadata, timeout=self.net.timeout_s))
+        return json.loads(reply)
+
+    def join(self) -> int:
+        """(Re)join; return the first round this client can take part in (the server's, rounded up)."""
+        state = self.hello()
+        return math.ceil(state["step"] / self.cfg.grad_accum)
+
+    def call(self, msg: Message) -> Message:
+        """Send one message, return the server's reply (decoded)."""
+        data, payload = encode(msg, self.cfg.wire_dtype)
+
+        def once() -> bytearray:
+            replies = self._exchange(chunks(data, self.net.chunk_mb), metadata=self.metadata,
+                                     timeout=self.net.timeout_s * 3)
+            return join(replies, self.net.max_message_mb)
+
+        reply = self._retry(f"{msg.kind} for step {msg.step}", once)
+        self.meter.add("client_to_server", msg.kind, payload, len(data))
+        out = decode(reply)
+        self.meter.add("server_to_client", out.kind, len(reply) - 8 - int.from_bytes(reply[:8], "little"),
+                       len(reply))
+        return out
+
+    # ------------------------------------------------------------------ SplitLink
+
+    def micro_step(self, clients: list[Client], step: int) -> list[SliceLoss]:
+        parts = []
+        for c in clients:
+            reply = self.call(c.forward(step))
+            if self.cfg.label_privacy:
+                g, part = c.head_backward(reply)
+                reply = self.call(g)
+            else:
+                info = reply.loss or {}
+                stats = {k: v for k, v in info.items() if k not in ("loss", "n_samples", "n_tokens")}
+                part = SliceLoss(torch.tensor(info.get("loss", float("nan"))), int(info.get("n_samples", 0)),
+                                 int(info.get("n_tokens", 0)), stats)
+            if reply.grad.numel():
+                c.backward(reply)
+            parts.append(part)
+        return parts
+
+    def round_end(self) -> None:
+        """The server steps on its own after the round's last micro-step."""
+
+    def close(self) -> None:
+        try:
+            self.hello(leaving=True)
+        except (RemoteError, Resync):
+            pass
+        self.channel.close()

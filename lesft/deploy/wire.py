@@ -1,0 +1,149 @@
+"""gRPC plumbing shared by the split server and its clients: no protobuf, no pickle.
+
+A message (``messages.encode``: JSON header + raw tensor buffers) travels as a stream of byte chunks of
+at most ``chunk_mb`` each, so a message of any size passes gRPC's per-message limits; a message larger
+than ``max_message_mb`` is refused with a clear error. Calls carry the client's token as
+``authorization: Bearer <token>`` metadata. TLS is on for every non-loopback address unless the party
+was started with ``--insecure``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import grpc
+
+SERVICE = "lesft.SplitServer"
+HELLO = f"/{SERVICE}/Hello"        # unary: JSON hello -> JSON state
+EXCHANGE = f"/{SERVICE}/Exchange"  # stream of chunks (one message) -> stream of chunks (the reply)
+MB = 1 << 20
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class NetArgs:
+    """Network settings shared by ``lesft server`` and ``lesft client``."""
+
+    chunk_mb: float = _help("Bytes per gRPC stream chunk, in MiB (messages of any size are cut into chunks).",
+                            default=2.0)
+    max_message_mb: float = _help("Largest message accepted or sent, in MiB; larger ones are refused.",
+                                  default=2048.0)
+    timeout_s: float = _help("Server: how long a step waits for missing clients after the first one arrived "
+                             "(they are left out of that step). Client: deadline of one call.", default=120.0)
+    retries: int = _help("Client: attempts per call when the server is unreachable (exponential backoff).",
+                         default=8)
+    backoff_s: float = _help("Client: first retry delay in seconds (doubles per attempt, capped at 30 s).",
+                             default=0.5)
+    tls_cert: str | None = _help("Server: PEM certificate chain. Client: not used.", default=None)
+    tls_key: str | None = _help("Server: PEM private key.", default=None)
+    tls_ca: str | None = _help("Client: PEM CA certificate that signed the server's. Server: with it, require "
+                               "client certificates signed by this CA (mTLS).", default=None)
+    insecure: bool = _help("Allow plaintext on a non-loopback address (never do this across a real network).",
+                           default=False)
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        limit = int(self.chunk_mb * MB) + 64 * 1024
+        return [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+
+
+class MessageTooLarge(ValueError):
+    """A message exceeds ``--max_message_mb``."""
+
+
+def chunks(data: bytes, chunk_mb: float) -> Iterator[bytes]:
+    """``data`` as consecutive slices of at most ``chunk_mb`` MiB (one empty chunk for empty data)."""
+    size = max(1, int(chunk_mb * MB))
+    view = memoryview(data)
+    if not data:
+        yield b""
+    for i in range(0, len(data), size):
+        yield bytes(view[i:i + size])
+
+
+def join(parts: Iterable[bytes], max_message_mb: float) -> bytearray:
+    """Concatenate a chunk stream, refusing it as soon as it passes ``max_message_mb``."""
+    out = bytearray()
+    limit = int(max_message_mb * MB)
+    for p in parts:
+        out += p
+        if len(out) > limit:
+            raise MessageTooLarge(f"message exceeds the {max_message_mb:g} MiB limit (--max_message_mb); "
+                                  "send smaller micro-batches or raise the limit on both sides")
+    return out
+
+
+def is_loopback(address: str) -> bool:
+    """True for ``localhost``/``127.x``/``::1`` addresses (``HOST:PORT``, IPv6 in brackets)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"TLS file not found: {p}")
+    return p.read_bytes()
+
+
+def server_credentials(address: str, net: NetArgs) -> grpc.ServerCredentials | None:
+    """TLS credentials for ``address``, or None for plaintext (loopback, or ``--insecure``)."""
+    if net.tls_cert or net.tls_key:
+        if not (net.tls_cert and net.tls_key):
+            raise ValueError("TLS needs both --tls_cert and --tls_key")
+        ca = _read(net.tls_ca)
+        return grpc.ssl_server_credentials([(_read(net.tls_key), _read(net.tls_cert))], root_certificates=ca,
+                                           require_client_auth=ca is not None)
+    if not is_loopback(address) and not net.insecure:
+        raise ValueError(f"refusing to serve {address} without TLS: give --tls_cert and --tls_key, or --insecure "
+                         "to accept plaintext (only on a network you trust)")
+    return None
+
+
+def channel(address: str, net: NetArgs) -> grpc.Channel:
+    """A channel to the split server: TLS when a CA is given, plaintext only on loopback or ``--insecure``."""
+    if net.tls_ca:
+        creds = grpc.ssl_channel_credentials(root_certificates=_read(net.tls_ca))
+        return grpc.secure_channel(address, creds, options=net.grpc_options())
+    if not is_loopback(address) and not net.insecure:
+        raise ValueError(f"refusing to connect to {address} without TLS: give --tls_ca (the CA of the server's "
+                         "certificate), or --insecure to send plaintext (only on a network you trust)")
+    return grpc.insecure_channel(address, options=net.grpc_options())
+
+
+def load_tokens(path: str | Path, clients: int | None = None) -> dict[str, int]:
+    """``{token: client id}`` from a JSON file ``{"0": "token", ...}``; with ``clients`` and no file yet,
+    create one with a random token per client (mode 0600) first."""
+    p = Path(path)
+    if not p.is_file():
+        if not clients:
+            raise FileNotFoundError(f"token file {p} not found (pass --clients N to create one)")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({str(i): secrets.token_urlsafe(24) for i in range(clients)}, indent=2))
+        p.chmod(0o600)
+    try:
+        data = json.loads(p.read_text())
+        tokens = {str(tok): int(cid) for cid, tok in data.items()}
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"token file {p} must be a JSON object {{client id: token}}: {e}") from e
+    if len(tokens) != len(data):
+        raise ValueError(f"token file {p}: two clients share a token")
+    return tokens
+
+
+def metadata(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)

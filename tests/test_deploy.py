@@ -1,0 +1,310 @@
+"""The split server over gRPC, on loopback: processes started and stopped here, every wait bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lesft import methods
+from lesft.config import TrainConfig
+from lesft.deploy.cli import build_service
+from lesft.deploy.remote import RemoteError, RemoteSplit
+from lesft.deploy.service import serve
+from lesft.deploy.wire import NetArgs, channel, server_credentials
+from lesft.lora import LoraArgs
+from lesft.messages import Activations, PathBatch
+from lesft.train import train
+
+H = 32
+TIMEOUT = 120  # seconds any one test may wait on a process
+
+
+def base_flags(assets: Path, out: Path, **kw) -> list[str]:
+    flags = dict(method="lesft", aggregate_every=0, model=str(assets / "model"), data=str(assets / "rows.jsonl"),
+                 clients=2, rounds=2, grad_accum=2, client_layers="1", max_length=256, pad_to_multiple=16,
+                 device="cpu", progress="false", **{"lora.r": 4, "lora.alpha": 8, "lora.dropout": 0.0})
+    flags.update(kw)
+    return [f"--{k}={v}" for k, v in flags.items()] + ["--out", str(out)]
+
+
+def cfg_from(flags: list[str]) -> TrainConfig:
+    from lesft.cli import _config, build_parser
+
+    return _config(build_parser().parse_args(["train", *flags]))
+
+
+@pytest.fixture(scope="module")
+def server_model(assets, tmp_path_factory) -> Path:
+    """The tiny model without any tokenizer file: a server that tried to load one would fail."""
+    d = tmp_path_factory.mktemp("server_model")
+    for f in (assets / "model").iterdir():
+        if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors":
+            shutil.copy(f, d / f.name)
+    return d
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class Server:
+    """``lesft server`` in a subprocess on a free port."""
+
+    def __init__(self, flags: list[str], tokens: Path, extra: tuple[str, ...] = ()) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "lesft.cli", "server", "--listen", "127.0.0.1:0",
+                                      "--tokens", str(tokens), *flags, *extra], env=env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.port: int | None = None
+        ready = threading.Event()
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if "serving" in line and self.port is None:
+                    self.port = int(line.split(" on ")[1].split(",")[0].rsplit(":", 1)[1])
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(TIMEOUT) or self.port is None:
+            self.stop()
+            raise AssertionError("server did not start:\n" + "".join(self.lines))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+
+
+def client(address: str, tokens: Path, cid: int, flags: list[str], out: Path, **kw) -> subprocess.Popen:
+    """``lesft client`` ``cid`` in a subprocess; ``flags`` without ``--out``."""
+    return subprocess.Popen([sys.executable, "-m", "lesft.cli", "client", "--server", address, "--token-file",
+                             str(tokens), "--client-id", str(cid), "--take-share", *flags, "--out", str(out),
+                             *[f"--{k}={v}" for k, v in kw.items()]],
+                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def strip_out(flags: list[str]) -> list[str]:
+    i = flags.index("--out")
+    return flags[:i] + flags[i + 2:]
+
+
+def finish(p: subprocess.Popen) -> str:
+    out, _ = p.communicate(timeout=TIMEOUT)
+    assert p.returncode == 0, out
+    return out
+
+
+def test_networked_run_equals_in_process_simulation(assets, server_model, tmp_path) -> None:
+    flags = base_flags(assets, tmp_path / "sim")
+    sim = train(cfg_from(flags))
+    server = Server(base_flags(assets, tmp_path / "server", model=str(server_model)), tmp_path / "tok.json")
+    try:
+        procs = [client(server.address, tmp_path / "tok.json", i, strip_out(flags), tmp_path / f"c{i}")
+                 for i in range(2)]
+        for p in procs:
+            finish(p)
+    finally:
+        server.stop()
+    ref = load_file(str(tmp_path / "sim" / "checkpoint" / "tensors.safetensors"))
+    for i in range(2):
+        net = load_file(str(tmp_path / f"c{i}" / "checkpoint" / "tensors.safetensors"))
+        keys = [k for k in ref if k.startswith(f"client{i}.lora.")]
+        assert keys
+        for k in keys:
+            torch.testing.assert_close(net[k], ref[k], atol=1e-5, rtol=1e-4)
+    srv = load_file(str(tmp_path / "server" / "server_checkpoint" / "tensors.safetensors"))
+    keys = [k for k in ref if k.startswith("server.lora.")]
+    assert keys
+    for k in keys:
+        torch.testing.assert_close(srv[k.removeprefix("server.")], ref[k], atol=1e-5, rtol=1e-4)
+    # identical tensor payloads: activations up (both paths), gradients down
+    sums: dict[str, int] = {}
+    for i in range(2):
+        detail = json.loads((tmp_path / f"c{i}" / "summary.json").read_text())["comm_detail"]
+        for d, kinds in detail.items():
+            for k, v in kinds.items():
+                sums[f"{d}.{k}"] = sums.get(f"{d}.{k}", 0) + v["payload_bytes"]
+    ref_detail = sim["comm_detail"]
+    assert sums["client_to_server.activations"] == ref_detail["client_to_server"]["activations"]["payload_bytes"]
+    assert sums["server_to_client.activation_grad"] == ref_detail["server_to_client"]["activation_grad"][
+        "payload_bytes"]
+    # the server computed the same loss for each client as the simulation
+    sim_losses = [json.loads(ln)["loss_per_client"] for ln in (tmp_path / "sim" / "metrics.jsonl").open()]
+    for i in range(2):
+        net_losses = [json.loads(ln)["loss"] for ln in (tmp_path / f"c{i}" / "metrics.jsonl").open()]
+        assert net_losses == pytest.approx([m[str(i)] for m in sim_losses], abs=1e-5)
+
+
+def rounds_done(run_dir: Path) -> int:
+    m = run_dir / "metrics.jsonl"
+    return len(m.read_text().splitlines()) if m.exists() else 0
+
+
+def wait_for(cond, what: str, timeout: float = TIMEOUT) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_killed_client_does_not_stall_the_others(assets, server_model, tmp_path) -> None:
+    flags = strip_out(base_flags(assets, tmp_path, rounds=6, method="sl", timeout_s=3))
+    server = Server(base_flags(assets, tmp_path / "server", model=str(server_model), method="sl", timeout_s=3),
+                    tmp_path / "tok.json")
+    try:
+        a = client(server.address, tmp_path / "tok.json", 0, flags, tmp_path / "c0")
+        b = client(server.address, tmp_path / "tok.json", 1, flags, tmp_path / "c1")
+        wait_for(lambda: rounds_done(tmp_path / "c1") >= 1, "client 1's first round")
+        b.kill()  # mid-run, typically mid-round
+        b.wait(30)
+        t0 = time.monotonic()
+        finish(a)
+        assert time.monotonic() - t0 < 60
+    finally:
+        server.stop()
+    assert rounds_done(tmp_path / "c0") == 6
+    assert any("left out clients [1]" in line for line in server.lines), "".join(server.lines)
+
+
+def test_killed_server_restarts_from_its_checkpoint_and_the_client_continues(assets, server_model, tmp_path) -> None:
+    flags = strip_out(base_flags(assets, tmp_path, rounds=6, method="sl", clients=1, retries=40, backoff_s=0.25))
+    sflags = base_flags(assets, tmp_path / "server", model=str(server_model), method="sl", clients=1)
+    server = Server(sflags, tmp_path / "tok.json")
+    try:
+        c = client(server.address, tmp_path / "tok.json", 0, flags, tmp_path / "c0")
+        wait_for(lambda: (tmp_path / "server" / "server_checkpoint" / "state.json").exists(), "a server checkpoint")
+        server.proc.kill()
+        server.proc.wait(30)
+        saved = json.loads((tmp_path / "server" / "server_checkpoint" / "state.json").read_text())["step"]
+        assert saved >= 2 and saved % 2 == 0  # whole rounds only
+        port = server.port
+        server = Server(sflags, tmp_path / "tok.json", extra=("--listen", f"127.0.0.1:{port}"))
+        finish(c)
+    finally:
+        server.stop()
+    assert any("resumed from" in line for line in server.lines), "".join(server.lines)
+    assert rounds_done(tmp_path / "c0") == 6
+    final = json.loads((tmp_path / "server" / "server_checkpoint" / "state.json").read_text())["step"]
+    assert final == 6 * 2
+
+
+# ---------------------------------------------------------------- in-process gRPC server (threads)
+
+
+@pytest.fixture()
+def live(assets, server_model, tmp_path):
+    """A SplitService on a free loopback port in this process; yields (address, tokens, cfg, service)."""
+    tokens = {"tok-0": 0, "tok-1": 1}
+    cfg = methods.resolve(TrainConfig(method="sl", model=str(server_model), clients=2, client_layers="1",
+                                      grad_accum=1, device="cpu", lora=LoraArgs(r=4, alpha=8, dropout=0.0)))
+    net = NetArgs(timeout_s=1.0, retries=1, backoff_s=0.05)
+    service = build_service(cfg, net, [0, 1], None)
+    server, port = serve(service, "127.0.0.1:0", net, tokens)
+    yield f"127.0.0.1:{port}", cfg, net, service
+    server.stop(grace=0)
+
+
+def act(cid: int, step: int = 0, b: int = 1, t: int = 5, h: int = H, value: float = 0.1) -> Activations:
+    ids = torch.arange(t).expand(b, t).clone()
+    labels = torch.full((b, t), -100)
+    labels[:, -2:] = 7
+    return Activations(cid, step, PathBatch(torch.full((b, t, h), value), torch.ones(b, t, dtype=torch.long),
+                                            ids, labels))
+
+
+def test_wrong_token_is_refused(live) -> None:
+    address, cfg, net, _ = live
+    with pytest.raises(RemoteError, match="UNAUTHENTICATED"):
+        RemoteSplit(address, "not-a-token", cfg, net).hello()
+
+
+def test_client_cannot_speak_for_another(live) -> None:
+    address, cfg, net, _ = live
+    with pytest.raises(RemoteError, match="PERMISSION_DENIED"):
+        RemoteSplit(address, "tok-0", cfg, net).call(act(cid=1))
+
+
+def test_bad_tensors_are_rejected_and_the_server_keeps_serving(live) -> None:
+    address, cfg, net, service = live
+    link = RemoteSplit(address, "tok-0", cfg, net)
+    nan = act(0)
+    nan.base.hidden[0, 1, 2] = float("nan")
+    with pytest.raises(RemoteError, match="INVALID_ARGUMENT.*NaN"):
+        link.call(nan)
+    with pytest.raises(RemoteError, match=r"INVALID_ARGUMENT.*shape \[1, 5, 16\]"):
+        link.call(act(0, h=16))
+    bad = act(0)
+    bad.base.attention_mask = bad.base.attention_mask[:, :3]
+    with pytest.raises(RemoteError, match="attention_mask"):
+        link.call(bad)
+    with pytest.raises(RemoteError, match="batch 99"):
+        link.call(act(0, b=99))
+    # still serving: client 1 is expected too; after the 1 s timeout the step runs with client 0 alone
+    service.expected = {0, 1}
+    reply = link.call(act(0))
+    assert reply.grad.shape == (1, 5, H) and torch.isfinite(reply.grad).all()
+    assert reply.loss["n_tokens"] == 2  # labels at positions 3 and 4, each predicted from the one before
+    assert service.step == 1 and service.expected == {0}
+    assert any("left out clients [1]" in line for line in service.log)
+
+
+def test_stalled_client_is_told_to_resync(live) -> None:
+    address, cfg, net, service = live
+    a, b = RemoteSplit(address, "tok-0", cfg, net), RemoteSplit(address, "tok-1", cfg, net)
+    a.call(act(0))          # client 1 never sends step 0: the step closes without it after 1 s
+    from lesft.exchange import Resync
+
+    with pytest.raises(Resync) as e:
+        b.call(act(1))      # its late step 0 is refused; it learns where the server is
+    assert e.value.round == 1
+    assert service.expected == {0, 1}  # rejoined through hello
+
+
+def test_large_messages_travel_in_chunks_and_oversized_ones_are_refused(live) -> None:
+    address, cfg, net, service = live
+    service.expected = {0}
+    link = RemoteSplit(address, "tok-0", cfg, NetArgs(chunk_mb=0.01, retries=0))  # 10 KiB chunks
+    reply = link.call(act(0, t=200))  # 200 x 32 fp32 = 25.6 KB of hidden states: three chunks
+    assert reply.grad.shape == (1, 200, H)
+    net.max_message_mb = 0.01  # the server's limit
+    with pytest.raises(RemoteError, match="RESOURCE_EXHAUSTED.*0.01 MiB limit"):
+        link.call(act(0, step=1, t=200))
+
+
+def test_plaintext_only_on_loopback() -> None:
+    with pytest.raises(ValueError, match="without TLS"):
+        server_credentials("0.0.0.0:50051", NetArgs())
+    with pytest.raises(ValueError, match="without TLS"):
+        channel("10.1.2.3:50051", NetArgs())
+    assert server_credentials("0.0.0.0:50051", NetArgs(insecure=True)) is None
+    assert server_credentials("[::1]:50051", NetArgs()) is None
+
+
+def test_server_never_loads_a_tokenizer(server_model, monkeypatch) -> None:
+    import transformers
+
+    def boom(*a, **k):
+        raise AssertionError("the server loaded a tokenizer")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "__init__", boom)
+    cfg = TrainConfig(method="sl", model=str(server_model), client_layers="1", device="cpu")
+    service = build_service(cfg, NetArgs(), [0], None)
+    assert service.server.top.head is not None and len(service.server.top.layers) == 3
