@@ -32,6 +32,7 @@ from lesft.data.partition import length_buckets, partition_dirichlet, partition_
 from lesft.data.rows import load_rows
 from lesft.data.samples import build_sample
 from lesft.lora import add_lora, export_adapter, lora_state
+from lesft.messages import AdapterBroadcast
 from lesft.meters import MB, module_bytes
 from lesft.provenance import device_name, git_commit, versions
 from lesft.model.load import load_model, resolve_device
@@ -199,6 +200,7 @@ def train(
     rows: list[dict[str, str]] | None = None,
     link: Any = None,
     client_id: int = 0,
+    start_adapter: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Train as configured; write config.yaml, metrics.jsonl, summary.json and adapter/ under ``cfg.out``.
 
@@ -206,6 +208,7 @@ def train(
     otherwise. A passed-in model is consumed: its modules become the parties' parts. With ``link`` (a
     ``lesft.deploy.remote.RemoteSplit``) this process is client ``client_id`` of a networked run holding all
     of ``rows``; the split server runs elsewhere and the adapter written is the client's part only.
+    ``start_adapter`` (Flower): the aggregated client adapter to continue from, loaded after the checkpoint.
     """
     cfg = methods.resolve(cfg)
     t0 = time.perf_counter()
@@ -214,7 +217,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if previous is None:
         save_yaml(cfg, out / "config.yaml")
-    elif (done := _finished_summary(out, previous)) is not None:
+    elif (done := _finished_summary(out, previous, cfg.rounds)) is not None:
         return done  # finished before: nothing to redo
     if rows is None:  # data first: a bad row is reported before a model is loaded
         rows = load_rows(cfg.data, cfg.samples, cfg.seed, cfg.synthetic, data_dir=cfg.data_dir, target=cfg.target,
@@ -228,6 +231,9 @@ def train(
     run = Run(cfg, model, tokenizer, rows, transport=transport, link=link, client_id=client_id)
     del model
     start, extra = load_checkpoint(run, previous) if previous is not None else (0, {})
+    if start_adapter is not None:
+        for c in run.clients:
+            c.receive(AdapterBroadcast(0, start_adapter))
     if link is not None:
         start = max(start, link.join())  # a restarted or late client continues where the server is
     wall0 = extra.get("wall_s", 0.0)
@@ -292,18 +298,19 @@ def train(
     return summary
 
 
-def _finished_summary(out: Path, ckpt: Path) -> dict[str, Any] | None:
-    """The summary of a run whose last checkpoint is its final round, else None."""
+def _finished_summary(out: Path, ckpt: Path, rounds: int = 0) -> dict[str, Any] | None:
+    """The summary of a run whose last checkpoint is its final round (``rounds``, or the summary's when 0),
+    else None."""
     path = out / "summary.json"
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
     done = json.loads((ckpt / "state.json").read_text())["rounds_done"]
-    return summary if done >= summary.get("rounds", float("inf")) else None
+    return summary if done >= (rounds or summary.get("rounds", float("inf"))) else None
 
 
 # Fields that may differ between a run and its resumption.
-_RESUME_FREE = {"resume", "overwrite", "progress"}
+_RESUME_FREE = {"resume", "overwrite", "progress", "rounds"}  # rounds: train a finished run further
 
 
 def _check_out_dir(cfg: TrainConfig, out: Path) -> Path | None:

