@@ -308,3 +308,96 @@ def test_server_never_loads_a_tokenizer(server_model, monkeypatch) -> None:
     cfg = TrainConfig(method="sl", model=str(server_model), client_layers="1", device="cpu")
     service = build_service(cfg, NetArgs(), [0], None)
     assert service.server.top.head is not None and len(service.server.top.layers) == 3
+
+
+def test_label_private_networked_run_never_sends_target_ids(assets, server_model, tmp_path) -> None:
+    """Clients in threads against an in-process gRPC server: same adapters as the in-process U-shaped run,
+    and the server, which refuses any labels in this mode, saw none (so it served every step)."""
+    from lesft.cli import _config, build_parser
+    from lesft.data.rows import load_jsonl
+    from lesft.train import split_clients
+
+    flags = base_flags(assets, tmp_path / "sim", label_privacy="true")
+    cfg = methods.resolve(cfg_from(flags))
+    sim = train(cfg)
+    net = NetArgs(timeout_s=30)
+    service = build_service(methods.resolve(cfg_from(base_flags(assets, tmp_path / "srv", label_privacy="true",
+                                                                model=str(server_model)))),
+                            net, [0, 1], tmp_path / "srv")
+    server, port = serve(service, "127.0.0.1:0", net, {"t0": 0, "t1": 1})
+    rows = load_jsonl(str(assets / "rows.jsonl"))
+    shares = split_clients(cfg, rows)
+    results: dict[int, dict] = {}
+
+    def run(i: int) -> None:
+        from dataclasses import replace
+
+        link = RemoteSplit(f"127.0.0.1:{port}", f"t{i}", cfg, net)
+        results[i] = train(replace(cfg, out=str(tmp_path / f"c{i}")), rows=[rows[j] for j in shares[i]],
+                           link=link, client_id=i)
+        link.close()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+    finally:
+        server.stop(grace=0)
+    assert set(results) == {0, 1} and service.step == 2 * 2
+    assert not [line for line in service.log if "left out" in line]
+    ref = load_file(str(tmp_path / "sim" / "checkpoint" / "tensors.safetensors"))
+    for i in range(2):
+        net_t = load_file(str(tmp_path / f"c{i}" / "checkpoint" / "tensors.safetensors"))
+        for k in (k for k in ref if k.startswith(f"client{i}.lora.")):
+            torch.testing.assert_close(net_t[k], ref[k], atol=1e-5, rtol=1e-4)
+    srv = load_file(str(tmp_path / "srv" / "server_checkpoint" / "tensors.safetensors"))
+    for k in (k for k in ref if k.startswith("server.lora.")):
+        torch.testing.assert_close(srv[k.removeprefix("server.")], ref[k], atol=1e-5, rtol=1e-4)
+    # the server received activations (no labels), and the clients' dL/d(last hidden)
+    got = service.meter.to_dict()["client_to_server"]
+    assert set(got) == {"activations", "activation_grad"}
+    assert sum(r["comm_detail"]["client_to_server"]["activations"]["payload_bytes"] for r in results.values()) == \
+        sim["comm_detail"]["client_to_server"]["activations"]["payload_bytes"]
+
+
+def test_label_private_server_refuses_labels(live) -> None:
+    address, cfg, net, service = live
+    service.cfg.label_privacy = True
+    with pytest.raises(RemoteError, match="refuses target ids"):
+        RemoteSplit(address, "tok-0", cfg, net).call(act(0))
+
+
+def test_tls_on_loopback_with_a_self_signed_certificate(live, tmp_path, assets, server_model) -> None:
+    """A TLS server (certificate for localhost) accepts a client that trusts its CA and refuses one that does not."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    _, cfg, _, service = live
+    tls = NetArgs(tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem"), retries=0, timeout_s=5)
+    server, port = serve(service, "localhost:0", tls, {"tok-0": 0})
+    try:
+        ok = RemoteSplit(f"localhost:{port}", "tok-0", cfg, NetArgs(tls_ca=str(tmp_path / "cert.pem"), retries=0))
+        assert ok.hello()["step"] == 0
+        with pytest.raises(RemoteError, match="UNAVAILABLE"):  # plaintext client against the TLS port
+            RemoteSplit(f"localhost:{port}", "tok-0", cfg, NetArgs(retries=0, timeout_s=5)).hello()
+    finally:
+        server.stop(grace=0)
