@@ -107,8 +107,10 @@ def _flatten(msg: Message) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return scalars, tensors
 
 
-def encode(msg: Message, wire_dtype: str = "fp32") -> tuple[bytes, int]:
-    """Serialise ``msg``; returns (bytes, payload byte count). Activations/gradients are cast to ``wire_dtype``."""
+def encode_parts(msg: Message, wire_dtype: str = "fp32") -> tuple[list[bytes | memoryview], int]:
+    """The encoded message as pieces, without copying tensor data: ``[length + header, buffer, ...]``
+    (their concatenation is :func:`encode`'s bytes), and the payload byte count. The header is padded
+    with spaces to a multiple of 8 bytes so that a receiver can view tensors in place."""
     scalars, tensors = _flatten(msg)
     specs, buffers = [], []
     for name, t in tensors.items():
@@ -119,15 +121,35 @@ def encode(msg: Message, wire_dtype: str = "fp32") -> tuple[bytes, int]:
         raw = t.view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
         specs.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
                       "nbytes": raw.numel()})
-        buffers.append(raw.numpy().tobytes())
+        buffers.append(memoryview(raw.numpy()))
     header = json.dumps({"kind": msg.kind, "fields": scalars, "tensors": specs}, separators=(",", ":")).encode()
+    header += b" " * (-(8 + len(header)) % 8)
     payload = sum(s["nbytes"] for s in specs)
-    return len(header).to_bytes(8, "little") + header + b"".join(buffers), payload
+    return [len(header).to_bytes(8, "little") + header, *buffers], payload
+
+
+def encode(msg: Message, wire_dtype: str = "fp32") -> tuple[bytes, int]:
+    """Serialise ``msg``; returns (bytes, payload byte count). Activations/gradients are cast to ``wire_dtype``."""
+    parts, payload = encode_parts(msg, wire_dtype)
+    return b"".join(parts), payload
+
+
+def message_size(prefix: bytes | bytearray | memoryview) -> int | None:
+    """Total encoded size announced by the first bytes of a message (None until the header is complete)."""
+    if len(prefix) < 8:
+        return None
+    n = int.from_bytes(bytes(prefix[:8]), "little")
+    if len(prefix) < 8 + n:
+        return None
+    header = json.loads(bytes(prefix[8:8 + n]))
+    return 8 + n + sum(int(s["nbytes"]) for s in header.get("tensors", []))
 
 
 def decode(data: bytes | bytearray | memoryview, float_dtype: torch.dtype | None = torch.float32) -> Message:
-    """Inverse of :func:`encode`. Wire-cast tensors come back as ``float_dtype`` (None: as sent)."""
+    """Inverse of :func:`encode`. Wire-cast tensors come back as ``float_dtype`` (None: as sent). From a
+    ``bytearray`` (what the network receives) tensors are views into it, not copies."""
     buf = memoryview(data)
+    zero_copy = isinstance(data, bytearray)
     n = int.from_bytes(buf[:8], "little")
     header = json.loads(bytes(buf[8:8 + n]))
     cls = _KINDS.get(header.get("kind"))
@@ -138,10 +160,17 @@ def decode(data: bytes | bytearray | memoryview, float_dtype: torch.dtype | None
     for s in header["tensors"]:
         if s["dtype"] not in _DTYPES:
             raise ValueError(f"tensor {s['name']!r} has unsupported dtype {s['dtype']!r}")
-        raw = bytearray(buf[offset:offset + s["nbytes"]])
-        offset += s["nbytes"]
-        t = (torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8))
-        t = t.view(_DTYPES[s["dtype"]]).reshape(s["shape"])
+        dtype, nbytes = _DTYPES[s["dtype"]], s["nbytes"]
+        if offset + nbytes > len(buf):
+            raise ValueError(f"message truncated in tensor {s['name']!r}")
+        if not nbytes:
+            t = torch.empty(0, dtype=torch.uint8)
+        elif zero_copy and offset % dtype.itemsize == 0:  # a view into the received buffer: no copy
+            t = torch.frombuffer(data, dtype=torch.uint8, count=nbytes, offset=offset)
+        else:
+            t = torch.frombuffer(bytearray(buf[offset:offset + nbytes]), dtype=torch.uint8)
+        offset += nbytes
+        t = t.view(dtype).reshape(s["shape"])
         if float_dtype is not None and s["name"].rsplit(".", 1)[-1] in _WIRE_CAST:
             t = t.to(float_dtype)
         tensors[s["name"]] = t

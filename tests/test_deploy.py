@@ -401,3 +401,21 @@ def test_tls_on_loopback_with_a_self_signed_certificate(live, tmp_path, assets, 
             RemoteSplit(f"localhost:{port}", "tok-0", cfg, NetArgs(retries=0, timeout_s=5)).hello()
     finally:
         server.stop(grace=0)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 1000, 10**6])
+def test_chunks_and_join_round_trip_any_chunk_size(chunk_bytes) -> None:
+    from lesft.deploy.wire import MB, chunks, join
+    from lesft.messages import decode, encode, encode_parts
+
+    msg = act(0, t=9, h=5)
+    parts, _ = encode_parts(msg)
+    whole = encode(msg)[0]
+    assert b"".join(parts) == whole and (len(parts[0]) % 8 == 0)
+    pieces = list(chunks(parts, chunk_bytes / MB))
+    assert all(len(p) <= max(chunk_bytes, 1) for p in pieces) and b"".join(pieces) == whole
+    back = decode(join(iter(pieces), 1.0))
+    torch.testing.assert_close(back.base.hidden, msg.base.hidden)
+    assert torch.equal(back.base.labels, msg.base.labels)
+    with pytest.raises(ValueError, match="truncated"):
+        join(iter(pieces[:-1] if len(pieces) > 1 else [whole[:-3]]), 1.0)

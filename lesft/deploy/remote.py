@@ -21,7 +21,7 @@ import torch
 from lesft.config import TrainConfig, to_dict
 from lesft.deploy.wire import EXCHANGE, HELLO, NetArgs, channel, chunks, join, metadata
 from lesft.exchange import Resync
-from lesft.messages import Message, decode, encode
+from lesft.messages import Message, decode, encode_parts
 from lesft.roles import Client, SliceLoss
 from lesft.transport import Meter
 
@@ -73,15 +73,16 @@ class RemoteSplit:
 
     def call(self, msg: Message) -> Message:
         """Send one message, return the server's reply (decoded)."""
-        data, payload = encode(msg, self.cfg.wire_dtype)
+        parts, payload = encode_parts(msg, self.cfg.wire_dtype)
+        size = sum(len(memoryview(p).cast("B")) for p in parts)
 
         def once() -> bytearray:
-            replies = self._exchange(chunks(data, self.net.chunk_mb), metadata=self.metadata,
+            replies = self._exchange(chunks(parts, self.net.chunk_mb), metadata=self.metadata,
                                      timeout=self.net.timeout_s * 3)
             return join(replies, self.net.max_message_mb)
 
         reply = self._retry(f"{msg.kind} for step {msg.step}", once)
-        self.meter.add("client_to_server", msg.kind, payload, len(data))
+        self.meter.add("client_to_server", msg.kind, payload, size)
         out = decode(reply)
         self.meter.add("server_to_client", out.kind, len(reply) - 8 - int.from_bytes(reply[:8], "little"),
                        len(reply))

@@ -29,13 +29,16 @@ from lesft.checkpoint import _load_optimizer, _optimizer_state
 from lesft.config import TrainConfig
 from lesft.deploy.wire import EXCHANGE, HELLO, MessageTooLarge, NetArgs, chunks, join, server_credentials
 from lesft.lora import load_lora_state, lora_state
-from lesft.messages import Activations, ActivationGrad, Message, PathBatch, decode, encode
+from lesft.messages import Activations, ActivationGrad, Message, PathBatch, decode, encode_parts
 from lesft.roles import SplitServer
 from lesft.transport import Meter
 
 # Config fields that client and server must agree on (a client with others is refused at hello).
 AGREE = ("client_layers", "split", "client_trainable", "paths", "loss", "label_privacy", "grad_accum",
          "wire_dtype", "dtype", "seed", "lora", "lesft")
+
+
+Parts = list  # an encoded message as ``messages.encode_parts`` pieces
 
 
 class ServiceError(Exception):
@@ -100,7 +103,7 @@ class SplitService:
         self.batch: list[int] = []          # label-private: clients of the step's forward, owed a 2nd reply
         self.deadline: float | None = None
         self.busy = False
-        self.replies: dict[int, tuple[int, int, bytes | ServiceError]] = {}  # cid -> (step, phase, reply)
+        self.replies: dict[int, tuple[int, int, Parts | ServiceError]] = {}  # cid -> (step, phase, reply)
         self.log: list[str] = []
         self.started = time.perf_counter()
         if out is not None and (out / "server_checkpoint" / "state.json").is_file():
@@ -124,8 +127,8 @@ class SplitService:
             return {"step": self.step, "phase": self.phase, "grad_accum": self.cfg.grad_accum,
                     "rounds_done": self.step // self.cfg.grad_accum}
 
-    def exchange(self, cid: int, data: bytes | bytearray) -> bytes:
-        """One message in, the reply to it out (encoded). Raises :class:`ServiceError`."""
+    def exchange(self, cid: int, data: bytes | bytearray) -> Parts:
+        """One message in, the reply to it out (``encode_parts`` pieces). Raises :class:`ServiceError`."""
         try:
             msg = decode(data)
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
@@ -198,23 +201,23 @@ class SplitService:
             self._close_step()
         self.cv.notify_all()
 
-    def _compute(self, step: int, phase: int, msgs: list[Message]) -> dict[int, bytes]:
+    def _compute(self, step: int, phase: int, msgs: list[Message]) -> dict[int, Parts]:
         wire = self.cfg.wire_dtype
         s = self.server
         if phase == 2:
             out = s.backward_middle(msgs)
             grads = {g.client: g for g in out}
-            return {m.client: encode(grads.get(m.client) or ActivationGrad(m.client, step, torch.empty(0)), wire)[0]
+            return {m.client: encode_parts(grads.get(m.client) or ActivationGrad(m.client, step, torch.empty(0)), wire)[0]
                     for m in msgs}
         if self.cfg.label_privacy:
-            return {t.client: encode(t, wire)[0] for t in s.forward_middle(msgs)}
+            return {t.client: encode_parts(t, wire)[0] for t in s.forward_middle(msgs)}
         grads, parts = s.forward_backward(msgs, send_grads=self.cfg.client_trainable)
         by_client = {g.client: g for g in grads}
         out = {}
         for m, p in zip(msgs, parts):
             loss = {"loss": p.loss.item(), "n_samples": p.n_samples, "n_tokens": p.n_tokens, **p.stats}
             g = by_client.get(m.client) or ActivationGrad(m.client, step, torch.empty(0))
-            out[m.client] = encode(ActivationGrad(m.client, step, g.grad, loss), wire)[0]
+            out[m.client] = encode_parts(ActivationGrad(m.client, step, g.grad, loss), wire)[0]
         return out
 
     def _close_step(self) -> None:
@@ -225,10 +228,11 @@ class SplitService:
             if self.out is not None:
                 self._save(self.out)
 
-    def _out(self, reply: bytes | ServiceError) -> bytes:
+    def _out(self, reply: Parts | ServiceError) -> Parts:
         if isinstance(reply, ServiceError):
             raise reply
-        self.meter.add("server_to_client", "reply", _payload(reply), len(reply))
+        sizes = [len(memoryview(p).cast("B")) for p in reply]
+        self.meter.add("server_to_client", "reply", sum(sizes[1:]), sum(sizes))
         return reply
 
     def _validate(self, cid: int, msg: Message) -> None:
