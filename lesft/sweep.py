@@ -346,8 +346,10 @@ def _read_json(path: Path) -> Any:
 
 def _config_diff(saved: dict[str, Any], now: dict[str, Any], base_only: bool = False) -> list[str]:
     """Dotted keys whose values differ (ignoring the sweep's own fields; for a base run, only the keys
-    that can change an untuned model's evaluation)."""
-    a, b = flatten(saved), flatten(now)
+    that can change an untuned model's evaluation). A key one side lacks (a field added to lesft since)
+    counts as its default."""
+    defaults = flatten(to_dict(TrainConfig()))
+    a, b = {**defaults, **flatten(saved)}, {**defaults, **flatten(now)}
     keys = set(a) | set(b)
     if base_only:
         keys = {k for k in keys if k in BASE_KEYS or k.startswith(BASE_PREFIXES)}

@@ -329,7 +329,7 @@ def _check_out_dir(cfg: TrainConfig, out: Path) -> Path | None:
                               "it, or choose another --out")
     if ckpt is None:
         raise FileNotFoundError(f"{out} has metrics but no checkpoint to resume from; use --overwrite")
-    saved = load_yaml(out / "config.yaml")
+    saved = {**to_dict(TrainConfig()), **load_yaml(out / "config.yaml")}  # fields added since: their defaults
     now = to_dict(cfg)
     diff = sorted(k for k in set(saved) | set(now) if k not in _RESUME_FREE and saved.get(k) != now.get(k))
     if diff:

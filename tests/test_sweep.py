@@ -195,3 +195,13 @@ def test_jobs_run_in_child_processes(assets, tmp_path) -> None:
     assert (out / "client_layers=1" / "log.txt").is_file()
     assert json.loads((out / "client_layers=9" / "error.json").read_text())["type"] == "ValueError"
     assert sw.main(["--one", str(out / "client_layers=1")]) == 0  # finished: returns at once
+
+
+def test_a_field_added_since_a_run_does_not_make_it_stale() -> None:
+    from lesft.config import TrainConfig, to_dict
+    from lesft.sweep import _config_diff
+
+    now = to_dict(TrainConfig())
+    old = {k: v for k, v in now.items() if k != "label_privacy"}  # a run made before the field existed
+    assert _config_diff(old, now) == []
+    assert _config_diff(old, {**now, "label_privacy": True}) == ["label_privacy"]
