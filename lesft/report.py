@@ -815,7 +815,7 @@ def write_report(sweep_dir: str) -> Path:
     if cells:
         evs = sorted({f"{r.eval.get('dataset', '?')}/{r.eval.get('split', '?')} ({r.eval.get('mode', '?')})"
                       for r in runs if r.eval})
-        md.append(f"Rows: method" + (f" (+ the keys an explicit run sets: {', '.join(lay.mod_keys)})"
+        md.append("Rows: method" + (f" (+ the keys an explicit run sets: {', '.join(lay.mod_keys)})"
                                      if lay.mod_keys else "")
                   + (f". Columns: {' · '.join(lay.col_keys)}" if lay.col_keys else "")
                   + f". Evaluated on: {', '.join(evs)}.")

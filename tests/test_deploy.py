@@ -313,7 +313,6 @@ def test_server_never_loads_a_tokenizer(server_model, monkeypatch) -> None:
 def test_label_private_networked_run_never_sends_target_ids(assets, server_model, tmp_path) -> None:
     """Clients in threads against an in-process gRPC server: same adapters as the in-process U-shaped run,
     and the server, which refuses any labels in this mode, saw none (so it served every step)."""
-    from lesft.cli import _config, build_parser
     from lesft.data.rows import load_jsonl
     from lesft.train import split_clients
 
