@@ -1,4 +1,4 @@
-"""Command line: ``lesft train | eval | distill | sweep | report | demo | server | client``.
+"""Command line: ``lesft train | eval | distill | sweep | report | demo | server | client | merge``.
 
 Configuration = defaults <- YAML file (``--config``) <- command-line flags, e.g.::
 
@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--methods", nargs="+", default=None, help="methods to compare (default: sl splitlora "
                                                                   "splitfrozen lesft)")
     add_dataclass_args(demo, TrainConfig)
+    mg = sub.add_parser("merge", help="one peft adapter from the parts of a networked run (client + server)")
+    mg.add_argument("adapters", nargs="+", help="adapter directories, e.g. runs/client0/adapter runs/server/adapter")
+    mg.add_argument("--out", required=True, help="directory of the merged adapter")
     from lesft.deploy import cli as deploy_cli
 
     srv = sub.add_parser("server", help="the split server as a gRPC service (networked split training)")
@@ -84,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return sweep_cli.command(args)
         elif args.command == "report":
             return report_cli.command(args)
+        elif args.command == "merge":
+            from lesft.lora import merge_adapters
+
+            print(f"merged {len(args.adapters)} adapters -> {merge_adapters(args.adapters, args.out)}")
         elif args.command in ("server", "client"):
             from lesft.deploy import cli as deploy_cli
 

@@ -8,12 +8,13 @@ renumbers them to the full model's layers so ``PeftModel.from_pretrained(base, o
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 ADAPTER = "default"
@@ -105,4 +106,26 @@ def export_adapter(
     config = args.peft_config()
     config.base_model_name_or_path = base_model
     config.save_pretrained(str(out))
+    return out
+
+
+def merge_adapters(dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """One peft adapter from several that cover disjoint layers of the same model (a networked run's
+    client part, ``CLIENT_RUN/adapter``, and server part, ``SERVER_OUT/adapter``)."""
+    if len(dirs) < 2:
+        raise ValueError("merge needs at least two adapter directories")
+    tensors: dict[str, torch.Tensor] = {}
+    for d in map(Path, dirs):
+        f = d / "adapter_model.safetensors"
+        if not f.is_file() or not (d / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{d} is not an adapter directory (adapter_model.safetensors + adapter_config.json)")
+        part = load_file(str(f))
+        clash = sorted(set(part) & set(tensors))
+        if clash:
+            raise ValueError(f"{d} overlaps the other adapters in {clash[:2]}: not parts of one split model")
+        tensors.update(part)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    shutil.copy(Path(dirs[0]) / "adapter_config.json", out / "adapter_config.json")
     return out

@@ -133,6 +133,15 @@ def test_networked_run_equals_in_process_simulation(assets, server_model, tmp_pa
     assert keys
     for k in keys:
         torch.testing.assert_close(srv[k.removeprefix("server.")], ref[k], atol=1e-5, rtol=1e-4)
+    # client part + server part = the simulation's adapter for client 1 (no aggregation: per client)
+    from lesft.lora import merge_adapters
+
+    merged = load_file(str(merge_adapters([tmp_path / "c1" / "adapter", tmp_path / "server" / "adapter"],
+                                          tmp_path / "merged") / "adapter_model.safetensors"))
+    want = load_file(str(tmp_path / "sim" / "client_adapters" / "client_1" / "adapter_model.safetensors"))
+    assert merged.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(merged[k], want[k], atol=1e-5, rtol=1e-4)
     # identical tensor payloads: activations up (both paths), gradients down
     sums: dict[str, int] = {}
     for i in range(2):

@@ -74,10 +74,11 @@ def build_service(cfg: TrainConfig, net: NetArgs, clients: list[int], out: Path 
         raise ValueError(f"method {cfg.method!r} does not split the model: there is nothing to serve")
     model, _ = load_model(cfg.model, device="cpu", tokenizer=False)
     hidden, vocab = model.config.hidden_size, model.config.vocab_size
-    _, bottom, top, head, _ = build_parts(cfg, model)
+    k, bottom, top, head, layers_path = build_parts(cfg, model)
     del bottom, head, model  # the server keeps its layers only
     device = resolve_device(cfg.device)
-    return SplitService(SplitServer(top.to(device), cfg, device), cfg, clients, net, hidden, vocab, out)
+    return SplitService(SplitServer(top.to(device), cfg, device), cfg, clients, net, hidden, vocab, out,
+                        layout=(k, layers_path))
 
 
 def run_server(args: argparse.Namespace) -> int:

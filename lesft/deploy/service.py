@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from lesft.checkpoint import _load_optimizer, _optimizer_state
 from lesft.config import TrainConfig
 from lesft.deploy.wire import EXCHANGE, HELLO, MessageTooLarge, NetArgs, chunks, join, server_credentials
-from lesft.lora import load_lora_state, lora_state
+from lesft.lora import export_adapter, load_lora_state, lora_state
 from lesft.messages import Activations, ActivationGrad, Message, PathBatch, decode, encode_parts
 from lesft.roles import SplitServer
 from lesft.transport import Meter
@@ -91,8 +91,10 @@ class SplitService:
     """The step barrier around a :class:`SplitServer`; transport-free (``serve`` puts gRPC around it)."""
 
     def __init__(self, server: SplitServer, cfg: TrainConfig, clients: list[int], net: NetArgs,
-                 hidden_size: int, vocab_size: int, out: Path | None = None, limits: Limits | None = None) -> None:
+                 hidden_size: int, vocab_size: int, out: Path | None = None, limits: Limits | None = None,
+                 layout: tuple[int, str] | None = None) -> None:
         self.server, self.cfg, self.net, self.out = server, cfg, net, out
+        self.layout = layout  # (first server layer k, layers module path): to export OUT/adapter
         self.hidden, self.vocab, self.limits = hidden_size, vocab_size, limits or Limits()
         self.known = set(clients)
         self.expected = set(clients)
@@ -288,6 +290,9 @@ class SplitService:
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
         (out / "server_summary.json").write_text(json.dumps(self.summary(), indent=2))
+        if self.layout is not None:  # the server's part as a peft adapter (merge with a client's: lesft merge)
+            k, layers_path = self.layout
+            export_adapter([(lora_state(s.top), k)], layers_path, self.cfg.lora, out / "adapter", self.cfg.model)
 
     def _load(self, path: Path) -> None:
         state = json.loads((path / "state.json").read_text())
