@@ -629,8 +629,9 @@ def run_sweep(spec_path: str, out: str, dry_run: bool = False, jobs: int = 1) ->
     wall, over = summary.get("sweep_wall_s", 0.0), summary.get("overhead_s", 0.0)
     print(f"sweep {name}: {done}/{len(records)} done, {len(bad)} not done"
           + (f" ({', '.join(sorted({r['status'] for r in bad}))})" if bad else "")
-          + f"; {wall:.1f} s, sweep overhead {over:.2f} s ({100 * over / wall if wall else 0:.1f}%) -> "
-          f"{root / 'sweep.json'}", flush=True)
+          + (f"; {wall:.1f} s, sweep overhead {over:.2f} s ({100 * over / wall:.1f}%)"
+             if summary.get("runs_wall_s") else f"; nothing to run ({wall:.2f} s)")
+          + f" -> {root / 'sweep.json'}", flush=True)
     return records
 
 
