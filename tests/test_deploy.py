@@ -427,3 +427,15 @@ def test_chunks_and_join_round_trip_any_chunk_size(chunk_bytes) -> None:
     assert torch.equal(back.base.labels, msg.base.labels)
     with pytest.raises(ValueError, match="truncated"):
         join(iter(pieces[:-1] if len(pieces) > 1 else [whole[:-3]]), 1.0)
+
+
+def test_a_step_that_fails_on_the_server_is_an_error_reply_and_serving_goes_on(live) -> None:
+    address, cfg, net, service = live
+    service.expected = {0}
+    link = RemoteSplit(address, "tok-0", cfg, net)
+    empty = act(0)
+    empty.base.labels[:] = -100  # valid tensors, but nothing to learn: the server's loss refuses the step
+    with pytest.raises(RemoteError, match="INTERNAL.*step 0 failed.*no target tokens"):
+        link.call(empty)
+    reply = link.call(act(0, step=1))
+    assert torch.isfinite(reply.grad).all() and service.step == 2

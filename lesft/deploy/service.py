@@ -137,8 +137,7 @@ class SplitService:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {e}") from None
         self._validate(cid, msg)
         phase = 1 if isinstance(msg, Activations) else 2
-        direction_kind = msg.kind
-        self.meter.add("client_to_server", direction_kind, _payload(data), len(data))
+        self.meter.add("client_to_server", msg.kind, _payload(data), len(data))
         with self.cv:
             cached = self.replies.get(cid)
             if cached and cached[:2] == (msg.step, phase):  # a retry after a lost reply
@@ -182,21 +181,22 @@ class SplitService:
                 self._note(f"step {step}: left out clients {sorted(missing)} (no message in {self.net.timeout_s} s)")
         self.busy = True
         self.cv.release()
+        failed = False
         try:
             replies = self._compute(step, phase, [inbox[c] for c in sorted(inbox)])
         except Exception as e:  # noqa: BLE001 -- answered to every participant, the server keeps serving
             err = ServiceError(grpc.StatusCode.INTERNAL, f"step {step} failed on the server: {type(e).__name__}: {e}")
             self._note(str(err))
-            self.server.optimizer and self.server.optimizer.zero_grad(set_to_none=True)
-            replies = {c: err for c in inbox}
-            phase = 2 if self.cfg.label_privacy else 1  # close the step
+            if self.server.optimizer is not None:
+                self.server.optimizer.zero_grad(set_to_none=True)
+            replies, failed = {c: err for c in inbox}, True
         finally:
             self.cv.acquire()
             self.busy = False
         for c, r in replies.items():
-            self.replies[c] = (step, self.phase, r)
+            self.replies[c] = (step, phase, r)
         self.inbox.clear()
-        if self.cfg.label_privacy and self.phase == 1 and phase == 1:
+        if self.cfg.label_privacy and phase == 1 and not failed:  # the clients' loss gradients come next
             self.phase, self.batch = 2, sorted(replies)
             self.deadline = time.monotonic() + self.net.timeout_s
         else:
