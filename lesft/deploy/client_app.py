@@ -60,7 +60,15 @@ def train_for_flower(node: dict, adapter: dict[str, torch.Tensor], flower_round:
     prefix = f"client{cid}.lora."
     mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     metrics = {"loss": float(summary["final_loss"]), "rounds_done": upto}
+    # adapter payload bytes exchanged with the aggregator (Flower's own framing comes on top)
+    nbytes = {"aggregator_to_client": _payload(adapter), "client_to_aggregator": _payload(mine)}
+    with (Path(cfg.out) / "flower.jsonl").open("a") as fh:
+        fh.write(json.dumps({"flower_round": flower_round, "rounds_done": upto, "payload_bytes": nbytes}) + "\n")
     return mine, len(rows), metrics
+
+
+def _payload(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 @app.train()
