@@ -19,7 +19,7 @@ import grpc
 import torch
 
 from lesft.config import TrainConfig, to_dict
-from lesft.deploy.wire import EXCHANGE, HELLO, NetArgs, channel, chunks, join, metadata
+from lesft.deploy.wire import EXCHANGE, EXCHANGE_ONE, HELLO, MB, NetArgs, channel, chunks, join, metadata
 from lesft.exchange import Resync
 from lesft.messages import Message, decode, encode_parts
 from lesft.roles import Client, SliceLoss
@@ -42,6 +42,7 @@ class RemoteSplit:
         self.channel = channel(address, net)
         self._hello = self.channel.unary_unary(HELLO)
         self._exchange = self.channel.stream_stream(EXCHANGE)
+        self._exchange_one = self.channel.unary_stream(EXCHANGE_ONE)
 
     # ------------------------------------------------------------------ calls with retries
 
@@ -76,9 +77,14 @@ class RemoteSplit:
         parts, payload = encode_parts(msg, self.cfg.wire_dtype)
         size = sum(len(memoryview(p).cast("B")) for p in parts)
 
+        one = size <= self.net.chunk_mb * MB  # fits one chunk: a unary request (about 0.5 ms less per call)
+
         def once() -> bytearray:
-            replies = self._exchange(chunks(parts, self.net.chunk_mb), metadata=self.metadata,
-                                     timeout=self.net.timeout_s * 3)
+            if one:
+                replies = self._exchange_one(b"".join(parts), metadata=self.metadata, timeout=self.net.timeout_s * 3)
+            else:
+                replies = self._exchange(chunks(parts, self.net.chunk_mb), metadata=self.metadata,
+                                         timeout=self.net.timeout_s * 3)
             return join(replies, self.net.max_message_mb)
 
         reply = self._retry(f"{msg.kind} for step {msg.step}", once)

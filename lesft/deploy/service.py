@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from lesft.checkpoint import _load_optimizer, _optimizer_state
 from lesft.config import TrainConfig
-from lesft.deploy.wire import EXCHANGE, HELLO, MessageTooLarge, NetArgs, chunks, join, server_credentials
+from lesft.deploy.wire import EXCHANGE, EXCHANGE_ONE, HELLO, MessageTooLarge, NetArgs, chunks, join, server_credentials
 from lesft.lora import export_adapter, load_lora_state, lora_state
 from lesft.messages import Activations, ActivationGrad, Message, PathBatch, decode, encode_parts
 from lesft.roles import SplitServer
@@ -344,11 +344,17 @@ def serve(service: SplitService, address: str, net: NetArgs, tokens: dict[str, i
         reply = guarded(context, lambda: service.exchange(cid, join(request_iterator, net.max_message_mb)))
         yield from chunks(reply, net.chunk_mb)
 
+    def exchange_one(request: bytes, context: grpc.ServicerContext):
+        cid = who(context)
+        reply = guarded(context, lambda: service.exchange(cid, join([request], net.max_message_mb)))
+        yield from chunks(reply, net.chunk_mb)
+
     handler = grpc.method_handlers_generic_handler("lesft.SplitServer", {
         "Hello": grpc.unary_unary_rpc_method_handler(hello),
         "Exchange": grpc.stream_stream_rpc_method_handler(exchange),
+        "ExchangeOne": grpc.unary_stream_rpc_method_handler(exchange_one),
     })
-    assert HELLO.endswith("/Hello") and EXCHANGE.endswith("/Exchange")
+    assert HELLO.endswith("/Hello") and EXCHANGE.endswith("/Exchange") and EXCHANGE_ONE.endswith("/ExchangeOne")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers or 2 * len(service.known) + 4),
                          options=net.grpc_options())
     server.add_generic_rpc_handlers((handler,))

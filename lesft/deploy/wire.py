@@ -23,6 +23,7 @@ from lesft.messages import message_size
 SERVICE = "lesft.SplitServer"
 HELLO = f"/{SERVICE}/Hello"        # unary: JSON hello -> JSON state
 EXCHANGE = f"/{SERVICE}/Exchange"  # stream of chunks (one message) -> stream of chunks (the reply)
+EXCHANGE_ONE = f"/{SERVICE}/ExchangeOne"  # a message that fits one chunk -> stream of chunks (less overhead)
 MB = 1 << 20
 
 
