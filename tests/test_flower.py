@@ -103,3 +103,12 @@ def test_flower_aggregation_equals_in_process_splitlora(assets, tmp_path) -> Non
     for k in (k for k in ref if k.startswith("server.lora.")):
         torch.testing.assert_close(srv[k.removeprefix("server.")], ref[k], atol=1e-5, rtol=1e-4)
     assert sim["rounds"] == 3 and service.step == 3 * 2
+    # aggregated client part + server part = the simulation's exported adapter
+    from lesft.lora import merge_adapters
+
+    merged = load_file(str(merge_adapters([tmp_path / "agg" / "adapter", tmp_path / "server" / "adapter"],
+                                          tmp_path / "merged") / "adapter_model.safetensors"))
+    want = load_file(str(tmp_path / "sim" / "adapter" / "adapter_model.safetensors"))
+    assert merged.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(merged[k], want[k], atol=1e-5, rtol=1e-4)

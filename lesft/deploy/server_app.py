@@ -7,7 +7,8 @@ reported). The aggregator never sees activations, only adapters and |D_i|, as in
 
 Run config (``flwr run ... --run-config`` or ``deploy/flower/pyproject.toml``):
   ``config``  the lesft training YAML (model, method, rounds, aggregate_every, LoRA, ...)
-  ``out``     where ``aggregated_adapter.safetensors`` and ``aggregation.json`` are written
+  ``out``     where ``aggregated_adapter.safetensors``, ``adapter/`` (peft, client layers) and
+              ``aggregation.json`` are written
   ``clients`` how many ClientApps must take part in every round
 """
 
@@ -26,19 +27,20 @@ from safetensors.torch import save_file
 
 from lesft import methods
 from lesft.config import TrainConfig, from_dict, load_yaml
-from lesft.lora import lora_state
+from lesft.lora import export_adapter, lora_state
 
 app = ServerApp()
 
 
-def initial_client_adapter(cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The clients' common initial adapter (the same seeded init every party draws)."""
+def initial_client_adapter(cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], str]:
+    """The clients' common initial adapter (the same seeded init every party draws), and the module
+    path of the decoder layers (for exporting the result as a peft adapter)."""
     from lesft.model.load import load_model
     from lesft.train import build_parts
 
     model, _ = load_model(cfg.model, device="cpu", tokenizer=False)
-    _, bottom, _, _, _ = build_parts(cfg, model)
-    return lora_state(bottom)
+    _, bottom, _, _, layers_path = build_parts(cfg, model)
+    return lora_state(bottom), layers_path
 
 
 def flower_rounds(cfg: TrainConfig) -> int:
@@ -60,12 +62,15 @@ def main(grid: Grid, context: Context) -> None:
     t0 = time.perf_counter()
     strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients,
                       min_available_nodes=clients, weighted_by_key="num-examples")
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_client_adapter(cfg)),
+    init, layers_path = initial_client_adapter(cfg)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(init),
                             num_rounds=flower_rounds(cfg), train_config=ConfigRecord({}))
     if len(result.arrays) == 0:
         raise RuntimeError("no Flower round succeeded: no aggregated adapter (see the ClientApps' logs)")
     final = result.arrays.to_torch_state_dict()
     save_file({k: v.contiguous() for k, v in final.items()}, str(out / "aggregated_adapter.safetensors"))
+    # the clients' part as a peft adapter: `lesft merge OUT/adapter SERVER_OUT/adapter` gives the whole model's
+    export_adapter([(final, 0)], layers_path, cfg.lora, out / "adapter", cfg.model)
     (out / "aggregation.json").write_text(json.dumps({
         "flower_rounds": flower_rounds(cfg), "clients": clients, "wall_s": time.perf_counter() - t0,
         "train_metrics": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
