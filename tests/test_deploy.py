@@ -439,3 +439,20 @@ def test_a_step_that_fails_on_the_server_is_an_error_reply_and_serving_goes_on(l
         link.call(empty)
     reply = link.call(act(0, step=1))
     assert torch.isfinite(reply.grad).all() and service.step == 2
+
+
+def test_a_restarted_server_answers_the_last_step_again(server_model, tmp_path) -> None:
+    """The reply to a round's last micro-step is in the checkpoint: a client whose reply was lost when the
+    server died gets the same gradient from the restarted server, instead of losing its half of the round."""
+    from lesft.messages import encode
+
+    cfg = methods.resolve(TrainConfig(method="sl", model=str(server_model), client_layers="1", grad_accum=1,
+                                      device="cpu", lora=LoraArgs(r=4, alpha=8, dropout=0.0)))
+    data = encode(act(0))[0]
+    first = build_service(cfg, NetArgs(), [0], tmp_path)
+    reply = b"".join(first.exchange(0, bytearray(data)))
+    assert first.step == 1
+    again = build_service(cfg, NetArgs(), [0], tmp_path)  # a new process, from the checkpoint
+    assert again.step == 1 and any("resumed from" in line for line in again.log)
+    assert b"".join(again.exchange(0, bytearray(data))) == reply
+    assert again.step == 1  # answered from the checkpoint, not trained twice

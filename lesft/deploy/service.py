@@ -274,15 +274,22 @@ class SplitService:
                 "wall_s": time.perf_counter() - self.started, "log": self.log[-50:]}
 
     def _save(self, out: Path) -> None:
+        """Checkpoint: server LoRA, AdamW, step, meters, and the replies of the step just closed (a client
+        whose reply was lost when the server died gets it from the restarted server)."""
         s = self.server
         tensors = {f"lora.{k}": v for k, v in lora_state(s.top).items()}
         opt = _optimizer_state(s.optimizer, "opt", tensors)
+        replies = {}
+        for cid, (step, phase, reply) in self.replies.items():
+            if not isinstance(reply, ServiceError):
+                tensors[f"reply.{cid}"] = torch.frombuffer(bytearray(b"".join(reply)), dtype=torch.uint8)
+                replies[str(cid)] = [step, phase]
         tmp, final = out / "server_checkpoint.tmp", out / "server_checkpoint"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": self.step, "optimizer": opt, "meter": s.meter.state(),
-                                                    "bytes": self.meter.to_dict()}))
+                                                    "bytes": self.meter.to_dict(), "replies": replies}))
         old = out / "server_checkpoint.old"
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
@@ -302,6 +309,10 @@ class SplitService:
         self.server.meter.load(state["meter"])
         self.meter.load(state["bytes"])
         self.step = state["step"]
+        for cid, (step, phase) in state.get("replies", {}).items():
+            data = tensors[f"reply.{cid}"].numpy().tobytes()
+            n = 8 + int.from_bytes(data[:8], "little")
+            self.replies[int(cid)] = (step, phase, [data[:n], data[n:]])
         self._note(f"resumed from {path} at step {self.step} (round {self.step // self.cfg.grad_accum})")
 
 
