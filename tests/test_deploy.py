@@ -456,3 +456,13 @@ def test_a_restarted_server_answers_the_last_step_again(server_model, tmp_path) 
     assert again.step == 1 and any("resumed from" in line for line in again.log)
     assert b"".join(again.exchange(0, bytearray(data))) == reply
     assert again.step == 1  # answered from the checkpoint, not trained twice
+
+
+def test_cli_refuses_plaintext_on_a_public_address_before_loading_anything(tmp_path, capsys) -> None:
+    from lesft.cli import main
+
+    rc = main(["server", "--listen", "0.0.0.0:50099", "--tokens", str(tmp_path / "t.json"), "--model", "nowhere"])
+    assert rc == 2 and "refusing to serve 0.0.0.0:50099 without TLS" in capsys.readouterr().err
+    rc = main(["client", "--server", "10.9.8.7:50051", "--token", "x", "--client-id", "0", "--model", "nowhere"])
+    assert rc == 2 and "refusing to connect to 10.9.8.7:50051 without TLS" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()

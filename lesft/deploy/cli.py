@@ -83,9 +83,10 @@ def build_service(cfg: TrainConfig, net: NetArgs, clients: list[int], out: Path 
 
 def run_server(args: argparse.Namespace) -> int:
     from lesft.deploy.service import serve
-    from lesft.deploy.wire import load_tokens
+    from lesft.deploy.wire import load_tokens, server_credentials
 
     cfg, net = _split_args(args)
+    server_credentials(args.listen, net)  # refuse plaintext on a public address before loading anything
     tokens = load_tokens(args.tokens, cfg.clients)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,10 +110,12 @@ def run_client(args: argparse.Namespace) -> int:
     from lesft import methods
     from lesft.data.rows import load_rows
     from lesft.deploy.remote import RemoteSplit
+    from lesft.deploy.wire import channel
     from lesft.train import split_clients, train
 
     cfg, net = _split_args(args)
     cfg = methods.resolve(cfg)
+    channel(args.server, net).close()  # refuse plaintext to a public address before loading anything
     if cfg.aggregate_every:
         print(f"lesft client: {cfg.method} aggregates every {cfg.aggregate_every} rounds; a standalone client "
               "trains without aggregation (use the Flower apps, docs/deploy.md, to aggregate)", flush=True)
