@@ -134,6 +134,11 @@ def encode(msg: Message, wire_dtype: str = "fp32") -> tuple[bytes, int]:
     return b"".join(parts), payload
 
 
+def payload_size(data: bytes | bytearray | memoryview) -> int:
+    """Tensor bytes of an encoded message: its length minus the length prefix and the header."""
+    return len(data) - 8 - int.from_bytes(bytes(data[:8]), "little")
+
+
 def message_size(prefix: bytes | bytearray | memoryview) -> int | None:
     """Total encoded size announced by the first bytes of a message (None until the header is complete)."""
     if len(prefix) < 8:

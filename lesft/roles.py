@@ -291,14 +291,20 @@ class SplitServer:
         self.meter = RoleMeter(device)
         self._pending: tuple | None = None  # label-private: (msgs, bounds, input hidden, output hidden)
 
+    def _gather(self, msgs: list[Activations], requires_grad: bool
+                ) -> tuple[PathBatch, PathBatch | None, list[tuple[int, int]]]:
+        """The clients' paths concatenated on this device (base hidden as a leaf that collects dL/dh when
+        ``requires_grad``), and each client's row range."""
+        base, bounds = _pad_cat([m.base for m in msgs])
+        ref = _to(_pad_cat([m.reference for m in msgs])[0], self.device) if msgs[0].reference is not None else None
+        base = _to(base, self.device)
+        base.hidden.requires_grad_(requires_grad)
+        return base, ref, bounds
+
     def forward_backward(self, msgs: list[Activations], send_grads: bool) -> tuple[list[ActivationGrad], list[SliceLoss]]:
         """Loss over the concatenated batch (mean over samples), backward, and each client's slice of dL/dh."""
         with self.meter.measure():
-            base, bounds = _pad_cat([m.base for m in msgs])
-            ref = _pad_cat([m.reference for m in msgs])[0] if msgs[0].reference is not None else None
-            base = _to(base, self.device)
-            ref = _to(ref, self.device) if ref is not None else None
-            base.hidden.requires_grad_(send_grads)
+            base, ref, bounds = self._gather(msgs, requires_grad=send_grads)
             with _autocast(self.cfg, self.device):
                 parts = head_losses(self.top, base, ref, bounds, self.cfg)
             loss, _ = merge_losses(parts)
@@ -315,15 +321,11 @@ class SplitServer:
         """Label-private mode, first half: run the server layers on the concatenated batch (graph kept for
         the base path) and return each client its slice of the last-layer hidden states."""
         with self.meter.measure():
-            base, bounds = _pad_cat([m.base for m in msgs])
-            ref = _pad_cat([m.reference for m in msgs])[0] if msgs[0].reference is not None else None
-            base = _to(base, self.device)
-            base.hidden.requires_grad_(self.cfg.client_trainable)
+            base, ref, bounds = self._gather(msgs, requires_grad=self.cfg.client_trainable)
             with _autocast(self.cfg, self.device):
                 out = self.top.middle(base.hidden, base.attention_mask, base.position_ids)
                 ref_out = None
                 if ref is not None:
-                    ref = _to(ref, self.device)
                     with _eval_mode(self.top):
                         ref_out = self.top.middle(ref.hidden, ref.attention_mask, ref.position_ids)
             rows = sum(m.batch_rows or 0 for m in msgs)

@@ -106,12 +106,29 @@ def run_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_client(args: argparse.Namespace) -> int:
-    from lesft import methods
+def train_remote(cfg: TrainConfig, net: NetArgs, server: str, token: str, client_id: int, take_share: bool,
+                 start_adapter: dict | None = None, leave: bool = True) -> tuple[dict[str, Any], int]:
+    """Load this client's rows and train ``cfg`` against the split server at ``server``; return (the run's
+    summary, |D_i|). ``leave``: tell the server afterwards not to wait for this client any more."""
     from lesft.data.rows import load_rows
     from lesft.deploy.remote import RemoteSplit
-    from lesft.deploy.wire import channel
     from lesft.train import split_clients, train
+
+    rows = load_rows(cfg.data, cfg.samples, cfg.seed, cfg.synthetic, data_dir=cfg.data_dir, target=cfg.target,
+                     rationale=cfg.rationale)
+    if take_share:
+        rows = [rows[i] for i in split_clients(cfg, rows)[client_id]]
+    link = RemoteSplit(server, token, cfg, net)
+    try:
+        summary = train(cfg, rows=rows, link=link, client_id=client_id, start_adapter=start_adapter)
+    finally:
+        link.close(leave=leave)
+    return summary, len(rows)
+
+
+def run_client(args: argparse.Namespace) -> int:
+    from lesft import methods
+    from lesft.deploy.wire import channel, client_token
 
     cfg, net = _split_args(args)
     cfg = methods.resolve(cfg)
@@ -119,21 +136,8 @@ def run_client(args: argparse.Namespace) -> int:
     if cfg.aggregate_every:
         print(f"lesft client: {cfg.method} aggregates every {cfg.aggregate_every} rounds; a standalone client "
               "trains without aggregation (use the Flower apps, docs/deploy.md, to aggregate)", flush=True)
-    token = args.token
-    if token is None and args.token_file:
-        tokens = json.loads(Path(args.token_file).read_text())
-        token = tokens.get(str(args.client_id))
-    if not token:
-        raise ValueError(f"client {args.client_id}: give --token or a --token-file that holds its token")
-    rows = load_rows(cfg.data, cfg.samples, cfg.seed, cfg.synthetic, data_dir=cfg.data_dir, target=cfg.target,
-                     rationale=cfg.rationale)
-    if args.take_share:
-        rows = [rows[i] for i in split_clients(cfg, rows)[args.client_id]]
-    link = RemoteSplit(args.server, token, cfg, net)
-    try:
-        summary = train(cfg, rows=rows, link=link, client_id=args.client_id)
-    finally:
-        link.close()
+    token = client_token(args.client_id, args.token, args.token_file)
+    summary, _ = train_remote(cfg, net, args.server, token, args.client_id, args.take_share)
     print(f"lesft client {args.client_id}: done, final loss {summary['final_loss']:.4f}, "
           f"bytes {summary['comm_bytes']} -> {cfg.out}", flush=True)
     return 0

@@ -28,16 +28,14 @@ from safetensors.torch import load_file
 
 from lesft import methods
 from lesft.config import TrainConfig, from_dict, load_yaml
-from lesft.deploy.wire import NetArgs
+from lesft.deploy.wire import NetArgs, client_token
 
 app = ClientApp()
 
 
 def train_for_flower(node: dict, adapter: dict[str, torch.Tensor], flower_round: int) -> tuple[dict, int, dict]:
     """Run this client's rounds of Flower round ``flower_round`` (1-based); return (adapter, |D_i|, metrics)."""
-    from lesft.data.rows import load_rows
-    from lesft.deploy.remote import RemoteSplit
-    from lesft.train import split_clients, train
+    from lesft.deploy.cli import train_remote
 
     cfg = methods.resolve(from_dict(TrainConfig, load_yaml(str(node["config"]))))
     cid = int(node["client-id"])
@@ -45,17 +43,10 @@ def train_for_flower(node: dict, adapter: dict[str, torch.Tensor], flower_round:
     upto = min(flower_round * cfg.aggregate_every, total)
     cfg = replace(cfg, rounds=upto, out=str(node["out"]), resume=True, progress=False,
                   data=str(node.get("data", cfg.data)))
-    token = node.get("token") or json.loads(Path(str(node["token-file"])).read_text())[str(cid)]
+    token = client_token(cid, node.get("token"), node.get("token-file"))
     net = NetArgs(tls_ca=node.get("tls-ca") or None, insecure=bool(node.get("insecure", False)))
-    rows = load_rows(cfg.data, cfg.samples, cfg.seed, cfg.synthetic, data_dir=cfg.data_dir, target=cfg.target,
-                     rationale=cfg.rationale)
-    if node.get("take-share"):
-        rows = [rows[i] for i in split_clients(cfg, rows)[cid]]
-    link = RemoteSplit(str(node["server"]), str(token), cfg, net)
-    try:
-        summary = train(cfg, rows=rows, link=link, client_id=cid, start_adapter=adapter)
-    finally:
-        link.close(leave=upto >= total)
+    summary, n_rows = train_remote(cfg, net, str(node["server"]), token, cid, bool(node.get("take-share")),
+                                   start_adapter=adapter, leave=upto >= total)
     tensors = load_file(str(Path(cfg.out) / "checkpoint" / "tensors.safetensors"))
     prefix = f"client{cid}.lora."
     mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -64,7 +55,7 @@ def train_for_flower(node: dict, adapter: dict[str, torch.Tensor], flower_round:
     nbytes = {"aggregator_to_client": _payload(adapter), "client_to_aggregator": _payload(mine)}
     with (Path(cfg.out) / "flower.jsonl").open("a") as fh:
         fh.write(json.dumps({"flower_round": flower_round, "rounds_done": upto, "payload_bytes": nbytes}) + "\n")
-    return mine, len(rows), metrics
+    return mine, n_rows, metrics
 
 
 def _payload(tensors: dict[str, torch.Tensor]) -> int:

@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lesft.checkpoint import _load_optimizer, _optimizer_state
-from lesft.config import TrainConfig
+from lesft.config import TrainConfig, to_dict
 from lesft.deploy.wire import EXCHANGE, EXCHANGE_ONE, HELLO, MessageTooLarge, NetArgs, chunks, join, server_credentials
 from lesft.lora import export_adapter, load_lora_state, lora_state
-from lesft.messages import Activations, ActivationGrad, Message, PathBatch, decode, encode_parts
+from lesft.messages import Activations, ActivationGrad, Message, PathBatch, decode, encode_parts, payload_size
 from lesft.roles import SplitServer
 from lesft.transport import Meter
 
@@ -115,7 +115,8 @@ class SplitService:
 
     def hello(self, cid: int, info: dict[str, Any]) -> dict[str, Any]:
         """Join (or rejoin, or leave with ``{"leaving": true}``); returns the server's step and round."""
-        diff = [k for k in AGREE if k in info.get("config", {}) and info["config"][k] != _plain(self.cfg, k)]
+        mine, theirs = to_dict(self.cfg), info.get("config", {})
+        diff = [k for k in AGREE if k in theirs and theirs[k] != mine[k]]
         if diff:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"client {cid} and server disagree on {diff}: start both with the same config")
@@ -137,7 +138,7 @@ class SplitService:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {e}") from None
         self._validate(cid, msg)
         phase = 1 if isinstance(msg, Activations) else 2
-        self.meter.add("client_to_server", msg.kind, _payload(data), len(data))
+        self.meter.add("client_to_server", msg.kind, payload_size(data), len(data))
         with self.cv:
             cached = self.replies.get(cid)
             if cached and cached[:2] == (msg.step, phase):  # a retry after a lost reply
@@ -233,8 +234,8 @@ class SplitService:
     def _out(self, reply: Parts | ServiceError) -> Parts:
         if isinstance(reply, ServiceError):
             raise reply
-        sizes = [len(memoryview(p).cast("B")) for p in reply]
-        self.meter.add("server_to_client", "reply", sum(sizes[1:]), sum(sizes))
+        total = sum(memoryview(p).nbytes for p in reply)
+        self.meter.add("server_to_client", "reply", total - len(reply[0]), total)
         return reply
 
     def _validate(self, cid: int, msg: Message) -> None:
@@ -314,17 +315,6 @@ class SplitService:
             n = 8 + int.from_bytes(data[:8], "little")
             self.replies[int(cid)] = (step, phase, [data[:n], data[n:]])
         self._note(f"resumed from {path} at step {self.step} (round {self.step // self.cfg.grad_accum})")
-
-
-def _plain(cfg: TrainConfig, key: str) -> Any:
-    from lesft.config import to_dict
-
-    return to_dict(cfg)[key]
-
-
-def _payload(data: bytes | bytearray) -> int:
-    n = int.from_bytes(bytes(data[:8]), "little")
-    return len(data) - 8 - n
 
 
 def serve(service: SplitService, address: str, net: NetArgs, tokens: dict[str, int],

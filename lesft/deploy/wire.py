@@ -185,5 +185,14 @@ def load_tokens(path: str | Path, clients: int | None = None) -> dict[str, int]:
     return tokens
 
 
+def client_token(client_id: int, token: str | None = None, token_file: str | None = None) -> str:
+    """This client's token: given directly, or looked up by id in a ``{client id: token}`` JSON file."""
+    if token is None and token_file:
+        token = json.loads(Path(token_file).read_text()).get(str(client_id))
+    if not token:
+        raise ValueError(f"client {client_id}: give --token or a --token-file that holds its token")
+    return str(token)
+
+
 def metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
