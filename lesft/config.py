@@ -108,7 +108,12 @@ class TrainConfig:
         "Compute precision: fp32, or bf16 (autocast; on CPU the weights stay fp32).", default="fp32"
     )
     device: str = _help("cpu, cuda or auto.", default="auto")
-    seed: int = _help("Seed for data, partition, LoRA init, dropout and sampling.", default=0)
+    seed: int = _help("Seed of the LoRA init, dropout and the order in which each client reads its rows.", default=0)
+    data_seed: int | None = _help(
+        "Seed of the training sample (synthetic: the generated rows) and of its partition across clients; "
+        "unset = --seed. Vary --seed alone for new inits on the same rows, --data_seed alone for new rows.",
+        default=None,
+    )
     out: str = _help("Run directory: config.yaml, metrics.jsonl, summary.json, adapter/.", default="runs/lesft")
     progress: bool = _help("Show a progress bar.", default=True)
     checkpoint_every: int = _help(
@@ -149,6 +154,8 @@ class TrainConfig:
             raise ValueError(f"wire_dtype must be fp32, bf16 or fp16, got {self.wire_dtype!r}")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.data_seed is None:
+            self.data_seed = self.seed  # recorded resolved in config.yaml
 
 
 # ---------------------------------------------------------------- (de)serialisation

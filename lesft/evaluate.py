@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from lesft.data.contamination import problem_keys
 from lesft.data.prompts import render_prompt
+from lesft.stats import wilson_ci
 
 __all__ = [
     "DEFAULT_STOP",
@@ -346,19 +347,6 @@ def option_letters(row: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def wilson_ci(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion ``correct / n`` ((0, 1) when ``n`` is 0)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    if not 0 <= correct <= n:
-        raise ValueError(f"need 0 <= correct <= n, got correct={correct}, n={n}")
-    p = correct / n
-    denom = 1.0 + z * z / n
-    center = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, center - half), min(1.0, center + half))
-
-
 def _extract(dataset: str):
     from lesft.data.extract import extract_answer, is_correct  # written alongside; imported lazily
 
@@ -390,7 +378,7 @@ def evaluate_rows(
             pred = extract_answer(dataset, c)
             ok = pred is not None and bool(is_correct(dataset, pred, str(r["answer"])))
             records.append({"id": r.get("id"), "prompt": r["prompt"], "completion": c, "extracted": pred,
-                            "gold": str(r["answer"]), "correct": ok})
+                            "gold": str(r["answer"]), "correct": ok, "keys": problem_keys(r)})
     elif cfg.mode == "loglik":
         if dataset not in MC_DATASETS:
             raise ValueError(f"mode 'loglik' needs a multiple-choice dataset ({', '.join(MC_DATASETS)}), got {dataset!r}")
@@ -411,7 +399,7 @@ def evaluate_rows(
             ok = bool(is_correct(dataset, best, str(r["answer"])))
             records.append({"id": r.get("id"), "prompt": r["prompt"],
                             "completion": cfg.choice_template.format(letter=best), "extracted": best,
-                            "gold": str(r["answer"]), "correct": ok, "scores": scores})
+                            "gold": str(r["answer"]), "correct": ok, "scores": scores, "keys": problem_keys(r)})
     else:
         raise ValueError(f"mode must be 'generate' or 'loglik', got {cfg.mode!r}")
     wall = time.perf_counter() - t0

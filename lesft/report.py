@@ -8,9 +8,9 @@ Tables:
 
 * **Accuracy**: one row per method (plus, for points given in the spec's ``runs``, the keys they
   set, e.g. ``lesft (aggregate_every=0)``), one column per combination of the other grid keys that
-  vary (seed excluded). A cell is ``acc% ± h (n=N)``: ``h`` is half the width of the run's Wilson 95%
-  interval over its N questions. With several seeds the cell is the mean accuracy over the seeds, ``h``
-  the mean half-width (every seed answers the same questions, so pooling them would overstate N) and
+  vary (seed excluded). A cell is ``acc% [lo, hi] (n=N)``: the run's Wilson 95% interval over its N
+  questions. With several seeds the cell is the mean accuracy over the seeds and the mean of the seeds'
+  bounds (every seed answers the same questions, so pooling them would overstate N) and
   the seeds' standard deviation is shown. The best cell of each column is in bold (ties too; with one
   row, the best cell of the row). A run without an evaluation leaves its cell empty, never 0. A
   ``base`` run (the untuned model) appears in every column whose keys it does not set.
@@ -33,6 +33,7 @@ the runs recorded them.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import sys
@@ -43,6 +44,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import yaml
+
+from lesft.data.contamination import TRAIN_KEYS_FILE, overlap, read_train_keys
+from lesft.stats import paired_bootstrap, paired_comparison, seed_spread, wilson_ci
 
 __all__ = ["write_report", "add_arguments", "command", "main"]
 
@@ -102,18 +106,35 @@ class Run:
         return v
 
     @property
-    def accuracy(self) -> tuple[float, float, int] | None:
-        """(accuracy, half-width of the 95% interval, n) or None."""
+    def accuracy(self) -> tuple[float, float, float, int] | None:
+        """(accuracy, low, high of the Wilson 95% interval, n) or None."""
         e = self.eval
         if not e:
             return None
-        return e["accuracy"], (e["ci95"][1] - e["ci95"][0]) / 2, e["n"]
+        return e["accuracy"], e["ci95"][0], e["ci95"][1], e["n"]
 
 
+    def predictions(self) -> dict[str, tuple[bool, list[str]]]:
+        """``{question id: (correct, problem keys)}`` from ``eval/predictions.jsonl`` (empty without one)."""
+        p = self.dir / "eval" / "predictions.jsonl"
+        if not p.is_file():
+            return {}
+        out = {}
+        for line in p.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                out[str(rec["id"])] = (bool(rec["correct"]), list(rec.get("keys") or []))
+        return out
 
-def _yerr(accs: list[float], halves: list[float]) -> list[list[float]]:
-    """Error bars in percent: +-half the 95% interval, the lower bar clipped at 0 % (accuracy is never negative)."""
-    return [[100 * min(h, a) for a, h in zip(accs, halves)], [100 * h for h in halves]]
+    @property
+    def seed_key(self) -> tuple[Any, Any]:
+        """(seed, data_seed): runs of two methods with the same key trained on the same rows."""
+        return self.config.get("seed"), self.config.get("data_seed", self.config.get("seed"))
+
+
+def _yerr(cells: list["Cell"]) -> list[list[float]]:
+    """Asymmetric error bars in percent: from each cell's accuracy down to its interval's low end and up to its high end."""
+    return [[100 * max(0.0, c.acc - c.lo) for c in cells], [100 * max(0.0, c.hi - c.acc) for c in cells]]
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -129,17 +150,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _load_json(path: Path) -> Any:
     return json.loads(path.read_text())
-
-
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval (as lesft.evaluate.wilson_ci)."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def _num(x: Any) -> bool:
@@ -173,7 +183,7 @@ def _check_eval(e: Any) -> tuple[dict[str, Any] | None, str | None]:
     ci = e.get("ci95")
     if not (isinstance(ci, (list, tuple)) and len(ci) == 2 and all(_num(x) for x in ci) and ci[0] <= ci[1]):
         correct = e.get("correct")
-        ci = wilson(correct if isinstance(correct, int) else round(acc * n), n)
+        ci = wilson_ci(correct if isinstance(correct, int) else round(acc * n), n)
     return dict(e, ci95=list(ci)), None
 
 
@@ -387,8 +397,9 @@ def _members(runs: list[Run], lay: Layout, row: str, col: tuple) -> list[Run]:
 
 @dataclass
 class Cell:
-    acc: float
-    half: float
+    acc: float  # mean over seeds
+    lo: float  # Wilson 95% bounds (mean over seeds of each seed's bounds)
+    hi: float
     ns: list[int]
     sd: float | None
     k: int
@@ -398,10 +409,10 @@ def _cell(members: Iterable[Run]) -> Cell | None:
     accs = [r.accuracy for r in members if r.accuracy is not None]
     if not accs:
         return None
-    mean = sum(a for a, _, _ in accs) / len(accs)
-    half = sum(h for _, h, _ in accs) / len(accs)
-    sd = math.sqrt(sum((a - mean) ** 2 for a, _, _ in accs) / (len(accs) - 1)) if len(accs) > 1 else None
-    return Cell(mean, half, sorted({n for _, _, n in accs}), sd, len(accs))
+    mean, sd = seed_spread([a for a, _, _, _ in accs])
+    lo = sum(x[1] for x in accs) / len(accs)
+    hi = sum(x[2] for x in accs) / len(accs)
+    return Cell(mean, lo, hi, sorted({n for *_, n in accs}), sd, len(accs))
 
 
 def _fmt_cell(c: Cell | None, bold: bool) -> str:
@@ -409,7 +420,7 @@ def _fmt_cell(c: Cell | None, bold: bool) -> str:
         return ""
     n = str(c.ns[0]) if len(c.ns) == 1 else f"{c.ns[0]}–{c.ns[-1]}"
     extra = f", {c.k} seeds, sd {100 * c.sd:.1f}" if c.k > 1 and c.sd is not None else ""
-    s = f"{100 * c.acc:.1f} ± {100 * c.half:.1f} (n={n}{extra})"
+    s = f"{100 * c.acc:.1f} [{100 * c.lo:.1f}, {100 * c.hi:.1f}] (n={n}{extra})"
     return f"**{s}**" if bold else s
 
 
@@ -504,6 +515,111 @@ def _overhead_table(runs: list[Run], lay: Layout) -> list[str]:
     return out
 
 
+class ReportError(ValueError):
+    """A report that cannot be made as asked (the message names the cause and the fix)."""
+
+
+def _aligned(run: Run, base: Run) -> tuple[list[bool], list[bool]]:
+    """Per-question correctness of ``run`` and ``base`` in one question order; refuses different questions."""
+    a, b = run.predictions(), base.predictions()
+    if not a or not b:
+        missing = run if not a else base
+        raise ReportError(f"`{missing.name}` has no eval/predictions.jsonl: evaluate it (lesft sweep ... again) "
+                          "before a paired comparison")
+    if set(a) != set(b):
+        raise ReportError(
+            f"paired comparison needs the same questions: `{run.name}` answered {len(a)}, `{base.name}` "
+            f"{len(b)}, {len(set(a) & set(b))} in common. Evaluate both with the same eval spec (dataset, "
+            "split, limit, seed)")
+    ids = sorted(a)
+    return [a[q][0] for q in ids], [b[q][0] for q in ids]
+
+
+def _paired_table(runs: list[Run], lay: Layout, baseline: str) -> list[str]:
+    """Each row against ``baseline`` per column, paired by (seed, data_seed) and question."""
+    if baseline not in lay.rows:
+        raise ReportError(f"--baseline {baseline!r} is not a row of this report; rows: {', '.join(lay.rows)}")
+    body = []
+    for col in lay.cols:
+        bases = {r.seed_key: r for r in _members(runs, lay, baseline, col) if r.eval}
+        for row in lay.rows:
+            if row == baseline:
+                continue
+            ms = [r for r in _members(runs, lay, row, col) if r.eval]
+            pairs = ([(ms[0], b) for b in bases.values()] if len(ms) == 1 and ms[0].is_base  # one untuned model
+                     else [(r, bases[r.seed_key]) for r in ms if r.seed_key in bases])
+            if not pairs:
+                continue
+            aligned = [_aligned(r, b) for r, b in pairs]
+            pc = paired_comparison([x for x, _ in aligned], [y for _, y in aligned])
+            accs = [sum(x) / len(x) for x, _ in aligned]
+            mean, sd = seed_spread(accs)
+            per_seed = [paired_bootstrap([x], [y])[0] for x, y in aligned]
+            body.append([
+                row, _col_header(lay, col) if lay.col_keys else "", str(pc.seeds), str(pc.questions),
+                f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else ""),
+                f"{100 * pc.diff:+.1f} [{100 * pc.low:+.1f}, {100 * pc.high:+.1f}]",
+                ", ".join(f"{100 * d:+.1f}" for d in per_seed),
+                f"{pc.only_method} / {pc.only_baseline}", f"{pc.p_value:.2g}",
+            ])
+    if not body:
+        return []
+    head = ["method", "column", "seeds", "questions", "accuracy % (mean ± sd over seeds)",
+            f"Δ vs {baseline}, points [95% paired bootstrap]", "Δ per seed", "only method / only baseline",
+            "McNemar p (exact)"]
+    return _md_table(head, body)
+
+
+def _contamination(runs: list[Run], problems: list[str]) -> list[str]:
+    """Does any evaluated problem occur among the training rows of any run of the report?"""
+    train: dict[str, set[str]] = {}
+    for r in runs:
+        p = r.dir / TRAIN_KEYS_FILE
+        if p.is_file():
+            train[r.name] = read_train_keys(p)
+    evaluated: dict[str, list[str]] = {}
+    without_keys = 0
+    for r in runs:
+        for qid, (_, keys) in r.predictions().items():
+            evaluated.setdefault(qid, keys)
+            without_keys += not keys
+    if not evaluated:
+        return ["No evaluated question."]
+    if not train:
+        return [f"Not checked: no run has {TRAIN_KEYS_FILE} (runs made before it was written)."]
+    every = set().union(*train.values())
+    hits = overlap(evaluated.items(), every)
+    line = (f"{len(evaluated)} distinct evaluated problems checked against the training rows of {len(train)} "
+            f"runs (prompt text, and for synthetic problems their equations): ")
+    if without_keys:
+        problems.append(f"{without_keys} prediction(s) carry no problem keys (evaluated before they were recorded); "
+                        "re-evaluate to check them for contamination")
+    if not hits:
+        return [line + "**no overlap**."]
+    where = sorted(n for n, keys in train.items() if overlap(((q, evaluated[q]) for q in hits), keys))
+    problems.append(f"contamination: {len(hits)} evaluated problem(s) occur in the training rows of {len(where)} run(s)")
+    return [line + f"**{len(hits)} overlap** (e.g. {', '.join(hits[:5])}), in the training rows of "
+            + ", ".join(f"`{n}`" for n in where[:10]) + "."]
+
+
+CSV_FIELDS = ("name", "row", "method", "seed", "data_seed", "status", "accuracy", "ci_low", "ci_high", "n",
+              "correct", "final_loss", "rounds", "wall_s", "eval_wall_s") + tuple(f"mb_{d}" for d in DIRECTIONS)
+
+
+def _write_csv(runs: list[Run], path: Path) -> None:
+    """``runs.csv``: one line per run, the numbers of the tables (empty where a run has none)."""
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(CSV_FIELDS)
+        for r in runs:
+            s, e = r.summary or {}, r.eval or {}
+            acc = r.accuracy
+            w.writerow([r.name, r.row, r.method, *r.seed_key, r.sweep_status or "",
+                         *(acc[:3] if acc else ("", "", "")), e.get("n", ""), e.get("correct", ""),
+                         s.get("final_loss", ""), s.get("rounds", ""), s.get("wall_s", ""), e.get("wall_s", ""),
+                         *((s.get("comm_bytes") or {}).get(d, 0) / MB if s else "" for d in DIRECTIONS)])
+
+
 def _token_table(runs: list[Run], lay: Layout) -> list[str]:
     body = []
     for row in lay.rows:
@@ -574,12 +690,12 @@ def _fig_accuracy_vs(runs: list[Run], lay: Layout, key: str, label: str, path: P
     ax = fig.add_subplot()
     for lab, pts in series.items():
         xs = [x for x in xs_all if x in pts]
-        ax.errorbar([pos[x] for x in xs], [100 * pts[x].acc for x in xs], yerr=_yerr([pts[x].acc for x in xs], [pts[x].half for x in xs]),
+        ax.errorbar([pos[x] for x in xs], [100 * pts[x].acc for x in xs], yerr=_yerr([pts[x] for x in xs]),
                     marker="o", capsize=3, label=lab)
     if not numeric:
         ax.set_xticks(list(pos.values()), [_fmt_value(x) for x in xs_all])
     ax.set_xlabel(label)
-    ax.set_ylabel("accuracy % (± half 95% CI)")
+    ax.set_ylabel("accuracy % (Wilson 95% interval)")
     ax.set_title(f"Accuracy vs {label}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -616,12 +732,12 @@ def _fig_ablation(runs: list[Run], lay: Layout, key: str, path: Path) -> bool:
             c = _cell(groups[x][hue])
             if c is None:
                 continue
-            ax.bar(i + width * (j - (len(present) - 1) / 2), 100 * c.acc, width * 0.95, yerr=_yerr([c.acc], [c.half]),
+            ax.bar(i + width * (j - (len(present) - 1) / 2), 100 * c.acc, width * 0.95, yerr=_yerr([c]),
                    capsize=3, color=colours[hue], label=None if hue in labelled else hue)
             labelled.add(hue)
     ax.set_xticks(range(len(xs)), [_fmt_value(x) for x in xs])
     ax.set_xlabel(key)
-    ax.set_ylabel("accuracy % (± half 95% CI)")
+    ax.set_ylabel("accuracy % (Wilson 95% interval)")
     ax.set_title(f"Ablation: {key}")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small")
@@ -679,12 +795,12 @@ def _fig_bytes(runs: list[Run], lay: Layout, path: Path) -> bool:
         if not rs:
             continue
         total = [max(sum(r.summary["comm_bytes"].get(d, 0) for d in DIRECTIONS) / MB, 1e-6) for r in rs]
-        ax.errorbar(total, [100 * r.accuracy[0] for r in rs], yerr=_yerr([r.accuracy[0] for r in rs], [r.accuracy[1] for r in rs]), fmt="o",
+        ax.errorbar(total, [100 * r.accuracy[0] for r in rs], yerr=_yerr([_cell([r]) for r in rs]), fmt="o",
                     capsize=3, color=_colour(lay, row), label=row)
     if all(sum(r.summary["comm_bytes"].get(d, 0) for d in DIRECTIONS) > 0 for r in pts):
         ax.set_xscale("log")
     ax.set_xlabel("total MB communicated (all directions, whole run)")
-    ax.set_ylabel("accuracy % (± half 95% CI)")
+    ax.set_ylabel("accuracy % (Wilson 95% interval)")
     ax.set_title("Accuracy vs communication (one point per run)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
@@ -787,9 +903,11 @@ def _repro(sweep: dict[str, Any] | None, runs: list[Run]) -> list[str]:
     return lines
 
 
-def write_report(sweep_dir: str) -> Path:
-    """Write ``sweep_dir/report.md`` and ``sweep_dir/figures/*.png``; return the report's path.
-    Problems with individual runs are listed in the report (and on stderr), never raised."""
+def write_report(sweep_dir: str, baseline: str | None = None) -> Path:
+    """Write ``sweep_dir/report.md``, ``runs.csv`` and ``figures/*.png``; return the report's path.
+    Problems with individual runs are listed in the report (and on stderr), never raised. ``baseline``: a
+    row (method) to compare every other row with, paired by seed and question (:class:`ReportError` when
+    the runs answered different questions)."""
     root = Path(sweep_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"sweep directory not found: {root}")
@@ -799,6 +917,8 @@ def write_report(sweep_dir: str) -> Path:
     lay = _layout(sweep, runs)
     name = (sweep or {}).get("name") or root.name
     acc_lines, cells = _accuracy_table(runs, lay)
+    paired = _paired_table(runs, lay, baseline) if baseline else []
+    contamination = _contamination(runs, problems)
     over = _overhead_table(runs, lay)
     tok = _token_table(runs, lay)
     figs = _figures(runs, lay, root / "figures", problems)
@@ -819,14 +939,23 @@ def write_report(sweep_dir: str) -> Path:
                                      if lay.mod_keys else "")
                   + (f". Columns: {' · '.join(lay.col_keys)}" if lay.col_keys else "")
                   + f". Evaluated on: {', '.join(evs)}.")
-        md.append("Cell: accuracy % ± half-width of the Wilson 95% interval (n = questions). With several seeds: "
-                  "the mean over seeds ± the mean half-width, and the seeds' standard deviation (sd); the seeds "
+        md.append("Cell: accuracy % [Wilson 95% interval] (n = questions). With several seeds: "
+                  "the mean over seeds [the mean of the seeds' bounds], and the seeds' standard deviation (sd); the seeds "
                   "answer the same questions, so they are not pooled. Best per column in **bold** (one row: best of the "
                   "row); an empty cell "
                   "is a run without an evaluation (see Problems), not 0.")
         md += [""] + acc_lines + [""]
     else:
         md += ["No evaluated run (no eval/eval.json).", ""]
+    if baseline:
+        md += [f"## Paired comparison with `{baseline}`", ""]
+        md += (["Each method against the baseline on the same questions, seed s of one paired with seed s of the "
+                "other (same training rows; the untuned model is paired with every seed). Δ: mean over seeds of "
+                "the accuracy difference, in points, with a 95% percentile interval from 10,000 resamples of the "
+                "questions (one draw serves every seed). Discordant pairs are summed over seeds; p is the exact "
+                "two-sided McNemar test on them.", ""] + paired + [""]) if paired else \
+            [f"No run shares a seed and a column with `{baseline}`.", ""]
+    md += ["## Contamination", ""] + contamination + [""]
     md += ["## Overhead", ""]
     if over:
         md.append("Per method (mean over seeds). Memory: peak MB per side (the largest client's; server empty for "
@@ -852,6 +981,7 @@ def write_report(sweep_dir: str) -> Path:
     md += ["", f"_Report generated in {time.perf_counter() - t0:.1f} s._", ""]
     out = root / "report.md"
     out.write_text("\n".join(md))
+    _write_csv(runs, root / "runs.csv")
     for p in problems:
         print(f"lesft report: {p.replace('`', '')}", file=sys.stderr)
     return out
@@ -865,10 +995,13 @@ def write_report(sweep_dir: str) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``lesft report`` (for :mod:`lesft.cli`)."""
     parser.add_argument("dir", help="sweep directory (written by `lesft sweep`, or any folder of run directories)")
+    parser.add_argument("--baseline", default=None, metavar="METHOD",
+                        help="compare every method with this one (a row of the accuracy table, e.g. splitlora): "
+                             "paired bootstrap interval of the accuracy difference and exact McNemar test")
 
 
 def command(args: argparse.Namespace) -> int:
-    path = write_report(args.dir)
+    path = write_report(args.dir, baseline=args.baseline)
     print(f"report -> {path} (figures in {path.parent / 'figures'})")
     return 0
 
@@ -879,7 +1012,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return command(args)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ReportError) as e:
         print(f"lesft report: error: {e}", file=sys.stderr)
         return 2
 

@@ -37,6 +37,7 @@ from lesft.meters import MB, module_bytes
 from lesft.provenance import device_name, git_commit, versions
 from lesft.model.load import load_model, resolve_device
 from lesft.exchange import LocalSplit, Resync, SplitLink
+from lesft.data.contamination import TRAIN_KEYS_FILE, write_train_keys
 from lesft.model.split import client_head, inspect_decoder, resolve_client_layers, split_model
 from lesft.roles import Aggregator, Client, SplitServer, merge_losses
 from lesft.transport import Loopback, Transport
@@ -46,13 +47,13 @@ def split_clients(cfg: TrainConfig, rows: list[dict[str, str]]) -> list[list[int
     """Row indices of each client: ``per_client`` rows each, or all rows split IID / Dirichlet non-IID
     (over answer labels when rows carry a letter answer, else over prompt-length quartiles)."""
     if cfg.per_client:
-        return per_client_sample(len(rows), cfg.clients, cfg.per_client, cfg.seed)
+        return per_client_sample(len(rows), cfg.clients, cfg.per_client, cfg.data_seed)
     if cfg.partition == "iid":
-        return partition_iid(len(rows), cfg.clients, cfg.seed)
+        return partition_iid(len(rows), cfg.clients, cfg.data_seed)
     alpha = float(cfg.partition.split(":", 1)[1])
     answers = [r.get("answer", "") for r in rows]
     labels = answers if all(len(a) == 1 and a.isalpha() for a in answers) else length_buckets(rows)
-    return partition_dirichlet(labels, cfg.clients, alpha, cfg.seed)
+    return partition_dirichlet(labels, cfg.clients, alpha, cfg.data_seed)
 
 
 def num_rounds(cfg: TrainConfig, sizes: list[int]) -> int:
@@ -220,8 +221,9 @@ def train(
     elif (done := _finished_summary(out, previous, cfg.rounds)) is not None:
         return done  # finished before: nothing to redo
     if rows is None:  # data first: a bad row is reported before a model is loaded
-        rows = load_rows(cfg.data, cfg.samples, cfg.seed, cfg.synthetic, data_dir=cfg.data_dir, target=cfg.target,
+        rows = load_rows(cfg.data, cfg.samples, cfg.data_seed, cfg.synthetic, data_dir=cfg.data_dir, target=cfg.target,
                          rationale=cfg.rationale)
+    write_train_keys(rows, out / TRAIN_KEYS_FILE)  # hashes only: lets a study prove no test problem was trained on
     if model is None or tokenizer is None:
         model, tokenizer = load_model(cfg.model, device="cpu")
     transport = None
@@ -284,6 +286,7 @@ def train(
         "device": device_name(run.device),
         "dtype": cfg.dtype,
         "seed": cfg.seed,
+        "data_seed": cfg.data_seed,
     }
     del run  # free the parties before evaluation loads the merged model
     if cfg.eval:

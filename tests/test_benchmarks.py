@@ -289,23 +289,35 @@ def test_default_data_dir(monkeypatch, tmp_path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", [None, ArithmeticSpec(min_steps=1, max_steps=1, max_value=9)])
-def test_synthetic_train_and_test_are_disjoint(spec) -> None:
-    train = load_benchmark("synthetic", "train", seed=5, spec=spec)
-    test = load_benchmark("synthetic", "test", seed=5, spec=spec)
-    assert len(train) == 800 and len(test) == 200
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
-    assert len({r["prompt"] for r in test}) == 200
-    assert test == load_benchmark("synthetic", "test", seed=5, spec=spec)
+@pytest.mark.parametrize("spec, n_test", [(None, 500), (ArithmeticSpec(min_steps=1, max_steps=1, max_value=9), 10)])
+def test_synthetic_splits_share_no_solution_whatever_the_seeds(spec, n_test) -> None:
+    test = load_benchmark("synthetic", "test", n=n_test, seed=0, spec=spec)
+    validation = load_benchmark("synthetic", "validation", n=n_test, seed=0, spec=spec)
+    solutions = {r["reference"] for r in test}
+    assert len(solutions) == n_test  # distinct problems, not only distinct prompts
+    assert not solutions & {r["reference"] for r in validation}
+    for seed in (0, 1, 2, 7):  # train rows of any seed: none has the equations of a test problem
+        train = load_benchmark("synthetic", "train", n=800, seed=seed, spec=spec)
+        assert len(train) == 800
+        assert not solutions & {r["reference"] for r in train}
+        assert not {r["reference"] for r in validation} & {r["reference"] for r in train}
+    assert test == load_benchmark("synthetic", "test", n=n_test, seed=0, spec=spec)
     for r in train[:5] + test[:5]:
         assert set(r) == KEYS and r["prompt"].endswith("\n" + INSTRUCTION_NUMERIC)
         assert r["target"].endswith(answer_sentence("synthetic", r["answer"]))
         assert check_answer(r) == int(r["answer"])
-    assert load_benchmark("synthetic", "train", n=30, seed=5, spec=spec) == train[:30]
+    assert load_benchmark("synthetic", "train", n=30, seed=7, spec=spec) == train[:30]
 
 
-def test_synthetic_test_avoids_larger_train_sets_too() -> None:
+def test_synthetic_split_of_a_problem_depends_on_its_equations_only() -> None:
+    from lesft.data.synthetic import solution_split
+
+    row = load_benchmark("synthetic", "test", n=1, seed=3)[0]
+    renamed = {**row, "prompt": row["prompt"].replace("apples", "pears"), "id": "x"}
+    assert solution_split(row) == solution_split(renamed) == "test"
+
+
+def test_synthetic_test_set_too_large_for_a_tiny_spec_is_refused() -> None:
     spec = ArithmeticSpec(min_steps=1, max_steps=1, max_value=9)
-    test = load_benchmark("synthetic", "test", n=50, seed=1, spec=spec)
-    train = load_benchmark("synthetic", "train", n=5000, seed=1, spec=spec)
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
+    with pytest.raises(ValueError, match="problem space is too small"):
+        load_benchmark("synthetic", "test", n=200, seed=1, spec=spec)

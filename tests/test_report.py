@@ -106,14 +106,14 @@ def test_tables_figures_and_problems(toy: Path, capsys) -> None:
     # accuracy: columns are the client_layers values (seed is averaged over), rows the methods
     head = next(line for line in md.split("## Accuracy")[1].splitlines() if line.startswith("| method"))
     assert head == "| method | 1/2 | 1/4 |"
-    # sl 1/2: seeds at 40% and 50% -> mean 45.0, CI half-widths 10 and 10 -> 10.0, sd of (40, 50) = 7.07
+    # sl 1/2: seeds at 40% and 50% -> mean 45.0, bounds (30, 50) and (40, 60) -> mean [35, 55], sd of (40, 50) = 7.07
     # sl 1/4: no evaluated run -> an empty cell, not 0
-    assert _row(md, "## Accuracy", "sl") == ["sl", "45.0 ± 10.0 (n=100, 2 seeds, sd 7.1)", ""]
-    # lesft 1/2: 60% twice (best of its column); lesft 1/4: one run, 30/50 = 60.0%, CI (0.46, 0.72) -> 13.0
-    assert _row(md, "## Accuracy", "lesft") == ["lesft", "**60.0 ± 10.0 (n=100, 2 seeds, sd 0.0)**",
-                                                 "**60.0 ± 13.0 (n=50)**"]
+    assert _row(md, "## Accuracy", "sl") == ["sl", "45.0 [35.0, 55.0] (n=100, 2 seeds, sd 7.1)", ""]
+    # lesft 1/2: 60% twice (best of its column); lesft 1/4: one run, 30/50 = 60.0%, CI (0.46, 0.72)
+    assert _row(md, "## Accuracy", "lesft") == ["lesft", "**60.0 [50.0, 70.0] (n=100, 2 seeds, sd 0.0)**",
+                                                 "**60.0 [46.0, 72.0] (n=50)**"]
     # the explicit run: its own row, labelled by the keys it sets; its client_layers (1/4) from its config
-    assert _row(md, "## Accuracy", "lesft (loss=ce, paths=base)")[1:] == ["", "35.0 ± 9.5 (n=100)"]
+    assert _row(md, "## Accuracy", "lesft (loss=ce, paths=base)")[1:] == ["", "35.0 [26.0, 45.0] (n=100)"]
 
     # overhead: MB per direction (2^20 bytes), busy s per epoch = 8 s / (8 rounds x 1 x 2 / 8 samples = 2 epochs)
     cells = _row(md, "## Overhead", "lesft")
@@ -158,8 +158,8 @@ def test_without_sweep_json_and_with_wilson_fallback(tmp_path: Path) -> None:
     (root / "notes").mkdir()  # not a run: ignored
     md = write_report(str(root)).read_text()
     lo, hi = wilson_ci(30, 50)
-    assert _row(md, "## Accuracy", "lesft")[1] == f"**60.0 ± {100 * (hi - lo) / 2:.1f} (n=50)**"
-    assert _row(md, "## Accuracy", "sl")[1] == "40.0 ± 10.0 (n=100)"
+    assert _row(md, "## Accuracy", "lesft")[1] == f"**60.0 [{100 * lo:.1f}, {100 * hi:.1f}] (n=50)**"
+    assert _row(md, "## Accuracy", "sl")[1] == "40.0 [30.0, 50.0] (n=100)"
     assert "notes" not in md
 
 

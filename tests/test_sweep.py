@@ -183,7 +183,8 @@ def test_eval_and_base_method(assets, tmp_path, monkeypatch) -> None:
     from lesft.report import write_report  # the sweep's directory reports, base row included
 
     md = write_report(str(out)).read_text()
-    assert "| base | **20.0 ± 25.0 (n=5)** |" in md and "| sl | **20.0 ± 25.0 (n=5)** |" in md  # a tie: both best
+    # the interval as recorded in eval.json (the fake above: [0, 0.5]), not a symmetric ±
+    assert "| base | **20.0 [0.0, 50.0] (n=5)** |" in md and "| sl | **20.0 [0.0, 50.0] (n=5)** |" in md  # a tie
 
 
 def test_jobs_run_in_child_processes(assets, tmp_path) -> None:

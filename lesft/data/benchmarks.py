@@ -33,8 +33,9 @@ reference:
   source keeps its row, with ``reference == target == "The answer is (X)."`` (nothing dropped). Ids: the
   CSQA ids. The rationale files are read from the local data directory even when the questions come
   from the hub; a missing rationale file is an error (pass ``rationale="none"`` to do without).
-* **synthetic**: :func:`lesft.data.synthetic.generate_arithmetic`; the prompt gets the numeric
-  instruction line, target/reference/answer/id are the generator's (the reference stays the
+* **synthetic**: :func:`lesft.data.synthetic.iter_arithmetic`, splits ``train`` / ``validation`` /
+  ``test`` owning disjoint sets of solutions (a hash of the equations, the same for every seed, so no
+  train row of any seed has a test problem's equations); the prompt gets the numeric instruction line, target/reference/answer/id are the generator's (the reference stays the
   ``a op b = c`` lines + ``Answer: N`` that :func:`~lesft.data.synthetic.check_answer` reads).
 
 ``target="teacher:PATH"``: PATH is a JSONL of ``{"id", "completion"}``; each row's target becomes its
@@ -52,6 +53,7 @@ Hugging Face hub is tried (``datasets`` is imported only then).
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -62,7 +64,7 @@ from typing import Any
 
 from lesft.data.prompts import ANSWER_KINDS, answer_sentence, format_question
 from lesft.data.rows import DataError, read_json_lines
-from lesft.data.synthetic import ArithmeticSpec, generate_arithmetic
+from lesft.data.synthetic import ArithmeticSpec, iter_arithmetic, solution_key, solution_split
 
 __all__ = [
     "BENCHMARKS",
@@ -84,7 +86,7 @@ SPLITS: dict[str, dict[str, str | None]] = {
     "gsm8k": {"train": "train.jsonl", "test": "test.jsonl"},
     "commonsenseqa": {"train": "train_rand_split.jsonl", "validation": "dev_rand_split.jsonl"},
     "aqua_rat": {"train": "train.json", "validation": "dev.json", "test": "test.json"},
-    "synthetic": {"train": None, "test": None},
+    "synthetic": {"train": None, "validation": None, "test": None},
 }
 SUBDIRS = {"gsm8k": "gsm8k", "commonsenseqa": "commonsenseqa", "aqua_rat": "aqua"}
 _SPLIT_ALIASES = {"dev": "validation"}
@@ -100,10 +102,7 @@ RATIONALES: dict[str, dict[str, str]] = {
 _CSQA_SPLIT = {"train": "train", "validation": "dev"}
 
 #: Synthetic rows generated per split when ``n`` is not given.
-SYNTHETIC_DEFAULT_N = {"train": 800, "test": 200}
-#: Synthetic test prompts never occur among this many train rows of the same seed and spec (the generator
-#: is prefix-stable, so this covers every synthetic train set of up to this many rows).
-SYNTHETIC_TRAIN_POOL = 10_000
+SYNTHETIC_DEFAULT_N = {"train": 800, "validation": 200, "test": 200}
 
 
 def default_data_dir() -> Path | None:
@@ -325,36 +324,31 @@ def _csqa_row(rec: dict[str, Any], where: str, rationales: dict[str, str]) -> di
 
 
 def _synthetic(split: str, n: int | None, seed: int, spec: ArithmeticSpec | None) -> list[dict[str, str]]:
+    """``n`` problems of ``split``: the stream of ``seed`` (``f"{split}-{seed}"`` for the evaluation splits)
+    filtered to the solutions the split owns (:func:`solution_split`); evaluation splits hold distinct
+    solutions. Disjoint from every other split at the level of the equations, whatever the seeds."""
     spec = ArithmeticSpec() if spec is None else spec
     n = SYNTHETIC_DEFAULT_N[split] if n is None else n
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"synthetic needs n >= 1, got {n!r}")
-    if split == "train":
-        rows = generate_arithmetic(n, seed=seed, spec=spec)
-    else:
-        # A disjoint seed stream (a string seed; train seeds are ints), then every prompt seen in the first
-        # SYNTHETIC_TRAIN_POOL train rows of this seed, or earlier in the test set, is skipped.
-        seen = {r["prompt"] for r in generate_arithmetic(SYNTHETIC_TRAIN_POOL, seed=seed, spec=spec)}
-        budget, m = 50 * n + 1000, 2 * n + 16
-        while True:
-            rows, kept = generate_arithmetic(min(m, budget), seed=f"test-{seed}", spec=spec), []
-            local_seen = set(seen)
-            for r in rows:
-                if r["prompt"] not in local_seen:
-                    local_seen.add(r["prompt"])
-                    kept.append(r)
-                    if len(kept) == n:
-                        break
-            if len(kept) == n:
-                rows = kept
-                break
-            if m >= budget:
-                raise ValueError(
-                    f"synthetic test: only {len(kept)} of {n} problems avoid the train set in {budget} draws; "
-                    "the spec's problem space is too small (raise max_value/max_steps or lower n)"
-                )
-            m *= 2
-    return [{**r, "prompt": format_question("synthetic", r["prompt"])} for r in rows]
+    distinct = split != "train"
+    stream = iter_arithmetic(seed if split == "train" else f"{split}-{seed}", spec)
+    budget = 200 * n + 10_000
+    rows: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for row in itertools.islice(stream, budget):
+        key = solution_key(row)
+        if solution_split(row) != split or (distinct and key in seen):
+            continue
+        seen.add(key)
+        rows.append(row)
+        if len(rows) == n:
+            return [{**r, "prompt": format_question("synthetic", r["prompt"])} for r in rows]
+    raise ValueError(
+        f"synthetic {split}: only {len(rows)} of {n} problems with {'distinct ' if distinct else ''}solutions "
+        f"of this split in {budget} draws; the spec's problem space is too small (raise max_value/max_steps "
+        "or lower n)"
+    )
 
 
 # --------------------------------------------------------------------------------------------

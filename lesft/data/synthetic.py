@@ -26,11 +26,15 @@ Only ``random.Random(seed)`` is used, so ``(n, seed, spec)`` fully determines th
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import random
 import re
 from dataclasses import dataclass, field
+from typing import Iterator
 
-__all__ = ["OPERATIONS", "ArithmeticSpec", "check_answer", "generate_arithmetic"]
+__all__ = ["OPERATIONS", "SPLIT_BUCKETS", "ArithmeticSpec", "check_answer", "generate_arithmetic", "iter_arithmetic",
+           "solution_key", "solution_split"]
 
 #: Allowed operation names and their symbols (as written in targets and references).
 OPERATIONS: dict[str, str] = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
@@ -246,10 +250,20 @@ def _make_row(rng: random.Random, seed: int, i: int, spec: ArithmeticSpec) -> di
     }
 
 
+def iter_arithmetic(seed: int | str = 0, spec: ArithmeticSpec = ArithmeticSpec()) -> Iterator[dict[str, str]]:
+    """The endless stream of word problems of ``(seed, spec)``; row ``i`` has id ``f"arith-{seed}-{i}"``."""
+    if not isinstance(spec, ArithmeticSpec):
+        raise ValueError(f"spec must be an ArithmeticSpec, got {spec!r}")
+    spec.validate()
+    rng = random.Random(seed)
+    for i in itertools.count():
+        yield _make_row(rng, seed, i, spec)
+
+
 def generate_arithmetic(
-    n: int, seed: int = 0, spec: ArithmeticSpec = ArithmeticSpec()
+    n: int, seed: int | str = 0, spec: ArithmeticSpec = ArithmeticSpec()
 ) -> list[dict[str, str]]:
-    """Generate ``n`` word problems, deterministically from ``(n, seed, spec)``.
+    """The first ``n`` rows of :func:`iter_arithmetic`, deterministically from ``(n, seed, spec)``.
 
     Each row is ``{"id", "prompt", "target", "reference", "answer"}`` (all strings); row ``i``
     has id ``f"arith-{seed}-{i}"`` and the first ``m`` rows of ``n > m`` equal the ``m`` rows.
@@ -257,11 +271,24 @@ def generate_arithmetic(
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
-    if not isinstance(spec, ArithmeticSpec):
-        raise ValueError(f"spec must be an ArithmeticSpec, got {spec!r}")
-    spec.validate()
-    rng = random.Random(seed)
-    return [_make_row(rng, seed, i, spec) for i in range(n)]
+    return list(itertools.islice(iter_arithmetic(seed, spec), n))
+
+
+#: Each split owns a fixed range of 100 buckets of the solution space (bucket = hash of the equations, see
+#: :func:`solution_split`): test 10 %, validation 10 %, train 80 %. A problem's split depends on its solution
+#: only, never on a seed, so no train row of any seed has the equations of any test or validation problem.
+SPLIT_BUCKETS: dict[str, range] = {"test": range(0, 10), "validation": range(10, 20), "train": range(20, 100)}
+
+
+def solution_key(row: dict[str, str]) -> str:
+    """What makes two problems the same problem: their equations (``reference`` without names or objects)."""
+    return row["reference"]
+
+
+def solution_split(row: dict[str, str]) -> str:
+    """The split that owns this problem's solution: ``train``, ``validation`` or ``test``."""
+    bucket = int.from_bytes(hashlib.sha256(solution_key(row).encode()).digest()[:8], "big") % 100
+    return next(name for name, r in SPLIT_BUCKETS.items() if bucket in r)
 
 
 _EQUATION = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)$")

@@ -114,7 +114,7 @@ def train_remote(cfg: TrainConfig, net: NetArgs, server: str, token: str, client
     from lesft.deploy.remote import RemoteSplit
     from lesft.train import split_clients, train
 
-    rows = load_rows(cfg.data, cfg.samples, cfg.seed, cfg.synthetic, data_dir=cfg.data_dir, target=cfg.target,
+    rows = load_rows(cfg.data, cfg.samples, cfg.data_seed, cfg.synthetic, data_dir=cfg.data_dir, target=cfg.target,
                      rationale=cfg.rationale)
     if take_share:
         rows = [rows[i] for i in split_clients(cfg, rows)[client_id]]
