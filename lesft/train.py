@@ -13,8 +13,10 @@ Per round (= one optimizer step for every party):
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
+import random
 import shutil
 import time
 from dataclasses import replace
@@ -33,7 +35,7 @@ from lesft.data.rows import load_rows
 from lesft.data.samples import build_sample
 from lesft.lora import add_lora, export_adapter, lora_state
 from lesft.messages import AdapterBroadcast
-from lesft.meters import MB, module_bytes
+from lesft.meters import MB, module_bytes, peak_rss_mb
 from lesft.provenance import device_name, git_commit, versions
 from lesft.model.load import load_model, resolve_device
 from lesft.exchange import LocalSplit, Resync, SplitLink
@@ -57,10 +59,19 @@ def split_clients(cfg: TrainConfig, rows: list[dict[str, str]]) -> list[list[int
 
 
 def num_rounds(cfg: TrainConfig, sizes: list[int]) -> int:
-    """``cfg.rounds``, or enough rounds for ``epochs`` passes over the largest client's data."""
+    """``cfg.rounds``, or enough rounds for ``epochs`` passes over the largest client's data (in expectation
+    when only ``clients_per_round`` of the clients train each round)."""
     if cfg.rounds:
         return cfg.rounds
-    return max(1, math.ceil(cfg.epochs * max(sizes) / (cfg.batch_size * cfg.grad_accum)))
+    share = cfg.clients_per_round / len(sizes) if 0 < cfg.clients_per_round < len(sizes) else 1.0
+    return max(1, math.ceil(cfg.epochs * max(sizes) / (cfg.batch_size * cfg.grad_accum) / share))
+
+
+def frozen_memo(*parts: torch.nn.Module | None) -> dict[int, torch.Tensor]:
+    """A ``copy.deepcopy`` memo under which the frozen tensors of ``parts`` copy as themselves: the copies
+    share the frozen base and own only what trains (LoRA)."""
+    return {id(t): t for m in parts if m is not None
+            for t in itertools.chain(m.parameters(), m.buffers()) if not t.requires_grad}
 
 
 def build_parts(cfg: TrainConfig, model: PreTrainedModel):
@@ -98,8 +109,13 @@ class Run:
         ids = range(len(parts)) if link is None else [client_id or 0]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-        def client(cid: int, idx: list[int]) -> Client:
-            b, t, h = copy.deepcopy((bottom, None if cfg.split else top, head))  # one copy: a tied head
+        if link is not None and cfg.clients_per_round:
+            raise ValueError("clients_per_round samples the clients of an in-process simulation; a networked "
+                             "client trains every round (sample clients in the Flower ServerApp instead)")
+        shared = frozen_memo(bottom, top, head) if cfg.share_base else {}
+
+        def client(cid: int, idx: list[int]) -> Client:  # one deepcopy per client: a tied head stays tied
+            b, t, h = copy.deepcopy((bottom, None if cfg.split else top, head), memo=dict(shared))
             return Client(cid, b.to(self.device), [samples[j] for j in idx], cfg, pad_id, self.device,
                           top=t.to(self.device) if t is not None else None,
                           head=h.to(self.device) if h is not None else None)
@@ -113,25 +129,37 @@ class Run:
 
     # ------------------------------------------------------------------ one round
 
+    def sampled(self, r: int) -> list[Client]:
+        """The clients that train in round ``r``: all, or ``clients_per_round`` of them drawn from
+        ``(seed, r)`` alone (so a resumed run draws the same)."""
+        m = self.cfg.clients_per_round
+        if not m or m >= len(self.clients):
+            return self.clients
+        ids = sorted(random.Random(f"{self.cfg.seed}:clients:{r}").sample(range(len(self.clients)), m))
+        return [self.clients[i] for i in ids]
+
     def round(self, r: int) -> dict[str, Any]:
         """Run round ``r`` (0-based); return its metrics line."""
         cfg = self.cfg
-        client_parts: dict[int, list] = {c.cid: [] for c in self.clients}
+        active = self.sampled(r)
+        client_parts: dict[int, list] = {c.cid: [] for c in active}
         for micro in range(cfg.grad_accum):
             step = r * cfg.grad_accum + micro
             if self.link is not None:
-                for c, p in zip(self.clients, self.link.micro_step(self.clients, step)):
+                for c, p in zip(active, self.link.micro_step(active, step)):
                     client_parts[c.cid].append(p)
             else:
-                for c in self.clients:
+                for c in active:
                     client_parts[c.cid].append(c.local_step())
         if self.link is not None:
             self.link.round_end()
-        for c in self.clients:
+        for c in active:
             c.step()
         aggregated = bool(self.aggregator and ((r + 1) % cfg.aggregate_every == 0 or r + 1 == self.rounds))
-        if aggregated:
-            self.aggregate()
+        if aggregated:  # the clients that trained since the last aggregation (rounds r0..r)
+            r0 = r // cfg.aggregate_every * cfg.aggregate_every
+            trained = {c.cid for q in range(r0, r + 1) for c in self.sampled(q)}
+            self.aggregate([c for c in self.clients if c.cid in trained])
         per_client = {cid: merge_losses(ps) for cid, ps in client_parts.items()}
         loss, stats = merge_losses([p for ps in client_parts.values() for p in ps])
         return {
@@ -140,6 +168,7 @@ class Run:
             "loss_per_client": {str(cid): v[0].item() for cid, v in per_client.items()},
             "aggregated": aggregated,
             "comm_bytes": self.transport.meter.totals(),
+            **({"clients": [c.cid for c in active]} if active is not self.clients else {}),
             **({"token_classes": stats} if stats else {}),
         }
 
@@ -149,9 +178,10 @@ class Run:
             c.bottom.zero_grad(set_to_none=True)
             c._pending, c._labels = None, None
 
-    def aggregate(self) -> None:
+    def aggregate(self, trained: list[Client]) -> None:
+        """FedAvg of the ``trained`` clients' adapters (weights |D_i|), broadcast to every client."""
         send = self.transport.send
-        uploads = [send(c.upload(), "client_to_aggregator") for c in self.clients]
+        uploads = [send(c.upload(), "client_to_aggregator") for c in trained]
         avg = self.aggregator.aggregate(uploads)
         for c in self.clients:
             c.receive(send(avg, "aggregator_to_client"))
@@ -170,6 +200,7 @@ class Run:
             "peak_memory_mb": {
                 "client": max(client_bytes(c) + c.meter.peak_transient for c in self.clients) / MB,
                 "server": (module_bytes(s.top, s.optimizer) + s.meter.peak_transient) / MB if s else None,
+                "simulation": peak_rss_mb(),  # this whole process (every party, model loading included)
             },
             "latency_s": {
                 "client": sum(c.meter.seconds for c in self.clients) / len(self.clients),
