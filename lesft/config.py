@@ -103,6 +103,11 @@ class TrainConfig:
     aggregate_every: int | None = _help(
         "Aggregate client adapters every I rounds, weighted by |D_i| (0 = never).", default=None
     )
+    aggregation: str = _help(
+        "How client adapters are combined: fedavg (every tensor averaged), ffa (FFA-LoRA: A frozen at its "
+        "initialisation, B averaged), fedsa (FedSA-LoRA: A averaged, B kept per client, one adapter exported "
+        "per client) or a name registered with lesft.strategies.register_strategy.", default="fedavg"
+    )
     paths: str | None = _help(
         "Inputs used: 'base' (x), 'dual' (x and the forward-only reference x~ = x + solution) or 'reference' (train on x~).",
         default=None,

@@ -17,11 +17,12 @@ import torch
 
 from lesft.config import TrainConfig
 from lesft.data.samples import Batch, Sample, collate
-from lesft.lora import load_lora_state, lora_state
+from lesft.lora import load_lora_state, lora_key, lora_state
 from lesft.loss import IGNORE_INDEX, ce_loss, lesft_loss
 from lesft.messages import Activations, ActivationGrad, AdapterBroadcast, AdapterUpload, PathBatch
 from lesft.meters import RoleMeter
 from lesft.model.split import ClientPart, HeadPart, ServerPart
+from lesft.strategies import Strategy, get_strategy
 
 STAT_KEYS = ("salient", "subsalient", "irrelevant")
 
@@ -196,6 +197,10 @@ class Client:
         self.head = head  # label-private mode: the final norm + LM head stay here
         self.n_samples = len(samples)
         self.stream = DataStream(samples, cfg.batch_size, seed=cfg.seed * 1000 + cid)
+        self.strategy = get_strategy(cfg.aggregation)
+        for name, p in bottom.named_parameters():  # e.g. FFA-LoRA: A stays at the common initialisation
+            if p.requires_grad and not self.strategy.trains(lora_key(name)):
+                p.requires_grad_(False)
         self.trainable = any(p.requires_grad for p in bottom.parameters())
         self.optimizer = _optimizer(bottom, cfg) if self.trainable else None
         self.meter = RoleMeter(device)
@@ -274,12 +279,15 @@ class Client:
         _step(self.optimizer, self.meter)
 
     def upload(self) -> AdapterUpload:
-        return AdapterUpload(self.cid, self.n_samples, lora_state(self.bottom))
+        """The adapter tensors the aggregation strategy shares."""
+        state = lora_state(self.bottom)
+        return AdapterUpload(self.cid, self.n_samples, {k: v for k, v in state.items() if self.strategy.shares(k)})
 
     def receive(self, msg: AdapterBroadcast) -> None:
-        """Overwrite the adapter with the average; the local AdamW moments are kept (see README)."""
+        """Overwrite the broadcast tensors (all, or the shared ones) with the aggregate; the rest and the
+        local AdamW moments are kept (see README)."""
         with self.meter.measure():
-            load_lora_state(self.bottom, msg.tensors)
+            load_lora_state(self.bottom, msg.tensors, partial=True)
 
 
 class SplitServer:
@@ -373,21 +381,14 @@ def _unlabelled(b: PathBatch) -> PathBatch:
 
 
 class Aggregator:
-    """FedAvg over client adapters: theta = sum_i |D_i| / |D| * theta_i (accumulated in float64)."""
+    """Combines client adapter uploads by an aggregation strategy (default FedAvg: theta = sum_i |D_i| / |D|
+    * theta_i, accumulated in float64); the broadcast holds the tensors the strategy shares."""
 
-    def __init__(self) -> None:
+    def __init__(self, strategy: Strategy | None = None) -> None:
+        self.strategy = strategy or get_strategy("fedavg")
         self.rounds = 0
 
     def aggregate(self, uploads: list[AdapterUpload]) -> AdapterBroadcast:
-        if not uploads:
-            raise ValueError("nothing to aggregate")
-        total = sum(u.n_samples for u in uploads)
-        if total <= 0:
-            raise ValueError("clients reported no samples")
-        keys = uploads[0].tensors.keys()
-        avg = {}
-        for k in keys:
-            acc = sum(u.tensors[k].double() * (u.n_samples / total) for u in uploads)
-            avg[k] = acc.to(uploads[0].tensors[k].dtype)
+        shared = self.strategy.aggregate([(u.tensors, u.n_samples) for u in uploads])
         self.rounds += 1
-        return AdapterBroadcast(self.rounds, avg)
+        return AdapterBroadcast(self.rounds, shared)

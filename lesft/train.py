@@ -42,6 +42,7 @@ from lesft.exchange import LocalSplit, Resync, SplitLink
 from lesft.data.contamination import TRAIN_KEYS_FILE, write_train_keys
 from lesft.model.split import client_head, inspect_decoder, resolve_client_layers, split_model
 from lesft.roles import Aggregator, Client, SplitServer, merge_losses
+from lesft.strategies import get_strategy
 from lesft.transport import Loopback, Transport
 
 
@@ -124,7 +125,7 @@ class Run:
         self.transport = transport or Loopback(cfg.wire_dtype)
         self.server = SplitServer(top.to(self.device), cfg, self.device) if cfg.split and link is None else None
         self.link = link or (LocalSplit(self.server, self.transport, cfg.label_privacy) if self.server else None)
-        self.aggregator = Aggregator() if cfg.aggregate_every and link is None else None
+        self.aggregator = Aggregator(get_strategy(cfg.aggregation)) if cfg.aggregate_every and link is None else None
         self.rounds = num_rounds(cfg, [c.n_samples for c in self.clients])
 
     # ------------------------------------------------------------------ one round
@@ -210,7 +211,8 @@ class Run:
 
     def export(self, out: Path, base_model: str) -> None:
         """``out/adapter``: the unsplit model's adapter as client 0 holds it (after the final aggregation,
-        every client holds the same); without aggregation also ``out/client_adapters/client_i``."""
+        every client holds the same); without aggregation, or with a personalised strategy (fedsa), also
+        ``out/client_adapters/client_i``."""
         def write(c: Client, path: Path) -> None:
             parts = []
             if self.cfg.client_trainable:
@@ -220,7 +222,8 @@ class Run:
             export_adapter(parts, self.layers_path, self.cfg.lora, path, base_model)
 
         write(self.clients[0], out / "adapter")
-        if not self.aggregator and len(self.clients) > 1 and self.cfg.client_trainable:
+        personal = not self.aggregator or self.aggregator.strategy.personalised
+        if personal and len(self.clients) > 1 and self.cfg.client_trainable:
             for c in self.clients:
                 write(c, out / "client_adapters" / f"client_{c.cid}")
 
