@@ -26,8 +26,10 @@ def run_point(model: str, clients: int, sampled: int, rounds: int, out: Path, ex
            "--samples", str(2 * clients), "--clients", str(clients), "--clients_per_round", str(sampled),
            "--rounds", str(rounds), "--grad_accum", "1", "--progress", "false", "--checkpoint_every", "0",
            "--device", "cpu", "--out", str(out), "--overwrite", *extra]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    p = subprocess.run(cmd, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
     s = json.loads((out / "summary.json").read_text())
     rounds_s = [json.loads(x)["elapsed_s"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     return {"clients": clients, "sampled": sampled, "peak_rss_mb": s["peak_memory_mb"]["simulation"],
