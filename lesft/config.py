@@ -112,7 +112,9 @@ class TrainConfig:
         "Inputs used: 'base' (x), 'dual' (x and the forward-only reference x~ = x + solution) or 'reference' (train on x~).",
         default=None,
     )
-    loss: str | None = _help("Loss: 'ce' (token-mean cross-entropy) or 'lesft' (token-weighted, needs paths=dual).", default=None)
+    loss: str | None = _help(
+        "Loss: 'ce' (token-mean cross-entropy), 'lesft' (token-weighted, needs paths=dual) or a name registered "
+        "with lesft.objectives.register_objective.", default=None)
     label_privacy: bool = _help(
         "U-shaped split: the client also holds the final norm and LM head and computes the loss, so the "
         "server receives hidden states only, never target ids (two exchanges per micro-step).", default=False

@@ -18,13 +18,13 @@ import torch
 from lesft.config import TrainConfig
 from lesft.data.samples import Batch, Sample, collate
 from lesft.lora import load_lora_state, lora_key, lora_state
-from lesft.loss import IGNORE_INDEX, ce_loss, lesft_loss
+from lesft.loss import IGNORE_INDEX
+from lesft.objectives import Objective, ObjectiveBatch, get_objective, token_mean_stats
 from lesft.messages import Activations, ActivationGrad, AdapterBroadcast, AdapterUpload, PathBatch
 from lesft.meters import RoleMeter
 from lesft.model.split import ClientPart, HeadPart, ServerPart
 from lesft.strategies import Strategy, get_strategy
 
-STAT_KEYS = ("salient", "subsalient", "irrelevant")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -87,39 +87,30 @@ def head_losses(
     if ref is not None:
         with _eval_mode(top):
             ref_logits, _ = top(ref.hidden, ref.attention_mask, ref.position_ids)
+    objective = get_objective(cfg.loss)
     out = []
     for b0, b1 in bounds:
         labels = base.labels[b0:b1]
         targets = labels[:, 1:] != IGNORE_INDEX
         n_tokens = int(targets.sum())
         n_samples = int(targets.any(dim=1).sum())
-        if cfg.loss == "lesft":
-            loss, stats = lesft_loss(logits[b0:b1], labels, ref_logits[b0:b1], ref.labels[b0:b1],
-                                     final[b0:b1].detach(), cfg.lesft)
-        else:
-            loss, stats = ce_loss(logits[b0:b1], labels), {}
+        batch = ObjectiveBatch(logits[b0:b1], labels, final[b0:b1].detach(),
+                               ref_logits[b0:b1] if ref_logits is not None else None,
+                               ref.labels[b0:b1] if ref is not None else None)
+        loss, stats = objective.fn(batch, cfg)
         out.append(SliceLoss(loss, n_samples, n_tokens, stats))
     return out
 
 
-def merge_losses(parts: list[SliceLoss]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean over samples of all slices (so the batch mean of per-sample losses) and token-weighted stats."""
+def merge_losses(parts: list[SliceLoss], objective: Objective | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over samples of all slices (so the batch mean of per-sample losses) and the slices' statistics
+    merged by ``objective`` (token-weighted means by default)."""
     n = sum(p.n_samples for p in parts)
     if n == 0:
         raise ValueError("a batch has no target tokens (targets truncated away?)")
     total = sum(p.loss * p.n_samples for p in parts) / n
-    stats: dict[str, float] = {}
-    if parts[0].stats:
-        tokens = sum(p.n_tokens for p in parts)
-        for k in STAT_KEYS:
-            cls_tok = sum(p.stats[f"frac_{k}"] * p.n_tokens for p in parts)
-            stats[f"frac_{k}"] = cls_tok / tokens
-            stats[f"mean_weight_{k}"] = (
-                sum(p.stats[f"mean_weight_{k}"] * p.stats[f"frac_{k}"] * p.n_tokens for p in parts) / cls_tok
-                if cls_tok else 0.0
-            )
-        stats["mean_weight"] = sum(p.stats["mean_weight"] * p.n_tokens for p in parts) / tokens
-    return total, stats
+    merge = objective.merge_stats if objective is not None else token_mean_stats
+    return total, (merge(parts) if parts[0].stats else {})
 
 
 def _check_finite(loss: torch.Tensor, where: str) -> None:

@@ -42,6 +42,7 @@ from lesft.exchange import LocalSplit, Resync, SplitLink
 from lesft.data.contamination import TRAIN_KEYS_FILE, write_train_keys
 from lesft.model.split import client_head, inspect_decoder, resolve_client_layers, split_model
 from lesft.roles import Aggregator, Client, SplitServer, merge_losses
+from lesft.objectives import get_objective
 from lesft.strategies import get_strategy
 from lesft.transport import Loopback, Transport
 
@@ -161,8 +162,9 @@ class Run:
             r0 = r // cfg.aggregate_every * cfg.aggregate_every
             trained = {c.cid for q in range(r0, r + 1) for c in self.sampled(q)}
             self.aggregate([c for c in self.clients if c.cid in trained])
-        per_client = {cid: merge_losses(ps) for cid, ps in client_parts.items()}
-        loss, stats = merge_losses([p for ps in client_parts.values() for p in ps])
+        objective = get_objective(cfg.loss)
+        per_client = {cid: merge_losses(ps, objective) for cid, ps in client_parts.items()}
+        loss, stats = merge_losses([p for ps in client_parts.values() for p in ps], objective)
         return {
             "round": r + 1,
             "loss": loss.item(),
