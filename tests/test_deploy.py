@@ -26,6 +26,7 @@ from lesft.messages import Activations, PathBatch
 from lesft.train import train
 
 H = 32
+T0, T1 = "token-of-client-0-" + "a" * 16, "token-of-client-1-" + "b" * 16  # >= 22 characters
 TIMEOUT = 120  # seconds any one test may wait on a process
 
 
@@ -220,7 +221,7 @@ def test_killed_server_restarts_from_its_checkpoint_and_the_client_continues(ass
 @pytest.fixture()
 def live(assets, server_model, tmp_path):
     """A SplitService on a free loopback port in this process; yields (address, tokens, cfg, service)."""
-    tokens = {"tok-0": 0, "tok-1": 1}
+    tokens = {T0: 0, T1: 1}
     cfg = methods.resolve(TrainConfig(method="sl", model=str(server_model), clients=2, client_layers="1",
                                       grad_accum=1, device="cpu", lora=LoraArgs(r=4, alpha=8, dropout=0.0)))
     net = NetArgs(timeout_s=1.0, retries=1, backoff_s=0.05)
@@ -247,12 +248,12 @@ def test_wrong_token_is_refused(live) -> None:
 def test_client_cannot_speak_for_another(live) -> None:
     address, cfg, net, _ = live
     with pytest.raises(RemoteError, match="PERMISSION_DENIED"):
-        RemoteSplit(address, "tok-0", cfg, net).call(act(cid=1))
+        RemoteSplit(address, T0, cfg, net).call(act(cid=1))
 
 
 def test_bad_tensors_are_rejected_and_the_server_keeps_serving(live) -> None:
     address, cfg, net, service = live
-    link = RemoteSplit(address, "tok-0", cfg, net)
+    link = RemoteSplit(address, T0, cfg, net)
     nan = act(0)
     nan.base.hidden[0, 1, 2] = float("nan")
     with pytest.raises(RemoteError, match="INVALID_ARGUMENT.*NaN"):
@@ -276,7 +277,7 @@ def test_bad_tensors_are_rejected_and_the_server_keeps_serving(live) -> None:
 
 def test_stalled_client_is_told_to_resync(live) -> None:
     address, cfg, net, service = live
-    a, b = RemoteSplit(address, "tok-0", cfg, net), RemoteSplit(address, "tok-1", cfg, net)
+    a, b = RemoteSplit(address, T0, cfg, net), RemoteSplit(address, T1, cfg, net)
     a.call(act(0))          # client 1 never sends step 0: the step closes without it after 1 s
     from lesft.exchange import Resync
 
@@ -289,7 +290,7 @@ def test_stalled_client_is_told_to_resync(live) -> None:
 def test_large_messages_travel_in_chunks_and_oversized_ones_are_refused(live) -> None:
     address, cfg, net, service = live
     service.expected = {0}
-    link = RemoteSplit(address, "tok-0", cfg, NetArgs(chunk_mb=0.01, retries=0))  # 10 KiB chunks
+    link = RemoteSplit(address, T0, cfg, NetArgs(chunk_mb=0.01, retries=0))  # 10 KiB chunks
     reply = link.call(act(0, t=200))  # 200 x 32 fp32 = 25.6 KB of hidden states: three chunks
     assert reply.grad.shape == (1, 200, H)
     net.max_message_mb = 0.01  # the server's limit
@@ -332,7 +333,7 @@ def test_label_private_networked_run_never_sends_target_ids(assets, server_model
     service = build_service(methods.resolve(cfg_from(base_flags(assets, tmp_path / "srv", label_privacy="true",
                                                                 model=str(server_model)))),
                             net, [0, 1], tmp_path / "srv")
-    server, port = serve(service, "127.0.0.1:0", net, {"t0": 0, "t1": 1})
+    server, port = serve(service, "127.0.0.1:0", net, {T0: 0, T1: 1})
     rows = load_jsonl(str(assets / "rows.jsonl"))
     shares = split_clients(cfg, rows)
     results: dict[int, dict] = {}
@@ -340,7 +341,7 @@ def test_label_private_networked_run_never_sends_target_ids(assets, server_model
     def run(i: int) -> None:
         from dataclasses import replace
 
-        link = RemoteSplit(f"127.0.0.1:{port}", f"t{i}", cfg, net)
+        link = RemoteSplit(f"127.0.0.1:{port}", (T0, T1)[i], cfg, net)
         results[i] = train(replace(cfg, out=str(tmp_path / f"c{i}")), rows=[rows[j] for j in shares[i]],
                            link=link, client_id=i)
         link.close()
@@ -374,7 +375,7 @@ def test_label_private_server_refuses_labels(live) -> None:
     address, cfg, net, service = live
     service.cfg.label_privacy = True
     with pytest.raises(RemoteError, match="refuses target ids"):
-        RemoteSplit(address, "tok-0", cfg, net).call(act(0))
+        RemoteSplit(address, T0, cfg, net).call(act(0))
 
 
 def test_tls_on_loopback_with_a_self_signed_certificate(live, tmp_path, assets, server_model) -> None:
@@ -401,12 +402,12 @@ def test_tls_on_loopback_with_a_self_signed_certificate(live, tmp_path, assets, 
                                                          serialization.NoEncryption()))
     _, cfg, _, service = live
     tls = NetArgs(tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem"), retries=0, timeout_s=5)
-    server, port = serve(service, "localhost:0", tls, {"tok-0": 0})
+    server, port = serve(service, "localhost:0", tls, {T0: 0})
     try:
-        ok = RemoteSplit(f"localhost:{port}", "tok-0", cfg, NetArgs(tls_ca=str(tmp_path / "cert.pem"), retries=0))
+        ok = RemoteSplit(f"localhost:{port}", T0, cfg, NetArgs(tls_ca=str(tmp_path / "cert.pem"), retries=0))
         assert ok.hello()["step"] == 0
         with pytest.raises(RemoteError, match="UNAVAILABLE"):  # plaintext client against the TLS port
-            RemoteSplit(f"localhost:{port}", "tok-0", cfg, NetArgs(retries=0, timeout_s=5)).hello()
+            RemoteSplit(f"localhost:{port}", T0, cfg, NetArgs(retries=0, timeout_s=5)).hello()
     finally:
         server.stop(grace=0)
 
@@ -432,13 +433,14 @@ def test_chunks_and_join_round_trip_any_chunk_size(chunk_bytes) -> None:
 def test_a_step_that_fails_on_the_server_is_an_error_reply_and_serving_goes_on(live) -> None:
     address, cfg, net, service = live
     service.expected = {0}
-    link = RemoteSplit(address, "tok-0", cfg, net)
-    empty = act(0)
-    empty.base.labels[:] = -100  # valid tensors, but nothing to learn: the server's loss refuses the step
-    with pytest.raises(RemoteError, match="INTERNAL.*step 0 failed.*no target tokens"):
-        link.call(empty)
+    link = RemoteSplit(address, T0, cfg, net)
+    service.limits.max_abs = float("inf")  # past the magnitude check: the step itself must catch it
+    huge = act(0, value=3e38)  # finite, but NaN once squared in the norm: the server's loss refuses the step
+    with pytest.raises(RemoteError, match="INVALID_ARGUMENT.*step 0: the message of client 0 breaks"):
+        link.call(huge)
     reply = link.call(act(0, step=1))
     assert torch.isfinite(reply.grad).all() and service.step == 2
+    assert service.counts["steps_failed"] == 1 and service.counts["steps_completed"] == 1
 
 
 def test_a_restarted_server_answers_the_last_step_again(server_model, tmp_path) -> None:
