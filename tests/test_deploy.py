@@ -44,16 +44,6 @@ def cfg_from(flags: list[str]) -> TrainConfig:
     return _config(build_parser().parse_args(["train", *flags]))
 
 
-@pytest.fixture(scope="module")
-def server_model(assets, tmp_path_factory) -> Path:
-    """The tiny model without any tokenizer file: a server that tried to load one would fail."""
-    d = tmp_path_factory.mktemp("server_model")
-    for f in (assets / "model").iterdir():
-        if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors":
-            shutil.copy(f, d / f.name)
-    return d
-
-
 def env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -178,6 +178,7 @@ class SplitService:
         self.contributed = False            # some micro-step of the current round succeeded
         self.counts = {"steps_completed": 0, "steps_failed": 0, "rounds_applied": 0, "rounds_rejected": 0}
         self.log: deque[str] = deque(maxlen=1000)
+        self.admission: Admission | None = None  # set by ``serve``
         self.started = time.perf_counter()
         if out is not None and any((out / d / "state.json").is_file()
                                    for d in ("server_checkpoint", "server_checkpoint.old")):
@@ -217,7 +218,7 @@ class SplitService:
         try:
             return self._exchange(cid, msg, data)
         except ServiceError as e:
-            e.step = msg.step if type(msg.step) is int else None
+            e.step = getattr(msg, "step", None) if type(getattr(msg, "step", None)) is int else None
             raise
 
     def _exchange(self, cid: int, msg: Message, data: bytes | bytearray) -> Parts:
@@ -228,8 +229,9 @@ class SplitService:
             cached = self.replies.get(cid)
             if cached and cached[:2] == (msg.step, phase):  # a retry after a lost reply
                 return self._out(cached[2])
-            if msg.step > self.step and (phase == 2 or msg.step % self.cfg.grad_accum):
-                raise stale(msg.step, self.step)  # ahead mid-round: this server restarted from its last round
+            if msg.step > self.step and (phase == 2 or msg.step % self.cfg.grad_accum
+                                         or msg.step > self.step + self.cfg.grad_accum):
+                raise stale(msg.step, self.step)  # ahead mid-round or by rounds: this server restarted from a checkpoint
             if msg.step > self.step:  # rejoining at the next round start: wait for the others to get there
                 if not self.cv.wait_for(lambda: self.step >= msg.step, timeout=2 * self.net.timeout_s):
                     raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -437,6 +439,8 @@ class SplitService:
 
     def _validate(self, cid: int, msg: Message) -> None:
         bad = grpc.StatusCode.INVALID_ARGUMENT
+        if not isinstance(msg, (Activations, ActivationGrad)):
+            raise ServiceError(bad, f"rejected message from client {cid}: unexpected message kind {msg.kind!r}")
         if msg.client != cid:
             raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
                                f"client {cid} sent a message as client {msg.client}")
@@ -539,7 +543,7 @@ def serve(service: SplitService, address: str, net: NetArgs, tokens: dict[str, i
           workers: int | None = None) -> tuple[grpc.Server, int]:
     """Start the gRPC server on ``address`` (``HOST:PORT``, port 0 = any free one); returns (server, port)."""
     check_tokens(tokens)
-    admission = Admission(net.max_streams, int(net.max_inflight_mb * MB))
+    admission = service.admission = Admission(net.max_streams, int(net.max_inflight_mb * MB))  # (tests read it)
 
     def call(context: grpc.ServicerContext, fn: Callable[[int, Callable[[int], None]], Any]) -> Any:
         """``fn(client id, take)`` for an authenticated caller within its caps; every refusal is answered
@@ -568,13 +572,14 @@ def serve(service: SplitService, address: str, net: NetArgs, tokens: dict[str, i
     def receive(chunks_in, context: grpc.ServicerContext, take: Callable[[int], None]) -> bytearray:
         """A message within ``--recv_timeout_s`` (else the call ends with DEADLINE_EXCEEDED)."""
         reason = f"message not received in full within {net.recv_timeout_s:g} s (--recv_timeout_s)"
-        timer = threading.Timer(net.recv_timeout_s, _expire, (context, reason))
+        fired = threading.Event()
+        timer = threading.Timer(net.recv_timeout_s, lambda: (fired.set(), _expire(context, reason)))
         timer.daemon = True
         timer.start()
         try:
             return join(chunks_in, net.max_message_mb, take)
         except (grpc.RpcError, ValueError):
-            if not timer.is_alive():
+            if fired.is_set():
                 raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, reason) from None
             raise
         finally:

@@ -56,7 +56,7 @@ class NetArgs:
     recv_timeout_s: float = _help("Server: longest time one incoming message may take to arrive in full "
                                   "(DEADLINE_EXCEEDED after it).", default=120.0)
     max_streams: int = _help("Server: calls one client may have open at once (RESOURCE_EXHAUSTED beyond).",
-                             default=4)
+                             default=2)
     max_inflight_mb: float = _help("Server: MiB one client's open calls may hold while receiving "
                                    "(RESOURCE_EXHAUSTED beyond).", default=2048.0)
     insecure: bool = _help("Allow plaintext on a non-loopback address (never do this across a real network).",
