@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -458,3 +457,89 @@ def test_cli_refuses_plaintext_on_a_public_address_before_loading_anything(tmp_p
     rc = main(["client", "--server", "10.9.8.7:50051", "--token", "x", "--client-id", "0", "--model", "nowhere"])
     assert rc == 2 and "refusing to connect to 10.9.8.7:50051 without TLS" in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_a_client_that_skipped_rounds_says_so(assets, server_model, tmp_path, capsys) -> None:
+    """Client 1 joins after the server trained 4 rounds with client 0: it trains 2 of its 6 rounds, its
+    summary says which it skipped and why, and `lesft client` exits 3."""
+    from lesft.cli import main
+
+    cfg = cfg_from(base_flags(assets, tmp_path / "srv", method="sl", grad_accum=1, model=str(server_model)))
+    net = NetArgs(timeout_s=1.0)
+    service = build_service(cfg, net, [0, 1], None)
+    server, port = serve(service, "127.0.0.1:0", net, {T0: 0, T1: 1})
+
+    def lesft_client(cid: int, rounds: int) -> int:
+        flags = strip_out(base_flags(assets, tmp_path, method="sl", grad_accum=1, rounds=rounds, timeout_s=1))
+        return main(["client", "--server", f"127.0.0.1:{port}", "--token", (T0, T1)[cid], "--client-id", str(cid),
+                     "--take-share", *flags, "--out", str(tmp_path / f"c{cid}")])
+
+    try:
+        assert lesft_client(0, 4) == 0
+        capsys.readouterr()
+        assert lesft_client(1, 6) == 3
+    finally:
+        server.stop(grace=0)
+    err = capsys.readouterr().err
+    assert "lesft client 1: trained 2 of 6 rounds; skipped 1..4" in err
+    summary = json.loads((tmp_path / "c1" / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["rounds_planned"] == 6
+    assert [(s["from"], s["to"]) for s in summary["rounds_skipped"]] == [(1, 4)]
+    assert rounds_done(tmp_path / "c1") == 2
+    assert json.loads((tmp_path / "c0" / "summary.json").read_text())["rounds_skipped"] == []
+    assert service.counts["rounds_applied"] == 6 and service.counts["steps_failed"] == 0
+
+
+def test_a_mid_round_server_restart_gives_the_uninterrupted_run(tokenizer, tmp_path) -> None:
+    """The server "restarts" in the second micro-step of round 2 (its partial round lost, the client told to
+    resync at round 2): the client rewinds its data and RNG, so adapters and losses equal an uninterrupted run."""
+    from lesft.exchange import LocalSplit, Resync
+    from lesft.roles import SplitServer
+    from lesft.train import build_parts
+    from lesft.transport import Loopback
+
+    from conftest import make_model, rows
+
+    cfg = methods.resolve(TrainConfig(method="lesft", aggregate_every=0, clients=1, rounds=3, grad_accum=2,
+                                      client_layers="1", max_length=256, device="cpu", progress=False,
+                                      lora=LoraArgs(r=4, alpha=8, dropout=0.1)))
+
+    class Restarting(LocalSplit):
+        def __init__(self, at: int | None) -> None:
+            server = SplitServer(build_parts(cfg, make_model())[2], cfg, torch.device("cpu"))
+            super().__init__(server, Loopback(cfg.wire_dtype))
+            self.meter, self.at = self.transport.meter, at
+
+        def join(self) -> int:
+            return 0
+
+        def micro_step(self, clients, step):
+            if self.at is not None and step == self.at * cfg.grad_accum + 1:
+                for c in clients:
+                    c.forward(step)  # the batch is drawn and sent; the reply never comes
+                self.server.optimizer.zero_grad(set_to_none=True)  # restarted from its round-start checkpoint
+                self.at = None
+                raise Resync(1)
+            return super().micro_step(clients, step)
+
+        def close(self, leave: bool = True) -> None:
+            pass
+
+    results = {}
+    for name, at in (("plain", None), ("restarted", 1)):
+        link = Restarting(at)
+        summary = train(replace_out(cfg, tmp_path / name), make_model(), tokenizer, rows(8), link=link)
+        results[name] = (summary, load_file(str(tmp_path / name / "checkpoint" / "tensors.safetensors")),
+                         {k: v.clone() for k, v in link.server.top.state_dict().items() if "lora_" in k})
+    (s0, c0, v0), (s1, c1, v1) = results["plain"], results["restarted"]
+    assert s1["rounds"] == 3 and s1["rounds_skipped"] == []
+    assert [json.loads(x)["loss"] for x in (tmp_path / "plain" / "metrics.jsonl").open()] == \
+        [json.loads(x)["loss"] for x in (tmp_path / "restarted" / "metrics.jsonl").open()]
+    assert all(torch.equal(c0[k], c1[k]) for k in c0 if ".lora." in k)
+    assert all(torch.equal(v0[k], v1[k]) for k in v0)
+
+
+def replace_out(cfg: TrainConfig, out: Path) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(cfg, out=str(out))
