@@ -217,8 +217,9 @@ class SplitService:
             raise ServiceError(bad, f"malformed message ({type(e).__name__})") from None
         try:
             return self._exchange(cid, msg, data)
-        except ServiceError as e:
-            e.step = getattr(msg, "step", None) if type(getattr(msg, "step", None)) is int else None
+        except ServiceError as e:  # for the log line
+            step = getattr(msg, "step", None)
+            e.step = step if type(step) is int else None
             raise
 
     def _exchange(self, cid: int, msg: Message, data: bytes | bytearray) -> Parts:
@@ -345,19 +346,18 @@ class SplitService:
         """:meth:`_compute`, checked: its gradients must be finite and within ``max_abs``, else (or on any
         error, or with ``keep=False``) the gradients are put back as they were."""
         saved = [p.grad.clone() if p.grad is not None else None for p in self.params]
+        done = False
         try:
             replies = self._compute(step, phase, msgs)
             bad = self._unbounded(p.grad for p in self.params)
             if bad:
                 raise StepRejected(f"server gradients {bad}")
-        except BaseException:
-            keep = False
-            raise
+            done = True
+            return replies
         finally:
-            if not keep:
+            if not (done and keep):
                 for p, g in zip(self.params, saved):
                     p.grad = g
-        return replies
 
     def _unbounded(self, tensors) -> str | None:
         """'non-finite' or 'beyond max_abs' for the first offending tensor, else None."""
@@ -377,11 +377,12 @@ class SplitService:
             return encode_parts(m, wire)[0]
 
         if phase == 2:
-            out = s.backward_middle(msgs)
-            grads = {g.client: g for g in out}
-            return {m.client: (lambda g: encoded(g, g.grad))(grads.get(m.client) or
-                                                             ActivationGrad(m.client, step, torch.empty(0)))
-                    for m in msgs}
+            grads = {g.client: g for g in s.backward_middle(msgs)}
+            replies = {}
+            for m in msgs:
+                g = grads.get(m.client) or ActivationGrad(m.client, step, torch.empty(0))
+                replies[m.client] = encoded(g, g.grad)
+            return replies
         if self.cfg.label_privacy:
             return {t.client: encoded(t, t.base.hidden) for t in s.forward_middle(msgs)}
         grads, parts = s.forward_backward(msgs, send_grads=self.cfg.client_trainable)
@@ -563,9 +564,9 @@ def serve(service: SplitService, address: str, net: NetArgs, tokens: dict[str, i
             err = ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except grpc.RpcError:  # the call ended while receiving (its deadline, or the peer went away)
             err = ServiceError(grpc.StatusCode.CANCELLED, f"client {cid}: the call ended before its message did")
-        except Exception as e:  # noqa: BLE001 -- never raw exception text to the peer
-            service._note(f"internal error serving client {cid}: {type(e).__name__}: {e}")
-            err = ServiceError(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}; see the server log)")
+        except Exception as e:  # noqa: BLE001 -- the details go to the log, never to the peer
+            service.refused(cid, ServiceError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}; see the server log)")
         service.refused(cid, err)
         context.abort(err.code, str(err))
 
