@@ -30,8 +30,8 @@ from lesft.messages import Activations, ActivationGrad, AdapterUpload, PathBatch
 H, V = 32, 104  # the tiny model's hidden size and vocabulary (conftest.make_model)
 T0, T1 = "token-of-client-0-" + "a" * 16, "token-of-client-1-" + "b" * 16
 OK, INV, AUTH = grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED
-PRE, PERM, EXH = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED
-DEADLINE = grpc.StatusCode.DEADLINE_EXCEEDED
+PRE, PERM = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED
+EXH = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def make_cfg(server_model, **kw) -> TrainConfig:

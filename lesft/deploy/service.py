@@ -232,7 +232,7 @@ class SplitService:
                 return self._out(cached[2])
             if msg.step > self.step and (phase == 2 or msg.step % self.cfg.grad_accum
                                          or msg.step > self.step + self.cfg.grad_accum):
-                raise stale(msg.step, self.step)  # ahead mid-round or by rounds: this server restarted from a checkpoint
+                raise stale(msg.step, self.step)  # ahead mid-round or by rounds: restarted from a checkpoint
             if msg.step > self.step:  # rejoining at the next round start: wait for the others to get there
                 if not self.cv.wait_for(lambda: self.step >= msg.step, timeout=2 * self.net.timeout_s):
                     raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -531,13 +531,27 @@ class SplitService:
 
 
 def _expire(context: grpc.ServicerContext, reason: str) -> None:
-    """End a call still receiving with DEADLINE_EXCEEDED (from a timer thread). grpcio's public
-    ``cancel()`` can only say CANCELLED; the call object under it takes a status and a reason."""
+    """End a call with DEADLINE_EXCEEDED (from a timer thread). grpcio's public ``cancel()`` can only
+    say CANCELLED; the call object under it takes a status and a reason."""
     call = getattr(getattr(context, "_rpc_event", None), "call", None)
     try:
         call.cancel(grpc.StatusCode.DEADLINE_EXCEEDED.value[0], reason)
     except Exception:  # noqa: BLE001 -- another grpcio: cancel without a status
         context.cancel()
+
+
+@contextlib.contextmanager
+def _deadline(context: grpc.ServicerContext, seconds: float, reason: str) -> Iterator[threading.Event]:
+    """End the call with DEADLINE_EXCEEDED ``reason`` if the block is still running after ``seconds``;
+    yields the event that tells whether it did."""
+    fired = threading.Event()
+    timer = threading.Timer(seconds, lambda: (fired.set(), _expire(context, reason)))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield fired
+    finally:
+        timer.cancel()
 
 
 def serve(service: SplitService, address: str, net: NetArgs, tokens: dict[str, int],
@@ -573,18 +587,21 @@ def serve(service: SplitService, address: str, net: NetArgs, tokens: dict[str, i
     def receive(chunks_in, context: grpc.ServicerContext, take: Callable[[int], None]) -> bytearray:
         """A message within ``--recv_timeout_s`` (else the call ends with DEADLINE_EXCEEDED)."""
         reason = f"message not received in full within {net.recv_timeout_s:g} s (--recv_timeout_s)"
-        fired = threading.Event()
-        timer = threading.Timer(net.recv_timeout_s, lambda: (fired.set(), _expire(context, reason)))
-        timer.daemon = True
-        timer.start()
-        try:
-            return join(chunks_in, net.max_message_mb, take)
-        except (grpc.RpcError, ValueError):
-            if fired.is_set():
-                raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, reason) from None
-            raise
-        finally:
-            timer.cancel()
+        with _deadline(context, net.recv_timeout_s, reason) as fired:
+            try:
+                return join(chunks_in, net.max_message_mb, take)
+            except (grpc.RpcError, ValueError):
+                if fired.is_set():
+                    raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, reason) from None
+                raise
+
+    def send(reply: Parts, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """The reply's chunks; a peer that does not take them within ``--recv_timeout_s`` loses the call."""
+        if sum(memoryview(p).nbytes for p in reply) <= net.chunk_mb * MB:  # one chunk: gRPC buffers it
+            yield from chunks(reply, net.chunk_mb)
+            return
+        with _deadline(context, net.recv_timeout_s, f"reply not taken within {net.recv_timeout_s:g} s"):
+            yield from chunks(reply, net.chunk_mb)
 
     def hello(request: bytes, context: grpc.ServicerContext) -> bytes:
         def fn(cid: int, take) -> bytes:
@@ -597,11 +614,11 @@ def serve(service: SplitService, address: str, net: NetArgs, tokens: dict[str, i
 
     def exchange(request_iterator, context: grpc.ServicerContext):
         reply = call(context, lambda cid, take: service.exchange(cid, receive(request_iterator, context, take)))
-        yield from chunks(reply, net.chunk_mb)
+        yield from send(reply, context)
 
     def exchange_one(request: bytes, context: grpc.ServicerContext):
         reply = call(context, lambda cid, take: service.exchange(cid, join([request], net.max_message_mb, take)))
-        yield from chunks(reply, net.chunk_mb)
+        yield from send(reply, context)
 
     handler = grpc.method_handlers_generic_handler("lesft.SplitServer", {
         "Hello": grpc.unary_unary_rpc_method_handler(hello),

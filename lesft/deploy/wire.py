@@ -201,7 +201,7 @@ def load_tokens(path: str | Path, clients: int | None = None) -> dict[str, int]:
     mode = stat.S_IMODE(p.stat().st_mode)
     if mode & 0o077 and sys.platform != "win32":
         raise ValueError(f"token file {p} has mode {mode:04o}: others may read the secrets in it; "
-                              f"run `chmod 600 {p}`")
+                         f"run `chmod 600 {p}`")
     try:
         data = json.loads(p.read_text())
         tokens = {str(tok): int(cid) for cid, tok in data.items()}
