@@ -532,3 +532,24 @@ def test_serve_refuses_short_tokens(live) -> None:
     _, _, net, service = live
     with pytest.raises(ValueError, match="shorter than 22"):
         serve(service, "127.0.0.1:0", net, {"tok-0": 0})
+
+
+def test_a_step_that_fails_for_no_clients_fault_is_internal_and_the_client_resyncs(live) -> None:
+    address, cfg, net, service = live
+    compute = service._compute
+
+    def broken(*a, **k):
+        raise RuntimeError("out of memory (simulated)")
+
+    service._compute = broken
+    from lesft.exchange import Resync
+
+    with pytest.raises(Resync) as e:
+        RemoteSplit(address, T0, cfg, net).call(act(0))
+    assert e.value.round == 1 and service.step == 1 and service.counts["steps_failed"] == 1
+    assert any("INTERNAL" not in ln and "out of memory (simulated)" in ln for ln in service.log)
+    got = raw_call(address, wire(act(0, step=0)))  # the cached answer to that step: one line, no raw text
+    assert got[0] == grpc.StatusCode.INTERNAL and "RuntimeError (see the server log)" in got[1]
+    assert "out of memory" not in got[1]
+    service._compute = compute
+    assert torch.isfinite(RemoteSplit(address, T0, cfg, net).call(act(0, step=1)).grad).all()
