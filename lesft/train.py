@@ -276,7 +276,7 @@ def train(
             except Resync as e:  # networked: the server went on without us (or restarted): catch up
                 run.discard_partial_round(mark)
                 skip(r, min(e.round, run.rounds), "the server closed them without this client (it stalled past "
-                     "the server's --timeout_s, or its message was refused)")
+                     "the server's --timeout_s, its message came late, or the step failed on the server)")
                 r = e.round
                 bar.n = r
                 continue
