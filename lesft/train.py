@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lesft import methods
-from lesft.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from lesft.checkpoint import CKPT, find_checkpoint, load_checkpoint, open_checkpoint, save_checkpoint
 from lesft.config import TrainConfig, load_yaml, save_yaml, to_dict
 from lesft.data.partition import length_buckets, partition_dirichlet, partition_iid, per_client_sample
 from lesft.data.rows import load_rows
@@ -175,11 +175,22 @@ class Run:
             **({"token_classes": stats} if stats else {}),
         }
 
-    def discard_partial_round(self) -> None:
-        """Forget the gradients of an unfinished round (networked: the server restarted or moved on)."""
-        for c in self.clients:
+    def mark(self) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """Where the data streams and the torch RNG are (taken at a round start, for :meth:`discard_partial_round`)."""
+        return [(c.stream.epoch, c.stream.pos) for c in self.clients], torch.get_rng_state()
+
+    def discard_partial_round(self, mark: tuple[list[tuple[int, int]], torch.Tensor]) -> None:
+        """Forget the gradients of an unfinished round (networked: the server restarted or moved on) and
+        rewind the data streams and RNG to ``mark``, so the round's micro-batches are drawn again."""
+        streams, rng = mark
+        for c, (epoch, pos) in zip(self.clients, streams):
             c.bottom.zero_grad(set_to_none=True)
             c._pending, c._labels = None, None
+            if c.stream.epoch != epoch:
+                c.stream.epoch = epoch
+                c.stream._order = c.stream._shuffle()
+            c.stream.pos = pos
+        torch.set_rng_state(rng)
 
     def aggregate(self, trained: list[Client]) -> None:
         """FedAvg of the ``trained`` clients' adapters (weights |D_i|), broadcast to every client."""
@@ -252,9 +263,10 @@ def train(
     out = Path(cfg.out)
     previous = _check_out_dir(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
-    if previous is None:
+    opened = open_checkpoint(out / CKPT) if previous is not None else None  # verified: (path, state, tensors)
+    if opened is None:
         save_yaml(cfg, out / "config.yaml")
-    elif (done := _finished_summary(out, previous, cfg.rounds)) is not None:
+    elif (done := _finished_summary(out, opened[1], cfg.rounds)) is not None:
         return done  # finished before: nothing to redo
     if rows is None:  # data first: a bad row is reported before a model is loaded
         rows = load_rows(cfg.data, cfg.samples, cfg.data_seed, cfg.synthetic, data_dir=cfg.data_dir, target=cfg.target,
@@ -268,12 +280,22 @@ def train(
         transport.meter = link.meter
     run = Run(cfg, model, tokenizer, rows, transport=transport, link=link, client_id=client_id)
     del model
-    start, extra = load_checkpoint(run, previous) if previous is not None else (0, {})
+    start, extra = load_checkpoint(run, opened) if opened is not None else (0, {})
     if start_adapter is not None:
         for c in run.clients:
             c.receive(AdapterBroadcast(0, start_adapter))
-    if link is not None:
-        start = max(start, link.join())  # a restarted or late client continues where the server is
+    trained = extra.get("rounds_trained", start)  # rounds this client took part in (all of them in process)
+    skipped: list[dict[str, Any]] = list(extra.get("rounds_skipped", []))
+
+    def skip(first: int, end: int, reason: str) -> None:  # rounds first+1..end (1-based) were not trained here
+        if end > first:
+            skipped.append({"from": first + 1, "to": end, "reason": reason})
+            print(f"lesft: warning: client {client_id} skips rounds {first + 1}..{end}: {reason}", flush=True)
+
+    if link is not None:  # a restarted or late client continues where the server is
+        joined = link.join()
+        skip(start, joined, "the server trained them while this client was away")
+        start = max(start, joined)
     wall0 = extra.get("wall_s", 0.0)
     summary_path = out / "summary.json"
     metrics_path = out / "metrics.jsonl"
@@ -286,19 +308,24 @@ def train(
     with metrics_path.open("a") as fh:
         r = start
         while r < run.rounds:
+            mark = run.mark()
             try:
                 last = run.round(r)
             except Resync as e:  # networked: the server went on without us (or restarted): catch up
-                run.discard_partial_round()
+                run.discard_partial_round(mark)
+                skip(r, min(e.round, run.rounds), "the server closed them without this client (it stalled past "
+                     "the server's --timeout_s, its message came late, or the step failed on the server)")
                 r = e.round
                 bar.n = r
                 continue
+            trained += 1
             bar.update(1)
             last["elapsed_s"] = wall0 + time.perf_counter() - t0
             fh.write(json.dumps(last) + "\n")
             fh.flush()
             if r + 1 == run.rounds or (cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0):
-                save_checkpoint(run, r + 1, out, {"wall_s": last["elapsed_s"]})
+                save_checkpoint(run, r + 1, out, {"wall_s": last["elapsed_s"], "rounds_trained": trained,
+                                                  "rounds_skipped": skipped})
             up = last["comm_bytes"]["client_to_server"] + last["comm_bytes"]["client_to_aggregator"]
             bar.set_postfix(loss=f"{last['loss']:.4f}", up=f"{up / MB:.1f}MB")
             r += 1
@@ -310,7 +337,9 @@ def train(
         "dataset": cfg.data,
         "clients": cfg.clients,
         "client_layers": run.k,
-        "rounds": run.rounds,
+        "rounds": trained,  # rounds this client trained; the plan, and what it skipped and why, below
+        "rounds_planned": run.rounds,
+        "rounds_skipped": skipped,
         "samples_per_client": [c.n_samples for c in run.clients],
         "switches": {k: getattr(cfg, k) for k in methods.SWITCHES},
         "final_loss": last.get("loss"),
@@ -337,15 +366,15 @@ def train(
     return summary
 
 
-def _finished_summary(out: Path, ckpt: Path, rounds: int = 0) -> dict[str, Any] | None:
-    """The summary of a run whose last checkpoint is its final round (``rounds``, or the summary's when 0),
-    else None."""
+def _finished_summary(out: Path, state: dict[str, Any], rounds: int = 0) -> dict[str, Any] | None:
+    """The summary of a run whose last checkpoint (``state``) is its final round (``rounds``, or the
+    summary's when 0), else None."""
     path = out / "summary.json"
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
-    done = json.loads((ckpt / "state.json").read_text())["rounds_done"]
-    return summary if done >= (rounds or summary.get("rounds", float("inf"))) else None
+    planned = summary.get("rounds_planned", summary.get("rounds", float("inf")))
+    return summary if state["rounds_done"] >= (rounds or planned) else None
 
 
 # Fields that may differ between a run and its resumption.
