@@ -188,29 +188,142 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from a (possibly partial) dict; unknown keys are an error naming them."""
+#: Names trl / peft / transformers users reach for, and what lesft calls them ("did you mean").
+HF_NAMES: dict[str, str] = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "max_steps": "rounds", "output_dir": "out",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "max_length", "model_name_or_path": "model", "dataset_name": "data",
+    "lora_alpha": "lora.alpha", "lora_r": "lora.r", "lora_dropout": "lora.dropout",
+    "target_modules": "lora.target_modules", "bf16": "dtype bf16", "fp16": "dtype bf16",
+    "save_steps": "checkpoint_every", "resume_from_checkpoint": "resume", "do_eval": "eval",
+}
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for an unknown field or flag name: its lesft name when it is a trl/peft/HF
+    name, else the closest known name; empty when nothing is close."""
+    import difflib
+
+    bare = name.lstrip("-").replace("-", "_")
+    if bare in HF_NAMES:
+        target = HF_NAMES[bare]
+    else:
+        close = difflib.get_close_matches(bare, known, n=1, cutoff=0.6)
+        if not close:
+            return ""
+        target = close[0]
+    return f" (did you mean {'--' if name.startswith('--') else ''}{target}?)"
+
+
+_EXAMPLE = {bool: "true or false", int: "a whole number, e.g. 8", float: "a number, e.g. 2e-4 or 0.0002",
+            str: "a string"}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def check_value(tp: Any, value: Any, key: str) -> Any:
+    """``value`` checked against type hint ``tp`` (and converted where the meaning is certain: a number
+    written as a string, such as YAML 1.1's ``2e-4``; an int where a float goes; a number where a string
+    goes; a list where a tuple goes). ``key`` names the field in the error, which says what to write."""
+    base, optional = _base_type(tp)
+    if value is None:
+        if optional:
+            return None
+        raise TypeError(f"{key}: may not be empty (null); write {_EXAMPLE.get(base, _type_name(base))}")
+    origin = typing.get_origin(base)
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(base) if a is not Ellipsis] or [Any]
+        if isinstance(value, str) and origin is list:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{key}: expected a list, got {value!r} ({type(value).__name__}); write e.g. [a, b]")
+        fixed = origin is tuple and Ellipsis not in typing.get_args(base)
+        if fixed and len(value) != len(args):
+            raise TypeError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
+        items = [check_value(args[i] if fixed else args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if base is Any or not isinstance(base, type) or is_dataclass(base):
+        return value
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value) if base is float or not value.strip().lstrip("+-").isdigit() else int(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if base is float:
+                return float(value)
+            if float(value).is_integer():
+                return int(value)
+    elif base is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif isinstance(value, base):
+        return value
+    raise TypeError(f"{key}: expected {_type_name(base)}, got {value!r} ({type(value).__name__}); "
+                    f"write {_EXAMPLE.get(base, _type_name(base))}")
+
+
+def check_dict(cls: type, data: Any, where: str = "", source: str = "") -> dict[str, Any]:
+    """``data`` with every key known to dataclass ``cls`` and every value checked against its field's type
+    (:func:`check_value`, nested groups recursively); else a ``ValueError`` naming the field and ``source``
+    (a YAML file, "command line") that says what to write."""
+    at = f"{source}: " if source else ""
+    if not isinstance(data, dict):
+        raise ValueError(f"{at}{where.rstrip('.') or 'config'} must be a mapping of field: value, got {data!r}")
     hints = _field_types(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"unknown config field(s) {sorted(where + k for k in unknown)}; known: {sorted(known)}")
+    known = [f.name for f in fields(cls)]
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in known:
+            raise ValueError(f"{at}unknown config field {where + str(name)!r}{did_you_mean(str(name), known)}; "
+                             f"known fields: {', '.join(known)}")
+        tp, _ = _base_type(hints[name])
+        if is_dataclass(tp) and isinstance(value, dict):
+            out[name] = check_dict(tp, value, f"{where}{name}.", source)
+            continue
+        try:
+            out[name] = check_value(hints[name], value, f"{where}{name}")
+        except TypeError as e:
+            raise ValueError(f"{at}{e}") from None
+    return out
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    hints = _field_types(cls)
     kwargs = {}
     for name, value in data.items():
         tp, _ = _base_type(hints[name])
-        if is_dataclass(tp) and isinstance(value, dict):
-            value = from_dict(tp, value, where=f"{where}{name}.")
-        elif isinstance(value, list) and typing.get_origin(tp) is tuple:
-            value = tuple(value)
-        kwargs[name] = value
+        kwargs[name] = _build(tp, value) if is_dataclass(tp) and isinstance(value, dict) else value
     return cls(**kwargs)
 
 
+def from_dict(cls: type, data: dict[str, Any], where: str = "", source: str = "") -> Any:
+    """Build dataclass ``cls`` from a (possibly partial) dict, checked by :func:`check_dict`; a value the
+    dataclass refuses (out of range) is a ``ValueError`` naming ``source`` too."""
+    data = check_dict(cls, data, where, source)
+    try:
+        return _build(cls, data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}" if source else str(e)) from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file; a missing file, a syntax error or a non-mapping is an error naming it."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p}: a config file must hold a mapping of field: value")
     return data
@@ -231,17 +344,32 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """One ``--flag`` per field (``--lora.r`` for nested ones), help text from the field metadata.
+#: ``--help`` sections of TrainConfig: the first field of each, in field order.
+TRAIN_SECTIONS: dict[str, str] = {
+    "method": "model and method", "data": "data", "rounds": "optimisation",
+    "split": "method switches (unset: from the --method preset)", "wire_dtype": "system",
+    "out": "output, checkpoints, evaluation",
+}
+
+_METAVAR = {int: "INT", float: "FLOAT", str: "STR", bool: "BOOL"}
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
+                       sections: dict[str, str] | None = None, title: str | None = None) -> None:
+    """One ``--flag`` per field (``--lora.r`` for nested ones), help text from the field metadata, grouped in
+    ``--help`` by ``sections`` (first field -> title) and one group per nested dataclass.
 
     Every flag defaults to argparse.SUPPRESS so that only what the user typed overrides YAML.
     """
     hints = _field_types(cls)
+    group: Any = parser.add_argument_group(title) if title else parser
     for f in fields(cls):
         tp, optional = _base_type(hints[f.name])
         name = f"{prefix}{f.name}"
+        if sections and f.name in sections:
+            group = parser.add_argument_group(sections[f.name])
         if is_dataclass(tp):
-            add_dataclass_args(parser, tp, prefix=f"{name}.")
+            add_dataclass_args(parser, tp, prefix=f"{name}.", title=f"--{name}.*: {f.metadata.get('help', '')}")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
@@ -253,10 +381,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
             kw.update(type=_parse_bool, metavar="BOOL", nargs="?", const=True)
         elif origin in (list, tuple):
             inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
-            kw.update(type=inner, nargs="+")
+            kw.update(type=inner, nargs="+", metavar=_METAVAR.get(inner, "X"))
         else:
-            kw.update(type=tp)
-        parser.add_argument(*flags, **kw)
+            kw.update(type=tp, metavar=_METAVAR.get(tp, "X"))
+        group.add_argument(*flags, **kw)
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -269,3 +397,10 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             node = node.setdefault(p, {})
         node[leaf] = value
     return out
+
+
+def build_config(cls: type, path: str | None, overrides: dict[str, Any], defaults: dict[str, Any] | None = None) -> Any:
+    """``cls`` from the layers defaults <- YAML file ``path`` <- command-line ``overrides`` (dotted keys).
+    The file's values are checked first, so an error names the file; then the merged whole is built."""
+    data = check_dict(cls, load_yaml(path), source=str(path)) if path else dict(defaults or {})
+    return from_dict(cls, apply_overrides(data, overrides), source=str(path) if path else "command line")
