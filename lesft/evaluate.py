@@ -100,6 +100,7 @@ class EvalConfig:
         default="The answer is ({letter}).",
     )
     seed: int = _help("Seed of the question sample (when --limit is smaller than the split).", default=0)
+    progress: bool = _help("Show a progress bar over the questions.", default=True)
     out: str | None = _help(
         "Folder for predictions.jsonl and eval.json (None: RUN_DIR/eval with a run directory, else nothing "
         "is written).",
@@ -125,6 +126,13 @@ class EvalConfig:
 # ----------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------
+
+
+def _bar(total: int, enabled: bool, unit: str = "question"):
+    """A progress bar over ``total`` items (a no-op one when not ``enabled``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, disable=not enabled, desc="eval", leave=False)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -195,6 +203,7 @@ def generate(
     stop: list[str] | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    progress: bool = False,
 ) -> list[str]:
     """Completions of ``prompts`` (greedy when ``temperature`` is 0, else sampled) (full model inputs, e.g. from :func:`render_prompt`), in order.
 
@@ -222,6 +231,7 @@ def generate(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # padding needs one; the pad positions are masked out anyway
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+    bar = _bar(len(prompts), progress)
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -252,7 +262,9 @@ def generate(
                         break
                 text = tokenizer.decode(new, skip_special_tokens=True)
                 results[i] = _cut(text, text_stops)
+            bar.update(len(idx))
     finally:
+        bar.close()
         tokenizer.padding_side = saved_side
         if saved_pad is None:
             tokenizer.pad_token = None
@@ -271,6 +283,7 @@ def score_continuations(
     contexts: list[str],
     continuations: list[str],
     batch_size: int,
+    progress: bool = False,
 ) -> list[float]:
     """``log P(continuation | context)`` summed over the continuation's tokens, for each pair.
 
@@ -293,6 +306,7 @@ def score_continuations(
     device = _device(model)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     scores = [0.0] * len(seqs)
+    bar = _bar(len(seqs), progress, unit="option")
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(seqs[i]) for i in idx)
@@ -309,6 +323,8 @@ def score_continuations(
             pos = torch.arange(n_ctx - 1, n_ctx - 1 + n_cont, device=logprobs.device)
             target = torch.tensor(cont_ids[i], device=logprobs.device)
             scores[i] = float(logprobs[r, pos, target].sum())
+        bar.update(len(idx))
+    bar.close()
     return scores
 
 
@@ -373,7 +389,8 @@ def evaluate_rows(
     t0 = time.perf_counter()
     records: list[dict] = []
     if cfg.mode == "generate":
-        completions = generate(model, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size, cfg.stop)
+        completions = generate(model, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size, cfg.stop,
+                               progress=cfg.progress)
         for r, c in zip(rows, completions):
             pred = extract_answer(dataset, c)
             ok = pred is not None and bool(is_correct(dataset, pred, str(r["answer"])))
@@ -389,7 +406,7 @@ def evaluate_rows(
                 ctx.append(t)
                 cont.append(cfg.choice_template.format(letter=L))
                 owner.append(k)
-        flat = score_continuations(model, tokenizer, ctx, cont, cfg.batch_size)
+        flat = score_continuations(model, tokenizer, ctx, cont, cfg.batch_size, progress=cfg.progress)
         per_row: list[dict[str, float]] = [{} for _ in rows]
         for k, (o, s) in enumerate(zip(owner, flat)):
             per_row[o][cont[k]] = s
@@ -455,17 +472,14 @@ def _run_config(run_dir: Path) -> dict:
     return load_yaml(p)
 
 
-def run_eval(
-    cfg: EvalConfig, model: str | None = None, adapter: str | None = None, run_dir: str | None = None
-) -> dict:
-    """Load the questions and the model (+ adapter), evaluate, write files; return the summary.
+def prepare_eval(
+    cfg: EvalConfig, model: str | None = None, adapter: str | None = None, run_dir: str | None = None,
+    need_adapter: bool = True,
+) -> tuple[EvalConfig, str, str | None, list[dict]]:
+    """Resolve an evaluation and load its questions, loading no model: ``(cfg, model, adapter, rows)``.
 
-    With ``run_dir`` (a ``lesft train`` output): the model is the run's ``model`` unless given, the adapter
-    ``run_dir/adapter`` unless given, and the files go to ``run_dir/eval`` unless ``cfg.out`` is set.
-    Fields left at their defaults follow the run: ``dataset`` (when the run's ``dataset``/``data`` is a
-    benchmark name) and ``chat_template`` (off when the run trained without it). For the synthetic
-    benchmark the run's ``synthetic`` difficulty is passed on when ``load_benchmark`` takes it.
-    CommonsenseQA with ``split`` left at ``test`` (unlabelled) is evaluated on ``validation``.
+    ``lesft train --eval`` calls it before training (``need_adapter=False``), so a setting that cannot
+    work for the dataset is refused before any training is done. See :func:`run_eval` for the defaults.
     """
     cfg = dataclasses.replace(cfg, stop=list(cfg.stop))
     defaults = EvalConfig()
@@ -475,11 +489,15 @@ def run_eval(
         run_conf = _run_config(rd)
         model = model or run_conf.get("model")
         if adapter is None:
-            if not (rd / "adapter" / "adapter_config.json").is_file():
+            if need_adapter and not (rd / "adapter" / "adapter_config.json").is_file():
                 raise FileNotFoundError(f"no adapter in {rd / 'adapter'} (has the run finished?)")
             adapter = str(rd / "adapter")
         run_data = run_conf.get("dataset", run_conf.get("data"))
-        if cfg.dataset is None and isinstance(run_data, str) and run_data in KNOWN_DATASETS:
+        if cfg.dataset is None and isinstance(run_data, str):
+            if run_data not in KNOWN_DATASETS:
+                raise ValueError(f"the run trains on {run_data!r}, not a benchmark, so there is no test split to "
+                                 f"evaluate on: name one of {', '.join(KNOWN_DATASETS)} (lesft eval --dataset; lesft train "
+                                 "--evaluation.dataset; a sweep's eval.dataset)")
             cfg.dataset = run_data
         if cfg.data_dir is None:
             cfg.data_dir = run_conf.get("data_dir")
@@ -489,16 +507,34 @@ def run_eval(
             cfg.out = str(rd / "eval")
     if cfg.dataset is None:
         cfg.dataset = "synthetic"
+    if cfg.dataset not in KNOWN_DATASETS:
+        raise ValueError(f"unknown evaluation dataset {cfg.dataset!r}: use one of {', '.join(KNOWN_DATASETS)}")
     if cfg.dataset == "commonsenseqa" and cfg.split == defaults.split:
         cfg.split = "validation"  # CSQA's public test split has no answer keys; dev is the evaluation split
     if not model:
         raise ValueError("no model: pass one, or a run directory whose config.yaml names it")
     if cfg.mode == "loglik" and cfg.dataset not in MC_DATASETS:
-        raise ValueError(f"mode 'loglik' needs a multiple-choice dataset ({', '.join(MC_DATASETS)}), got {cfg.dataset!r}")
-
+        raise ValueError(f"mode 'loglik' needs a multiple-choice dataset ({', '.join(MC_DATASETS)}), got "
+                         f"{cfg.dataset!r}: use mode 'generate'")
     rows = _load_rows(cfg, run_conf)
     if not rows:
         raise ValueError(f"no questions in {cfg.dataset}/{cfg.split}")
+    return cfg, model, adapter, rows
+
+
+def run_eval(
+    cfg: EvalConfig, model: str | None = None, adapter: str | None = None, run_dir: str | None = None
+) -> dict:
+    """Load the questions and the model (+ adapter), evaluate, write files; return the summary.
+
+    With ``run_dir`` (a ``lesft train`` output): the model is the run's ``model`` unless given, the adapter
+    ``run_dir/adapter`` unless given, and the files go to ``run_dir/eval`` unless ``cfg.out`` is set.
+    Fields left at their defaults follow the run: ``dataset`` (when the run's ``dataset``/``data`` is a
+    benchmark name; a run on a JSONL file needs ``dataset`` set) and ``chat_template`` (off when the run
+    trained without it). For the synthetic benchmark the run's ``synthetic`` difficulty is passed on.
+    CommonsenseQA with ``split`` left at ``test`` (unlabelled) is evaluated on ``validation``.
+    """
+    cfg, model, adapter, rows = prepare_eval(cfg, model, adapter, run_dir)
     lm, tokenizer = load_for_eval(model, adapter)
     meta = {"model": model, "adapter": adapter, "run_dir": run_dir}
     result = evaluate_rows(lm, tokenizer, rows, cfg.dataset, cfg, meta=meta)
