@@ -244,7 +244,12 @@ def check_value(tp: Any, value: Any, key: str) -> Any:
             raise TypeError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
         items = [check_value(args[i] if fixed else args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if base is Any or not isinstance(base, type) or is_dataclass(base):
+    if is_dataclass(base):
+        if isinstance(value, base):
+            return value
+        raise TypeError(f"{key}: expected a group of fields ({', '.join(f.name for f in fields(base))}), got "
+                        f"{value!r}; write e.g. {key}: {{{fields(base)[0].name}: ...}} or --{key}.{fields(base)[0].name}")
+    if base is Any or not isinstance(base, type):
         return value
     if base is bool:
         if isinstance(value, bool):

@@ -179,3 +179,6 @@ def check_target_modules(model: nn.Module, layers_path: str, args: LoraArgs) -> 
         have = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise ValueError(f"lora.target_modules {unmatched} match no linear module of this model's decoder layers; "
                          f"its linear modules are {have}: set e.g. --lora.target_modules {' '.join(have[:3])}")
+
+
+merge_adapters = join_adapters  # the name before `lesft merge` became `lesft join`
