@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -18,13 +19,252 @@ from typing import Any
 import yaml
 
 from lesft.data.synthetic import ArithmeticSpec
-from lesft.evaluate import EvalConfig
-from lesft.loss import LossConfig
-from lesft.lora import LoraArgs
+
+if typing.TYPE_CHECKING:
+    from peft import LoraConfig
 
 
 def _help(text: str, aliases: tuple[str, ...] = (), **kw: Any) -> Any:
     return field(metadata={"help": text, "aliases": aliases}, **kw)
+
+
+# ---------------------------------------------------------------- option groups of TrainConfig
+# LoRA (lesft.lora), the LESFT loss (lesft.loss) and evaluation (lesft.evaluate) re-export theirs from here:
+# this module imports no torch, so `lesft --help` is fast.
+
+
+@dataclass
+class LoraArgs:
+    """LoRA adapters, the same on the client and the server side (peft's LoraConfig underneath)."""
+
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator: the update is scaled by alpha / r."})
+    dropout: float = field(default=0.2, metadata={"help": "Dropout on the LoRA input during training."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Names of the linear modules that get adapters (matched by suffix, as in peft)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one module")
+
+    def peft_config(self) -> LoraConfig:
+        """peft's LoraConfig of these settings (peft imported here: this module stays torch-free)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
+        )
+
+
+
+_CLUSTER_ON_CHOICES = ("hidden",)
+
+
+def _parse_weighting(value: str) -> float | None:
+    """Parse ``LossConfig.weighting``: ``"adaptive"`` -> ``None``; ``"uniform=c"`` -> ``c``.
+
+    Raises ``ValueError`` (naming the field) for anything else, or for ``c`` not finite / < 0.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"LossConfig.weighting must be a string, got {value!r}")
+    v = value.strip().lower()
+    if v == "adaptive":
+        return None
+    if v.startswith("uniform="):
+        try:
+            c = float(v[len("uniform="):])
+        except ValueError:
+            raise ValueError(
+                f"LossConfig.weighting: cannot parse the constant in {value!r} "
+                "(expected 'adaptive' or 'uniform=c' with c a float, e.g. 'uniform=0.5')"
+            ) from None
+        if not math.isfinite(c) or c < 0:
+            raise ValueError(f"LossConfig.weighting: uniform weight must be finite and >= 0, got {value!r}")
+        return c
+    raise ValueError(f"LossConfig.weighting must be 'adaptive' or 'uniform=c' (c a float), got {value!r}")
+
+
+@dataclass
+class LossConfig:
+    """Configuration of the LESFT loss (defaults follow the paper; ``tau`` see ``docs/loss.md``)."""
+
+    weighting: str = field(
+        default="adaptive",
+        metadata={
+            "help": (
+                "Token weighting scheme. 'adaptive' (the LESFT loss): salient, sub-salient and "
+                "irrelevant tokens get their adaptive weights. 'uniform=c' (c a float >= 0; the "
+                "paper's Table 3 ablation, c in {0, 0.25, 0.5, 0.75, 1, 1.5, 2}): salient tokens "
+                "keep their adaptive weight 1 + ((p~ - p_sal)/(1 - p_sal))^gamma_salient and every "
+                "NON-salient target token (sub-salient or irrelevant) gets the constant weight c."
+            )
+        },
+    )
+    p_sal: float = field(
+        default=0.95,
+        metadata={"help": "Saliency threshold on the reference-path probability p~: a token is salient iff p~ > p_sal. In (0, 1)."},
+    )
+    gamma_salient: float = field(
+        default=5.0,
+        metadata={"help": "gamma_1 (> 0): salient weight 1 + ((p~ - p_sal)/(1 - p_sal))^gamma_1, in (1, 2]."},
+    )
+    gamma_subsalient: float = field(
+        default=0.3,
+        metadata={"help": "gamma_2 (> 0): sub-salient weight (p~/p_sal)^gamma_2, in [0, 1]."},
+    )
+    gamma_irrelevant: float = field(
+        default=0.6,
+        metadata={"help": "gamma_3 (> 0): irrelevant weight (p~/p_sal)^gamma_3, in [0, 1]."},
+    )
+    tau: float = field(
+        default=0.8,
+        metadata={
+            "help": (
+                "Cosine-similarity threshold in [-1, 1]: a non-salient token is sub-salient iff its "
+                "hidden state has cosine >= tau with the hidden state of some salient token of the "
+                "same sample. 0.8 because final hidden states of decoder LMs are anisotropic "
+                "(SmolLM2-135M: median pairwise cosine ~0.55 within a sample, 0.8 ~ its 95th "
+                "percentile), so a lower value would mark most tokens as sub-salient."
+            )
+        },
+    )
+    window: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "Cluster window in target-token index. 0 = the whole target span; w > 0 = only "
+                "tokens within w target positions of a salient centre (|i - j| <= w) can join its cluster."
+            )
+        },
+    )
+    cluster_on: str = field(
+        default="hidden",
+        metadata={
+            "help": (
+                "Which representations are clustered. 'hidden' (only option so far): the server's "
+                "final hidden state on the BASE path (the input of the LM head) at the position that "
+                "predicts each target token, i.e. base_hidden[b, t-1] for the target token labels[b, t]."
+            )
+        },
+    )
+    nlft_lambda: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "NLFT-compatible mode. 0 = off (loss = L_weighted). > 0: "
+                "L_total = lambda * (CE + L_weighted), CE = plain token-mean cross-entropy on the base path."
+            )
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.p_sal, (int, float)) and 0.0 < float(self.p_sal) < 1.0):
+            raise ValueError(f"LossConfig.p_sal must be in (0, 1), got {self.p_sal!r}")
+        for name in ("gamma_salient", "gamma_subsalient", "gamma_irrelevant"):
+            g = getattr(self, name)
+            if not (isinstance(g, (int, float)) and math.isfinite(g) and g > 0):
+                raise ValueError(f"LossConfig.{name} must be a finite number > 0, got {g!r}")
+        if not (isinstance(self.tau, (int, float)) and -1.0 <= float(self.tau) <= 1.0):
+            raise ValueError(f"LossConfig.tau must be in [-1, 1], got {self.tau!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"LossConfig.window must be an int >= 0, got {self.window!r}")
+        if self.cluster_on not in _CLUSTER_ON_CHOICES:
+            raise ValueError(f"LossConfig.cluster_on must be one of {_CLUSTER_ON_CHOICES}, got {self.cluster_on!r}")
+        if not (isinstance(self.nlft_lambda, (int, float)) and math.isfinite(self.nlft_lambda) and self.nlft_lambda >= 0):
+            raise ValueError(f"LossConfig.nlft_lambda must be a finite number >= 0, got {self.nlft_lambda!r}")
+        _parse_weighting(self.weighting)
+
+    @property
+    def gammas(self) -> tuple[float, float, float]:
+        """``(gamma_salient, gamma_subsalient, gamma_irrelevant)``."""
+        return (float(self.gamma_salient), float(self.gamma_subsalient), float(self.gamma_irrelevant))
+
+    @property
+    def uniform_weight(self) -> float | None:
+        """The constant ``c`` of ``weighting="uniform=c"``, or ``None`` for ``"adaptive"``."""
+        return _parse_weighting(self.weighting)
+
+
+#: Default stop strings. Special tokens among them (``<|im_end|>`` ...) that the tokenizer knows as one
+#: added token become extra end-of-sequence ids; the rest are matched on the decoded new text. EOS
+#: always stops too. ``"\n\n\n"`` ends the runaway blank-line loops small models fall into, and
+#: ``"\nQuestion:"`` the "next few-shot question" a model writes after its answer without a chat template.
+DEFAULT_STOP: tuple[str, ...] = ("\n\n\n", "<|im_end|>", "<|im_start|>", "<|endoftext|>", "</s>", "\nQuestion:")
+
+#: Datasets with lettered options (the only ones ``mode="loglik"`` accepts).
+MC_DATASETS = ("commonsenseqa", "aqua_rat")
+KNOWN_DATASETS = ("gsm8k", "commonsenseqa", "aqua_rat", "synthetic")
+
+
+@dataclass
+class EvalConfig:
+    """Everything ``lesft eval`` needs besides the model (and adapter or run directory)."""
+
+    dataset: str | None = _help(
+        "Benchmark: gsm8k, commonsenseqa, aqua_rat or synthetic. Unset: the run's own dataset when it is one "
+        "of these, else synthetic.",
+        default=None,
+    )
+    split: str = _help("Split of the benchmark (e.g. test; CommonsenseQA's labelled one is dev).", default="test")
+    data_dir: str | None = _help(
+        "Folder holding the benchmark files (None: the project's default data location).", default=None
+    )
+    file: str | None = _help("Read the questions from this file instead of the benchmark's default one.", default=None)
+    limit: int = _help(
+        "Number of questions (0 = all); a seeded sample (see --seed) when smaller than the split.", default=200
+    )
+    batch_size: int = _help(
+        "Questions per generation batch (loglik: scored sequences per forward pass).", default=16
+    )
+    max_new_tokens: int = _help("Most tokens generated per question (generate mode).", default=256)
+    chat_template: bool = _help(
+        "Wrap prompts in the tokenizer's chat template when it has one (as in training). With a run "
+        "directory, a run trained without it turns it off.",
+        default=True,
+    )
+    mode: str = _help(
+        "'generate' (greedy generation + answer extraction) or 'loglik' (multiple choice only: pick the "
+        "option letter L maximising log P(\"The answer is (L).\" | prompt)).",
+        default="generate",
+    )
+    stop: list[str] = _help(
+        "Stop strings: generation of a question ends at EOS or at the first of these; the completion is cut "
+        "before it. Special tokens in the list (e.g. <|im_end|>) act as extra EOS ids.",
+        default_factory=lambda: list(DEFAULT_STOP),
+    )
+    choice_template: str = _help(
+        "Loglik mode: the sentence scored after the prompt for each option ({letter} is replaced).",
+        default="The answer is ({letter}).",
+    )
+    seed: int = _help("Seed of the question sample (when --limit is smaller than the split).", default=0)
+    progress: bool = _help("Show a progress bar over the questions.", default=True)
+    out: str | None = _help(
+        "Folder for predictions.jsonl and eval.json (None: RUN_DIR/eval with a run directory, else nothing "
+        "is written).",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("generate", "loglik"):
+            raise ValueError(f"mode must be 'generate' or 'loglik', got {self.mode!r}")
+        if self.limit < 0:
+            raise ValueError(f"limit must be >= 0 (0 = all), got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+        if "{letter}" not in self.choice_template:
+            raise ValueError(f"choice_template must contain '{{letter}}', got {self.choice_template!r}")
 
 
 @dataclass

@@ -21,13 +21,13 @@ import dataclasses
 import json
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from lesft.config import DEFAULT_STOP, KNOWN_DATASETS, MC_DATASETS, EvalConfig  # defined there: torch-free
 from lesft.data.contamination import problem_keys
 from lesft.data.prompts import render_prompt
 from lesft.stats import wilson_ci
@@ -43,85 +43,6 @@ __all__ = [
     "score_continuations",
     "wilson_ci",
 ]
-
-#: Default stop strings. Special tokens among them (``<|im_end|>`` ...) that the tokenizer knows as one
-#: added token become extra end-of-sequence ids; the rest are matched on the decoded new text. EOS
-#: always stops too. ``"\n\n\n"`` ends the runaway blank-line loops small models fall into, and
-#: ``"\nQuestion:"`` the "next few-shot question" a model writes after its answer without a chat template.
-DEFAULT_STOP: tuple[str, ...] = ("\n\n\n", "<|im_end|>", "<|im_start|>", "<|endoftext|>", "</s>", "\nQuestion:")
-
-#: Datasets with lettered options (the only ones ``mode="loglik"`` accepts).
-MC_DATASETS = ("commonsenseqa", "aqua_rat")
-KNOWN_DATASETS = ("gsm8k", "commonsenseqa", "aqua_rat", "synthetic")
-
-
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
-
-
-@dataclass
-class EvalConfig:
-    """Everything ``lesft eval`` needs besides the model (and adapter or run directory)."""
-
-    dataset: str | None = _help(
-        "Benchmark: gsm8k, commonsenseqa, aqua_rat or synthetic. Unset: the run's own dataset when it is one "
-        "of these, else synthetic.",
-        default=None,
-    )
-    split: str = _help("Split of the benchmark (e.g. test; CommonsenseQA's labelled one is dev).", default="test")
-    data_dir: str | None = _help(
-        "Folder holding the benchmark files (None: the project's default data location).", default=None
-    )
-    file: str | None = _help("Read the questions from this file instead of the benchmark's default one.", default=None)
-    limit: int = _help(
-        "Number of questions (0 = all); a seeded sample (see --seed) when smaller than the split.", default=200
-    )
-    batch_size: int = _help(
-        "Questions per generation batch (loglik: scored sequences per forward pass).", default=16
-    )
-    max_new_tokens: int = _help("Most tokens generated per question (generate mode).", default=256)
-    chat_template: bool = _help(
-        "Wrap prompts in the tokenizer's chat template when it has one (as in training). With a run "
-        "directory, a run trained without it turns it off.",
-        default=True,
-    )
-    mode: str = _help(
-        "'generate' (greedy generation + answer extraction) or 'loglik' (multiple choice only: pick the "
-        "option letter L maximising log P(\"The answer is (L).\" | prompt)).",
-        default="generate",
-    )
-    stop: list[str] = _help(
-        "Stop strings: generation of a question ends at EOS or at the first of these; the completion is cut "
-        "before it. Special tokens in the list (e.g. <|im_end|>) act as extra EOS ids.",
-        default_factory=lambda: list(DEFAULT_STOP),
-    )
-    choice_template: str = _help(
-        "Loglik mode: the sentence scored after the prompt for each option ({letter} is replaced).",
-        default="The answer is ({letter}).",
-    )
-    seed: int = _help("Seed of the question sample (when --limit is smaller than the split).", default=0)
-    progress: bool = _help("Show a progress bar over the questions.", default=True)
-    out: str | None = _help(
-        "Folder for predictions.jsonl and eval.json (None: RUN_DIR/eval with a run directory, else nothing "
-        "is written).",
-        default=None,
-    )
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("generate", "loglik"):
-            raise ValueError(f"mode must be 'generate' or 'loglik', got {self.mode!r}")
-        if self.limit < 0:
-            raise ValueError(f"limit must be >= 0 (0 = all), got {self.limit}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = [s for s in self.stop if s]
-        if "{letter}" not in self.choice_template:
-            raise ValueError(f"choice_template must contain '{{letter}}', got {self.choice_template!r}")
-
 
 # ----------------------------------------------------------------------------------------------
 # Generation

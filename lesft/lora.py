@@ -9,42 +9,16 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lesft.config import LoraArgs  # defined there: torch-free, for --help
+
 ADAPTER = "default"
-
-
-@dataclass
-class LoraArgs:
-    """LoRA adapters, the same on the client and the server side (peft's LoraConfig underneath)."""
-
-    r: int = field(default=8, metadata={"help": "LoRA rank."})
-    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator: the update is scaled by alpha / r."})
-    dropout: float = field(default=0.2, metadata={"help": "Dropout on the LoRA input during training."})
-    target_modules: list[str] = field(
-        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
-        metadata={"help": "Names of the linear modules that get adapters (matched by suffix, as in peft)."},
-    )
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"lora.r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ValueError("lora.target_modules must name at least one module")
-
-    def peft_config(self) -> LoraConfig:
-        return LoraConfig(
-            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-            target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
-        )
 
 
 def add_lora(part: nn.Module, args: LoraArgs) -> nn.Module:

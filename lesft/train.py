@@ -249,7 +249,6 @@ def train(
     if link is not None:
         start = max(start, link.join())  # a restarted or late client continues where the server is
     wall0 = extra.get("wall_s", 0.0)
-    summary_path = out / "summary.json"
     metrics_path = out / "metrics.jsonl"
     kept = [ln for ln in (metrics_path.read_text().splitlines() if previous and metrics_path.exists() else [])
             if json.loads(ln)["round"] <= start]

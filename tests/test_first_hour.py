@@ -283,3 +283,14 @@ def test_sigint_checkpoints_the_last_finished_round_and_prints_the_resume_comman
     if command == "train":
         assert main(cmd[1:] + ["--rounds", str(done + 1)]) == 0
         assert len(metrics.read_text().splitlines()) == done + 1
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["export", "--help"]])
+def test_help_imports_no_torch_and_is_grouped(argv) -> None:
+    code = ("import sys\nfrom lesft.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'peft', 'matplotlib') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "HEAVY []" in out
+    if argv == ["train", "--help"]:
+        assert "--lora.*: LoRA settings." in out and "method switches (unset: from the --method preset):" in out
