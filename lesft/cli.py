@@ -27,7 +27,7 @@ class Command(NamedTuple):
 
 def _overrides(args: argparse.Namespace, own: tuple[str, ...]) -> dict[str, Any]:
     """The dataclass flags the user typed (every flag defaults to SUPPRESS), without the command's own."""
-    return {k: v for k, v in vars(args).items() if k not in own + ("command", "_command")}
+    return {k: v for k, v in vars(args).items() if k not in own + ("command",)}
 
 
 def _mb(n: int | float) -> str:
@@ -68,7 +68,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    from lesft.evaluate import EvalConfig
+    from lesft.config import EvalConfig
 
     p.add_argument("--run", help="a `lesft train` output directory (its model, adapter and dataset)")
     p.add_argument("--model", help="base model (alias, hub id, directory or .gguf); default: the run's")
@@ -240,7 +240,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=c.help, description=c.help, aliases=list(c.aliases))
         if only is None or only == name or only in c.aliases:
             c.add_arguments(p)
-        p.set_defaults(_command=c.run)
     return parser
 
 
@@ -260,8 +259,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(list(sys.argv[1:] if argv is None else argv))
+    run = next(c.run for name, c in COMMANDS.items() if args.command in (name, *c.aliases))
     try:
-        return args._command(args)
+        return run(args)
     except KeyboardInterrupt as e:  # lesft.interrupt.Interrupted says how to resume
         print(f"\nlesft: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130

@@ -614,12 +614,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         if sections and f.name in sections:
             group = parser.add_argument_group(sections[f.name])
         if is_dataclass(tp):
-            add_dataclass_args(parser, tp, prefix=f"{name}.", title=f"--{name}.*: {f.metadata.get('help', '')}")
+            add_dataclass_args(parser, tp, prefix=f"{name}.", title=f"--{name}.* ({f.metadata.get('help', '').rstrip('.')})")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        flags += [f"--{a}" for a in f.metadata.get("aliases", ())]
+        flags = [f"--{name}"] + [f"--{a}" for a in f.metadata.get("aliases", ())]
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         origin = typing.get_origin(tp)
         if tp is bool:  # "--eval" alone means true; "--eval false" is accepted too
@@ -630,6 +629,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         else:
             kw.update(type=tp, metavar=_METAVAR.get(tp, "X"))
         group.add_argument(*flags, **kw)
+        if "_" in name:  # --max-length too, not listed in --help
+            group.add_argument(f"--{name.replace('_', '-')}", **dict(kw, help=argparse.SUPPRESS))
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

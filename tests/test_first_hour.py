@@ -58,6 +58,12 @@ BAD_TRAIN = [
     ("eval-dataset", None, ["--eval", "--evaluation.dataset", "mmlu"], ["unknown evaluation dataset 'mmlu'"]),
     ("eval-range", None, ["--eval", "--evaluation.limit", "-1"], ["limit must be >= 0"]),
     ("lora-range", None, ["--lora.dropout", "1.5"], ["lora.dropout must be in [0, 1)"]),
+    ("yaml-lora-r", "lora:\n  r: 0\n", [], ["c.yaml", "lora.r must be >= 1"]),
+    ("yaml-weighting", "lesft:\n  weighting: uniform=x\n", [], ["c.yaml", "cannot parse the constant"]),
+    ("per-client", None, ["--per_client", "-1"], ["per_client must be >= 0"]),
+    ("dtype", None, ["--dtype", "fp16"], ["dtype must be fp32 or bf16"]),
+    ("rounds", None, ["--rounds", "-1"], ["need rounds >= 1 or epochs > 0"]),
+    ("loss-needs-dual", None, ["--method", "sl", "--loss", "lesft"], ["paths"]),
 ]
 if NO_CUDA:
     BAD_TRAIN.append(("device-cuda", None, ["--device", "cuda"], ["sees no CUDA device", "--device cpu"]))
@@ -133,7 +139,24 @@ BAD_OTHER = [
     ("eval-loglik", lambda t: ["eval", "--model", "x", "--dataset", "gsm8k", "--mode", "loglik"],
      ["needs a multiple-choice dataset"]),
     ("eval-hf-flag", lambda t: ["eval", "--per_device_eval_batch_size", "4"], ["unrecognized arguments"]),
+    ("eval-limit", lambda t: ["eval", "--model", "x", "--limit", "-1"], ["limit must be >= 0"]),
+    ("eval-mode", lambda t: ["eval", "--model", "x", "--mode", "nope"], ["mode must be 'generate' or 'loglik'"]),
+    ("eval-dataset", lambda t: ["eval", "--model", "x", "--dataset", "mmlu"], ["unknown evaluation dataset 'mmlu'"]),
+    ("export-nothing", lambda t: ["export", "--out", str(t / "m")], ["export needs --run RUN_DIR, or both"]),
+    ("sweep-yaml", lambda t: ["sweep", str(_text(t / "s.yaml", "base: [1,\n")), "--out", str(t / "o")],
+     ["not valid YAML"]),
+    ("sweep-key", lambda t: ["sweep", str(_text(t / "s.yaml", "grid:\n  lora.rank: [1, 2]\n")), "--out",
+                             str(t / "o")], ["unknown config key 'lora.rank'"]),
+    ("sweep-type", lambda t: ["sweep", str(_text(t / "s.yaml", "base:\n  lr: fast\n  model: nope\n")), "--out",
+                              str(t / "o")], ["lr: expected float, got 'fast'"]),
+    ("sweep-jobs", lambda t: ["sweep", str(_text(t / "s.yaml", "base: {}\n")), "--out", str(t / "o"), "--jobs", "0"],
+     ["--jobs must be >= 1"]),
 ]
+
+
+def _text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
 
 
 def _mk(d: Path, file: str | None = None) -> Path:
@@ -293,4 +316,27 @@ def test_help_imports_no_torch_and_is_grouped(argv) -> None:
     out = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=120).stdout
     assert "HEAVY []" in out
     if argv == ["train", "--help"]:
-        assert "--lora.*: LoRA settings." in out and "method switches (unset: from the --method preset):" in out
+        assert "--lora.* (LoRA settings):" in out and "method switches (unset: from the --method preset):" in out
+
+
+def test_report_error_bars_are_the_wilson_bounds() -> None:
+    from lesft.report import Cell, _yerr
+    from lesft.stats import wilson_ci
+
+    lo, hi = wilson_ci(0, 5)
+    assert round(100 * hi, 1) == 43.4  # 0/5: [0, 43.4 %], not 0 ± 21.7
+    down, up = _yerr([Cell(0.0, lo, hi, [5], None, 1)])
+    assert down == [0.0] and up == [pytest.approx(100 * hi)]
+
+
+def test_tensorboard_logs_loss_when_installed(assets, tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert main(_train_args(assets, tmp_path / "r", "--rounds", "2")) == 0
+    acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    acc.Reload()
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(losses)
+    assert "comm_mb/client_to_server" in acc.Tags()["scalars"]
