@@ -541,6 +541,15 @@ def check_dict(cls: type, data: Any, where: str = "", source: str = "") -> dict[
     return out
 
 
+def normalised(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its values in ``cls``'s field types (:func:`check_dict`), or unchanged when it does not
+    check: compares a config saved before values were type-checked (``client_layers: 2``) with today's."""
+    try:
+        return check_dict(cls, data)
+    except ValueError:
+        return data
+
+
 def _build(cls: type, data: dict[str, Any]) -> Any:
     hints = _field_types(cls)
     kwargs = {}

@@ -104,7 +104,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from lesft.config import TrainConfig, _base_type, apply_overrides, from_dict, load_yaml, to_dict
+from lesft.config import TrainConfig, _base_type, apply_overrides, from_dict, load_yaml, normalised, to_dict
 from lesft.provenance import git_commit
 from lesft.report import flatten
 
@@ -363,7 +363,7 @@ def _status(p: Point) -> tuple[str, str]:
         return "pending", ""
     if p.config is not None and (d / "config.input.yaml").is_file():
         try:
-            saved = load_yaml(d / "config.input.yaml")
+            saved = normalised(TrainConfig, load_yaml(d / "config.input.yaml"))
         except Exception as e:  # unreadable: do not guess, do not overwrite
             return "stale", f"config.input.yaml unreadable: {e}"
         diff = _config_diff(saved, p.config, base_only=p.method == BASE_METHOD)

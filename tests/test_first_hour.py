@@ -17,6 +17,7 @@ import torch
 
 from conftest import rows
 from lesft.cli import main
+from lesft.config import TrainConfig
 
 NO_CUDA = not torch.cuda.is_available()
 
@@ -308,7 +309,8 @@ def test_sigint_checkpoints_the_last_finished_round_and_prints_the_resume_comman
         assert len(metrics.read_text().splitlines()) == done + 1
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["export", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"], ["export", "--help"],
+                                  ["sweep", "--help"], ["report", "--help"]])
 def test_help_imports_no_torch_and_is_grouped(argv) -> None:
     code = ("import sys\nfrom lesft.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
             "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'peft', 'matplotlib') if m in sys.modules))")
@@ -340,3 +342,13 @@ def test_tensorboard_logs_loss_when_installed(assets, tmp_path) -> None:
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(losses)
     assert "comm_mb/client_to_server" in acc.Tags()["scalars"]
+
+
+def test_a_config_saved_before_type_checks_still_resumes(tmp_path) -> None:
+    from lesft.config import normalised
+    from lesft.sweep import _config_diff
+
+    old = {"client_layers": 2, "lr": "2e-4", "lora": {"r": 8}}  # as written unchecked: int and str
+    now = {"client_layers": "2", "lr": 2e-4, "lora": {"r": 8}}
+    assert _config_diff(normalised(TrainConfig, old), now) == []
+    assert normalised(TrainConfig, {"nope": 1}) == {"nope": 1}
