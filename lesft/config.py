@@ -545,7 +545,7 @@ def normalised(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     """``data`` with its values in ``cls``'s field types (:func:`check_dict`), or unchanged when it does not
     check: compares a config saved before values were type-checked (``client_layers: 2``) with today's."""
     try:
-        return check_dict(cls, data)
+        return _plain(check_dict(cls, data))  # tuples as lists, as in to_dict
     except ValueError:
         return data
 
