@@ -27,7 +27,7 @@ class Command(NamedTuple):
 
 def _overrides(args: argparse.Namespace, own: tuple[str, ...]) -> dict[str, Any]:
     """The dataclass flags the user typed (every flag defaults to SUPPRESS), without the command's own."""
-    return {k: v for k, v in vars(args).items() if k not in own + ("command",)}
+    return {k: v for k, v in vars(args).items() if k not in own + ("command", "plugin")}
 
 
 def _mb(n: int | float) -> str:
@@ -235,6 +235,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesft", description=__doc__.split("\n\n")[0] + "\n\n" +
                                      __doc__.split("\n\n")[1] + "\n\n    " + __doc__.split("\n\n")[2].strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                        help="import this first: a .py file or module that registers a loss or an aggregation "
+                             "strategy (repeatable; also $LESFT_PLUGINS; see docs/extending.md)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, c in COMMANDS.items():
         p = sub.add_parser(name, help=c.help, description=c.help, aliases=list(c.aliases))
@@ -246,7 +249,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def _parse(argv: list[str]) -> argparse.Namespace:
     """Parse; an unknown flag gets "did you mean" (lesft's name for a trl/peft/transformers flag, or the
     closest one)."""
-    first = next((a for a in argv if not a.startswith("-")), "")  # "": `lesft --help` builds no flags
+    names = {n for name, c in COMMANDS.items() for n in (name, *c.aliases)}
+    first = next((a for a in argv if a in names), "")  # "": `lesft --help` builds no subcommand's flags
     parser = build_parser(first)
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -261,6 +265,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(list(sys.argv[1:] if argv is None else argv))
     run = next(c.run for name, c in COMMANDS.items() if args.command in (name, *c.aliases))
     try:
+        from lesft.plugins import load_plugins
+
+        load_plugins(args.plugin)  # before the config is built: a plugin may register a loss or a strategy
+        del args.plugin
         return run(args)
     except KeyboardInterrupt as e:  # lesft.interrupt.Interrupted says how to resume
         print(f"\nlesft: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
