@@ -40,7 +40,7 @@ def test_the_documented_extensions_train_evaluate_and_report(extension_file, ass
     assert all(0 < m["token_classes"]["mean_p"] < 1 for m in metrics)  # the focal loss's own statistic
     assert all(m["aggregated"] for m in metrics)
     assert "trimmed-mean" in STRATEGIES and "focal" in OBJECTIVES
-    assert main(["eval", "--run", str(out), "--limit", "2", "--max_new_tokens", "4"]) == 0
+    assert main(["eval", "--run", str(out), "--dataset", "synthetic", "--limit", "2", "--max_new_tokens", "4"]) == 0
     assert main(["report", str(out.parent)]) == 0
     assert "splitlora" in (out.parent / "report.md").read_text()
 
