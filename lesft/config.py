@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -17,14 +18,254 @@ from typing import Any
 
 import yaml
 
+from lesft.data.registry import BENCHMARKS
 from lesft.data.synthetic import ArithmeticSpec
-from lesft.evaluate import EvalConfig
-from lesft.loss import LossConfig
-from lesft.lora import LoraArgs
+
+if typing.TYPE_CHECKING:
+    from peft import LoraConfig
 
 
 def _help(text: str, aliases: tuple[str, ...] = (), **kw: Any) -> Any:
     return field(metadata={"help": text, "aliases": aliases}, **kw)
+
+
+# ---------------------------------------------------------------- option groups of TrainConfig
+# LoRA (lesft.lora), the LESFT loss (lesft.loss) and evaluation (lesft.evaluate) re-export theirs from here:
+# this module imports no torch, so `lesft --help` is fast.
+
+
+@dataclass
+class LoraArgs:
+    """LoRA adapters, the same on the client and the server side (peft's LoraConfig underneath)."""
+
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator: the update is scaled by alpha / r."})
+    dropout: float = field(default=0.2, metadata={"help": "Dropout on the LoRA input during training."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Names of the linear modules that get adapters (matched by suffix, as in peft)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one module")
+
+    def peft_config(self) -> LoraConfig:
+        """peft's LoraConfig of these settings (peft imported here: this module stays torch-free)."""
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+            target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
+        )
+
+
+
+_CLUSTER_ON_CHOICES = ("hidden",)
+
+
+def _parse_weighting(value: str) -> float | None:
+    """Parse ``LossConfig.weighting``: ``"adaptive"`` -> ``None``; ``"uniform=c"`` -> ``c``.
+
+    Raises ``ValueError`` (naming the field) for anything else, or for ``c`` not finite / < 0.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"LossConfig.weighting must be a string, got {value!r}")
+    v = value.strip().lower()
+    if v == "adaptive":
+        return None
+    if v.startswith("uniform="):
+        try:
+            c = float(v[len("uniform="):])
+        except ValueError:
+            raise ValueError(
+                f"LossConfig.weighting: cannot parse the constant in {value!r} "
+                "(expected 'adaptive' or 'uniform=c' with c a float, e.g. 'uniform=0.5')"
+            ) from None
+        if not math.isfinite(c) or c < 0:
+            raise ValueError(f"LossConfig.weighting: uniform weight must be finite and >= 0, got {value!r}")
+        return c
+    raise ValueError(f"LossConfig.weighting must be 'adaptive' or 'uniform=c' (c a float), got {value!r}")
+
+
+@dataclass
+class LossConfig:
+    """Configuration of the LESFT loss (defaults follow the paper; ``tau`` see ``docs/loss.md``)."""
+
+    weighting: str = field(
+        default="adaptive",
+        metadata={
+            "help": (
+                "Token weighting scheme. 'adaptive' (the LESFT loss): salient, sub-salient and "
+                "irrelevant tokens get their adaptive weights. 'uniform=c' (c a float >= 0; the "
+                "paper's Table 3 ablation, c in {0, 0.25, 0.5, 0.75, 1, 1.5, 2}): salient tokens "
+                "keep their adaptive weight 1 + ((p~ - p_sal)/(1 - p_sal))^gamma_salient and every "
+                "NON-salient target token (sub-salient or irrelevant) gets the constant weight c."
+            )
+        },
+    )
+    p_sal: float = field(
+        default=0.95,
+        metadata={"help": "Saliency threshold on the reference-path probability p~: a token is salient iff p~ > p_sal. In (0, 1)."},
+    )
+    gamma_salient: float = field(
+        default=5.0,
+        metadata={"help": "gamma_1 (> 0): salient weight 1 + ((p~ - p_sal)/(1 - p_sal))^gamma_1, in (1, 2]."},
+    )
+    gamma_subsalient: float = field(
+        default=0.3,
+        metadata={"help": "gamma_2 (> 0): sub-salient weight (p~/p_sal)^gamma_2, in [0, 1]."},
+    )
+    gamma_irrelevant: float = field(
+        default=0.6,
+        metadata={"help": "gamma_3 (> 0): irrelevant weight (p~/p_sal)^gamma_3, in [0, 1]."},
+    )
+    tau: float = field(
+        default=0.8,
+        metadata={
+            "help": (
+                "Cosine-similarity threshold in [-1, 1]: a non-salient token is sub-salient iff its "
+                "hidden state has cosine >= tau with the hidden state of some salient token of the "
+                "same sample. 0.8 because final hidden states of decoder LMs are anisotropic "
+                "(SmolLM2-135M: median pairwise cosine ~0.55 within a sample, 0.8 ~ its 95th "
+                "percentile), so a lower value would mark most tokens as sub-salient."
+            )
+        },
+    )
+    window: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "Cluster window in target-token index. 0 = the whole target span; w > 0 = only "
+                "tokens within w target positions of a salient centre (|i - j| <= w) can join its cluster."
+            )
+        },
+    )
+    cluster_on: str = field(
+        default="hidden",
+        metadata={
+            "help": (
+                "Which representations are clustered. 'hidden' (only option so far): the server's "
+                "final hidden state on the BASE path (the input of the LM head) at the position that "
+                "predicts each target token, i.e. base_hidden[b, t-1] for the target token labels[b, t]."
+            )
+        },
+    )
+    nlft_lambda: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "NLFT-compatible mode. 0 = off (loss = L_weighted). > 0: "
+                "L_total = lambda * (CE + L_weighted), CE = plain token-mean cross-entropy on the base path."
+            )
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.p_sal, (int, float)) and 0.0 < float(self.p_sal) < 1.0):
+            raise ValueError(f"LossConfig.p_sal must be in (0, 1), got {self.p_sal!r}")
+        for name in ("gamma_salient", "gamma_subsalient", "gamma_irrelevant"):
+            g = getattr(self, name)
+            if not (isinstance(g, (int, float)) and math.isfinite(g) and g > 0):
+                raise ValueError(f"LossConfig.{name} must be a finite number > 0, got {g!r}")
+        if not (isinstance(self.tau, (int, float)) and -1.0 <= float(self.tau) <= 1.0):
+            raise ValueError(f"LossConfig.tau must be in [-1, 1], got {self.tau!r}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"LossConfig.window must be an int >= 0, got {self.window!r}")
+        if self.cluster_on not in _CLUSTER_ON_CHOICES:
+            raise ValueError(f"LossConfig.cluster_on must be one of {_CLUSTER_ON_CHOICES}, got {self.cluster_on!r}")
+        if not (isinstance(self.nlft_lambda, (int, float)) and math.isfinite(self.nlft_lambda) and self.nlft_lambda >= 0):
+            raise ValueError(f"LossConfig.nlft_lambda must be a finite number >= 0, got {self.nlft_lambda!r}")
+        _parse_weighting(self.weighting)
+
+    @property
+    def gammas(self) -> tuple[float, float, float]:
+        """``(gamma_salient, gamma_subsalient, gamma_irrelevant)``."""
+        return (float(self.gamma_salient), float(self.gamma_subsalient), float(self.gamma_irrelevant))
+
+    @property
+    def uniform_weight(self) -> float | None:
+        """The constant ``c`` of ``weighting="uniform=c"``, or ``None`` for ``"adaptive"``."""
+        return _parse_weighting(self.weighting)
+
+
+#: Default stop strings. Special tokens among them (``<|im_end|>`` ...) that the tokenizer knows as one
+#: added token become extra end-of-sequence ids; the rest are matched on the decoded new text. EOS
+#: always stops too. ``"\n\n\n"`` ends the runaway blank-line loops small models fall into, and
+#: ``"\nQuestion:"`` the "next few-shot question" a model writes after its answer without a chat template.
+DEFAULT_STOP: tuple[str, ...] = ("\n\n\n", "<|im_end|>", "<|im_start|>", "<|endoftext|>", "</s>", "\nQuestion:")
+
+#: Datasets with lettered options (the only ones ``mode="loglik"`` accepts).
+MC_DATASETS = tuple(n for n, b in BENCHMARKS.items() if b.answer_kind == "choice")  # the built-in ones
+KNOWN_DATASETS = BENCHMARKS  # every registered benchmark (lesft.data.registry), plugins included
+
+
+@dataclass
+class EvalConfig:
+    """Everything ``lesft eval`` needs besides the model (and adapter or run directory)."""
+
+    dataset: str | None = _help(
+        "Benchmark: gsm8k, commonsenseqa, aqua_rat or synthetic. Unset: the run's own dataset when it is one "
+        "of these, else synthetic.",
+        default=None,
+    )
+    split: str = _help("Split of the benchmark (e.g. test; CommonsenseQA's labelled one is dev).", default="test")
+    data_dir: str | None = _help(
+        "Folder holding the benchmark files (None: the project's default data location).", default=None
+    )
+    file: str | None = _help("Read the questions from this file instead of the benchmark's default one.", default=None)
+    limit: int = _help(
+        "Number of questions (0 = all); a seeded sample (see --seed) when smaller than the split.", default=200
+    )
+    batch_size: int = _help(
+        "Questions per generation batch (loglik: scored sequences per forward pass).", default=16
+    )
+    max_new_tokens: int = _help("Most tokens generated per question (generate mode).", default=256)
+    chat_template: bool = _help(
+        "Wrap prompts in the tokenizer's chat template when it has one (as in training). With a run "
+        "directory, a run trained without it turns it off.",
+        default=True,
+    )
+    mode: str = _help(
+        "'generate' (greedy generation + answer extraction) or 'loglik' (multiple choice only: pick the "
+        "option letter L maximising log P(\"The answer is (L).\" | prompt)).",
+        default="generate",
+    )
+    stop: list[str] = _help(
+        "Stop strings: generation of a question ends at EOS or at the first of these; the completion is cut "
+        "before it. Special tokens in the list (e.g. <|im_end|>) act as extra EOS ids.",
+        default_factory=lambda: list(DEFAULT_STOP),
+    )
+    choice_template: str = _help(
+        "Loglik mode: the sentence scored after the prompt for each option ({letter} is replaced).",
+        default="The answer is ({letter}).",
+    )
+    seed: int = _help("Seed of the question sample (when --limit is smaller than the split).", default=0)
+    progress: bool = _help("Show a progress bar over the questions.", default=True)
+    out: str | None = _help(
+        "Folder for predictions.jsonl and eval.json (None: RUN_DIR/eval with a run directory, else nothing "
+        "is written).",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("generate", "loglik"):
+            raise ValueError(f"mode must be 'generate' or 'loglik', got {self.mode!r}")
+        if self.limit < 0:
+            raise ValueError(f"limit must be >= 0 (0 = all), got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in self.stop if s]
+        if "{letter}" not in self.choice_template:
+            raise ValueError(f"choice_template must contain '{{letter}}', got {self.choice_template!r}")
 
 
 @dataclass
@@ -208,29 +449,156 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
-def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
-    """Build dataclass ``cls`` from a (possibly partial) dict; unknown keys are an error naming them."""
+#: Names trl / peft / transformers users reach for, and what lesft calls them ("did you mean").
+HF_NAMES: dict[str, str] = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "max_steps": "rounds", "output_dir": "out",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "max_length", "model_name_or_path": "model", "dataset_name": "data",
+    "lora_alpha": "lora.alpha", "lora_r": "lora.r", "lora_dropout": "lora.dropout",
+    "target_modules": "lora.target_modules", "bf16": "dtype bf16", "fp16": "dtype bf16",
+    "save_steps": "checkpoint_every", "resume_from_checkpoint": "resume", "do_eval": "eval",
+}
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for an unknown field or flag name: its lesft name when it is a trl/peft/HF
+    name, else the closest known name; empty when nothing is close."""
+    import difflib
+
+    bare = name.lstrip("-").replace("-", "_")
+    if bare in HF_NAMES:
+        target = HF_NAMES[bare]
+    else:
+        close = difflib.get_close_matches(bare, known, n=1, cutoff=0.6)
+        if not close:
+            return ""
+        target = close[0]
+    return f" (did you mean {'--' if name.startswith('--') else ''}{target}?)"
+
+
+_EXAMPLE = {bool: "true or false", int: "a whole number, e.g. 8", float: "a number, e.g. 2e-4 or 0.0002",
+            str: "a string"}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def check_value(tp: Any, value: Any, key: str) -> Any:
+    """``value`` checked against type hint ``tp`` (and converted where the meaning is certain: a number
+    written as a string, such as YAML 1.1's ``2e-4``; an int where a float goes; a number where a string
+    goes; a list where a tuple goes). ``key`` names the field in the error, which says what to write."""
+    base, optional = _base_type(tp)
+    if value is None:
+        if optional:
+            return None
+        raise TypeError(f"{key}: may not be empty (null); write {_EXAMPLE.get(base, _type_name(base))}")
+    origin = typing.get_origin(base)
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(base) if a is not Ellipsis] or [Any]
+        if isinstance(value, str) and origin is list:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{key}: expected a list, got {value!r} ({type(value).__name__}); write e.g. [a, b]")
+        fixed = origin is tuple and Ellipsis not in typing.get_args(base)
+        if fixed and len(value) != len(args):
+            raise TypeError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
+        items = [check_value(args[i] if fixed else args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if is_dataclass(base):
+        if isinstance(value, base):
+            return value
+        raise TypeError(f"{key}: expected a group of fields ({', '.join(f.name for f in fields(base))}), got "
+                        f"{value!r}; write e.g. {key}: {{{fields(base)[0].name}: ...}} or --{key}.{fields(base)[0].name}")
+    if base is Any or not isinstance(base, type):
+        return value
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value) if base is float or not value.strip().lstrip("+-").isdigit() else int(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if base is float:
+                return float(value)
+            if float(value).is_integer():
+                return int(value)
+    elif base is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif isinstance(value, base):
+        return value
+    raise TypeError(f"{key}: expected {_type_name(base)}, got {value!r} ({type(value).__name__}); "
+                    f"write {_EXAMPLE.get(base, _type_name(base))}")
+
+
+def check_dict(cls: type, data: Any, where: str = "", source: str = "") -> dict[str, Any]:
+    """``data`` with every key known to dataclass ``cls`` and every value checked against its field's type
+    (:func:`check_value`, nested groups recursively); else a ``ValueError`` naming the field and ``source``
+    (a YAML file, "command line") that says what to write."""
+    at = f"{source}: " if source else ""
+    if not isinstance(data, dict):
+        raise ValueError(f"{at}{where.rstrip('.') or 'config'} must be a mapping of field: value, got {data!r}")
     hints = _field_types(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = set(data) - known
-    if unknown:
-        raise ValueError(f"unknown config field(s) {sorted(where + k for k in unknown)}; known: {sorted(known)}")
+    known = [f.name for f in fields(cls)]
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in known:
+            raise ValueError(f"{at}unknown config field {where + str(name)!r}{did_you_mean(str(name), known)}; "
+                             f"known fields: {', '.join(known)}")
+        tp, _ = _base_type(hints[name])
+        if is_dataclass(tp) and isinstance(value, dict):
+            out[name] = check_dict(tp, value, f"{where}{name}.", source)
+            continue
+        try:
+            out[name] = check_value(hints[name], value, f"{where}{name}")
+        except TypeError as e:
+            raise ValueError(f"{at}{e}") from None
+    return out
+
+
+def normalised(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with its values in ``cls``'s field types (:func:`check_dict`), or unchanged when it does not
+    check: compares a config saved before values were type-checked (``client_layers: 2``) with today's."""
+    try:
+        return _plain(check_dict(cls, data))  # tuples as lists, as in to_dict
+    except ValueError:
+        return data
+
+
+def _build(cls: type, data: dict[str, Any]) -> Any:
+    hints = _field_types(cls)
     kwargs = {}
     for name, value in data.items():
         tp, _ = _base_type(hints[name])
-        if is_dataclass(tp) and isinstance(value, dict):
-            value = from_dict(tp, value, where=f"{where}{name}.")
-        elif isinstance(value, list) and typing.get_origin(tp) is tuple:
-            value = tuple(value)
-        kwargs[name] = value
+        kwargs[name] = _build(tp, value) if is_dataclass(tp) and isinstance(value, dict) else value
     return cls(**kwargs)
 
 
+def from_dict(cls: type, data: dict[str, Any], where: str = "", source: str = "") -> Any:
+    """Build dataclass ``cls`` from a (possibly partial) dict, checked by :func:`check_dict`; a value the
+    dataclass refuses (out of range) is a ``ValueError`` naming ``source`` too."""
+    data = check_dict(cls, data, where, source)
+    try:
+        return _build(cls, data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}" if source else str(e)) from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file; a missing file, a syntax error or a non-mapping is an error naming it."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p}: a config file must hold a mapping of field: value")
     return data
@@ -251,32 +619,48 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
-    """One ``--flag`` per field (``--lora.r`` for nested ones), help text from the field metadata.
+#: ``--help`` sections of TrainConfig: the first field of each, in field order.
+TRAIN_SECTIONS: dict[str, str] = {
+    "method": "model and method", "data": "data", "rounds": "optimisation",
+    "split": "method switches (unset: from the --method preset)", "wire_dtype": "system",
+    "out": "output, checkpoints, evaluation",
+}
+
+_METAVAR = {int: "INT", float: "FLOAT", str: "STR", bool: "BOOL"}
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
+                       sections: dict[str, str] | None = None, title: str | None = None) -> None:
+    """One ``--flag`` per field (``--lora.r`` for nested ones), help text from the field metadata, grouped in
+    ``--help`` by ``sections`` (first field -> title) and one group per nested dataclass.
 
     Every flag defaults to argparse.SUPPRESS so that only what the user typed overrides YAML.
     """
     hints = _field_types(cls)
+    group: Any = parser.add_argument_group(title) if title else parser
     for f in fields(cls):
         tp, optional = _base_type(hints[f.name])
         name = f"{prefix}{f.name}"
+        if sections and f.name in sections:
+            group = parser.add_argument_group(sections[f.name])
         if is_dataclass(tp):
-            add_dataclass_args(parser, tp, prefix=f"{name}.")
+            add_dataclass_args(parser, tp, prefix=f"{name}.", title=f"--{name}.* ({f.metadata.get('help', '').rstrip('.')})")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
-        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        flags += [f"--{a}" for a in f.metadata.get("aliases", ())]
+        flags = [f"--{name}"] + [f"--{a}" for a in f.metadata.get("aliases", ())]
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         origin = typing.get_origin(tp)
         if tp is bool:  # "--eval" alone means true; "--eval false" is accepted too
             kw.update(type=_parse_bool, metavar="BOOL", nargs="?", const=True)
         elif origin in (list, tuple):
             inner = typing.get_args(tp)[0] if typing.get_args(tp) else str
-            kw.update(type=inner, nargs="+")
+            kw.update(type=inner, nargs="+", metavar=_METAVAR.get(inner, "X"))
         else:
-            kw.update(type=tp)
-        parser.add_argument(*flags, **kw)
+            kw.update(type=tp, metavar=_METAVAR.get(tp, "X"))
+        group.add_argument(*flags, **kw)
+        if "_" in name:  # --max-length too, not listed in --help
+            group.add_argument(f"--{name.replace('_', '-')}", **dict(kw, help=argparse.SUPPRESS))
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -289,3 +673,10 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
             node = node.setdefault(p, {})
         node[leaf] = value
     return out
+
+
+def build_config(cls: type, path: str | None, overrides: dict[str, Any], defaults: dict[str, Any] | None = None) -> Any:
+    """``cls`` from the layers defaults <- YAML file ``path`` <- command-line ``overrides`` (dotted keys).
+    The file's values are checked first, so an error names the file; then the merged whole is built."""
+    data = check_dict(cls, load_yaml(path), source=str(path)) if path else dict(defaults or {})
+    return from_dict(cls, apply_overrides(data, overrides), source=str(path) if path else "command line")

@@ -21,16 +21,16 @@ import dataclasses
 import json
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from lesft.config import DEFAULT_STOP, KNOWN_DATASETS, MC_DATASETS, EvalConfig  # defined there: torch-free
 from lesft.data.contamination import problem_keys
 from lesft.data.prompts import render_prompt
-from lesft.data.registry import BENCHMARKS, answer_kind, get_benchmark
+from lesft.data.registry import answer_kind, get_benchmark
 from lesft.stats import wilson_ci
 
 __all__ = [
@@ -45,87 +45,16 @@ __all__ = [
     "wilson_ci",
 ]
 
-#: Default stop strings. Special tokens among them (``<|im_end|>`` ...) that the tokenizer knows as one
-#: added token become extra end-of-sequence ids; the rest are matched on the decoded new text. EOS
-#: always stops too. ``"\n\n\n"`` ends the runaway blank-line loops small models fall into, and
-#: ``"\nQuestion:"`` the "next few-shot question" a model writes after its answer without a chat template.
-DEFAULT_STOP: tuple[str, ...] = ("\n\n\n", "<|im_end|>", "<|im_start|>", "<|endoftext|>", "</s>", "\nQuestion:")
-
-#: Datasets with lettered options (the only ones ``mode="loglik"`` accepts).
-MC_DATASETS = tuple(n for n, b in BENCHMARKS.items() if b.answer_kind == "choice")  # the built-in ones
-KNOWN_DATASETS = BENCHMARKS  # every registered benchmark (lesft.data.registry)
-
-
-def _help(text: str, **kw: Any) -> Any:
-    return field(metadata={"help": text}, **kw)
-
-
-@dataclass
-class EvalConfig:
-    """Everything ``lesft eval`` needs besides the model (and adapter or run directory)."""
-
-    dataset: str | None = _help(
-        "Benchmark: gsm8k, commonsenseqa, aqua_rat or synthetic. Unset: the run's own dataset when it is one "
-        "of these, else synthetic.",
-        default=None,
-    )
-    split: str = _help("Split of the benchmark (e.g. test; CommonsenseQA's labelled one is dev).", default="test")
-    data_dir: str | None = _help(
-        "Folder holding the benchmark files (None: the project's default data location).", default=None
-    )
-    file: str | None = _help("Read the questions from this file instead of the benchmark's default one.", default=None)
-    limit: int = _help(
-        "Number of questions (0 = all); a seeded sample (see --seed) when smaller than the split.", default=200
-    )
-    batch_size: int = _help(
-        "Questions per generation batch (loglik: scored sequences per forward pass).", default=16
-    )
-    max_new_tokens: int = _help("Most tokens generated per question (generate mode).", default=256)
-    chat_template: bool = _help(
-        "Wrap prompts in the tokenizer's chat template when it has one (as in training). With a run "
-        "directory, a run trained without it turns it off.",
-        default=True,
-    )
-    mode: str = _help(
-        "'generate' (greedy generation + answer extraction) or 'loglik' (multiple choice only: pick the "
-        "option letter L maximising log P(\"The answer is (L).\" | prompt)).",
-        default="generate",
-    )
-    stop: list[str] = _help(
-        "Stop strings: generation of a question ends at EOS or at the first of these; the completion is cut "
-        "before it. Special tokens in the list (e.g. <|im_end|>) act as extra EOS ids.",
-        default_factory=lambda: list(DEFAULT_STOP),
-    )
-    choice_template: str = _help(
-        "Loglik mode: the sentence scored after the prompt for each option ({letter} is replaced).",
-        default="The answer is ({letter}).",
-    )
-    seed: int = _help("Seed of the question sample (when --limit is smaller than the split).", default=0)
-    out: str | None = _help(
-        "Folder for predictions.jsonl and eval.json (None: RUN_DIR/eval with a run directory, else nothing "
-        "is written).",
-        default=None,
-    )
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("generate", "loglik"):
-            raise ValueError(f"mode must be 'generate' or 'loglik', got {self.mode!r}")
-        if self.limit < 0:
-            raise ValueError(f"limit must be >= 0 (0 = all), got {self.limit}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = [s for s in self.stop if s]
-        if "{letter}" not in self.choice_template:
-            raise ValueError(f"choice_template must contain '{{letter}}', got {self.choice_template!r}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------
+
+
+def _bar(total: int, enabled: bool, unit: str = "question"):
+    """A progress bar over ``total`` items (a no-op one when not ``enabled``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, disable=not enabled, desc="eval", leave=False)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -196,6 +125,7 @@ def generate(
     stop: list[str] | None = None,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    progress: bool = False,
 ) -> list[str]:
     """Completions of ``prompts`` (greedy when ``temperature`` is 0, else sampled) (full model inputs, e.g. from :func:`render_prompt`), in order.
 
@@ -223,6 +153,7 @@ def generate(
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # padding needs one; the pad positions are masked out anyway
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+    bar = _bar(len(prompts), progress)
     try:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
@@ -253,7 +184,9 @@ def generate(
                         break
                 text = tokenizer.decode(new, skip_special_tokens=True)
                 results[i] = _cut(text, text_stops)
+            bar.update(len(idx))
     finally:
+        bar.close()
         tokenizer.padding_side = saved_side
         if saved_pad is None:
             tokenizer.pad_token = None
@@ -272,6 +205,7 @@ def score_continuations(
     contexts: list[str],
     continuations: list[str],
     batch_size: int,
+    progress: bool = False,
 ) -> list[float]:
     """``log P(continuation | context)`` summed over the continuation's tokens, for each pair.
 
@@ -294,6 +228,7 @@ def score_continuations(
     device = _device(model)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     scores = [0.0] * len(seqs)
+    bar = _bar(len(seqs), progress, unit="option")
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max(len(seqs[i]) for i in idx)
@@ -310,6 +245,8 @@ def score_continuations(
             pos = torch.arange(n_ctx - 1, n_ctx - 1 + n_cont, device=logprobs.device)
             target = torch.tensor(cont_ids[i], device=logprobs.device)
             scores[i] = float(logprobs[r, pos, target].sum())
+        bar.update(len(idx))
+    bar.close()
     return scores
 
 
@@ -374,7 +311,8 @@ def evaluate_rows(
     t0 = time.perf_counter()
     records: list[dict] = []
     if cfg.mode == "generate":
-        completions = generate(model, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size, cfg.stop)
+        completions = generate(model, tokenizer, texts, cfg.max_new_tokens, cfg.batch_size, cfg.stop,
+                               progress=cfg.progress)
         for r, c in zip(rows, completions):
             pred = extract_answer(dataset, c)
             ok = pred is not None and bool(is_correct(dataset, pred, str(r["answer"])))
@@ -390,7 +328,7 @@ def evaluate_rows(
                 ctx.append(t)
                 cont.append(cfg.choice_template.format(letter=L))
                 owner.append(k)
-        flat = score_continuations(model, tokenizer, ctx, cont, cfg.batch_size)
+        flat = score_continuations(model, tokenizer, ctx, cont, cfg.batch_size, progress=cfg.progress)
         per_row: list[dict[str, float]] = [{} for _ in rows]
         for k, (o, s) in enumerate(zip(owner, flat)):
             per_row[o][cont[k]] = s
@@ -456,17 +394,14 @@ def _run_config(run_dir: Path) -> dict:
     return load_yaml(p)
 
 
-def run_eval(
-    cfg: EvalConfig, model: str | None = None, adapter: str | None = None, run_dir: str | None = None
-) -> dict:
-    """Load the questions and the model (+ adapter), evaluate, write files; return the summary.
+def prepare_eval(
+    cfg: EvalConfig, model: str | None = None, adapter: str | None = None, run_dir: str | None = None,
+    need_adapter: bool = True,
+) -> tuple[EvalConfig, str, str | None, list[dict]]:
+    """Resolve an evaluation and load its questions, loading no model: ``(cfg, model, adapter, rows)``.
 
-    With ``run_dir`` (a ``lesft train`` output): the model is the run's ``model`` unless given, the adapter
-    ``run_dir/adapter`` unless given, and the files go to ``run_dir/eval`` unless ``cfg.out`` is set.
-    Fields left at their defaults follow the run: ``dataset`` (when the run's ``dataset``/``data`` is a
-    benchmark name) and ``chat_template`` (off when the run trained without it). For the synthetic
-    benchmark the run's ``synthetic`` difficulty is passed on when ``load_benchmark`` takes it.
-    CommonsenseQA with ``split`` left at ``test`` (unlabelled) is evaluated on ``validation``.
+    ``lesft train --eval`` calls it before training (``need_adapter=False``), so a setting that cannot
+    work for the dataset is refused before any training is done. See :func:`run_eval` for the defaults.
     """
     cfg = dataclasses.replace(cfg, stop=list(cfg.stop))
     defaults = EvalConfig()
@@ -476,11 +411,15 @@ def run_eval(
         run_conf = _run_config(rd)
         model = model or run_conf.get("model")
         if adapter is None:
-            if not (rd / "adapter" / "adapter_config.json").is_file():
+            if need_adapter and not (rd / "adapter" / "adapter_config.json").is_file():
                 raise FileNotFoundError(f"no adapter in {rd / 'adapter'} (has the run finished?)")
             adapter = str(rd / "adapter")
         run_data = run_conf.get("dataset", run_conf.get("data"))
-        if cfg.dataset is None and isinstance(run_data, str) and run_data in KNOWN_DATASETS:
+        if cfg.dataset is None and isinstance(run_data, str):
+            if run_data not in KNOWN_DATASETS:
+                raise ValueError(f"the run trains on {run_data!r}, not a benchmark, so there is no test split to "
+                                 f"evaluate on: name one of {', '.join(KNOWN_DATASETS)} (lesft eval --dataset; lesft train "
+                                 "--evaluation.dataset; a sweep's eval.dataset)")
             cfg.dataset = run_data
         if cfg.data_dir is None:
             cfg.data_dir = run_conf.get("data_dir")
@@ -490,16 +429,33 @@ def run_eval(
             cfg.out = str(rd / "eval")
     if cfg.dataset is None:
         cfg.dataset = "synthetic"
+    bench = get_benchmark(cfg.dataset)  # refuses an unknown name, listing the registered ones
     if cfg.split == defaults.split:  # e.g. CSQA: the public test split has no answer keys; validation is used
-        cfg.split = get_benchmark(cfg.dataset).eval_split
+        cfg.split = bench.eval_split
     if not model:
         raise ValueError("no model: pass one, or a run directory whose config.yaml names it")
-    if cfg.mode == "loglik" and answer_kind(cfg.dataset) != "choice":
-        raise ValueError(f"mode 'loglik' needs a multiple-choice dataset ({', '.join(MC_DATASETS)}), got {cfg.dataset!r}")
-
+    if cfg.mode == "loglik" and bench.answer_kind != "choice":
+        raise ValueError(f"mode 'loglik' needs a multiple-choice dataset ({', '.join(MC_DATASETS)}), got "
+                         f"{cfg.dataset!r}: use mode 'generate'")
     rows = _load_rows(cfg, run_conf)
     if not rows:
         raise ValueError(f"no questions in {cfg.dataset}/{cfg.split}")
+    return cfg, model, adapter, rows
+
+
+def run_eval(
+    cfg: EvalConfig, model: str | None = None, adapter: str | None = None, run_dir: str | None = None
+) -> dict:
+    """Load the questions and the model (+ adapter), evaluate, write files; return the summary.
+
+    With ``run_dir`` (a ``lesft train`` output): the model is the run's ``model`` unless given, the adapter
+    ``run_dir/adapter`` unless given, and the files go to ``run_dir/eval`` unless ``cfg.out`` is set.
+    Fields left at their defaults follow the run: ``dataset`` (when the run's ``dataset``/``data`` is a
+    benchmark name; a run on a JSONL file needs ``dataset`` set) and ``chat_template`` (off when the run
+    trained without it). For the synthetic benchmark the run's ``synthetic`` difficulty is passed on.
+    CommonsenseQA with ``split`` left at ``test`` (unlabelled) is evaluated on ``validation``.
+    """
+    cfg, model, adapter, rows = prepare_eval(cfg, model, adapter, run_dir)
     lm, tokenizer = load_for_eval(model, adapter)
     meta = {"model": model, "adapter": adapter, "run_dir": run_dir}
     result = evaluate_rows(lm, tokenizer, rows, cfg.dataset, cfg, meta=meta)

@@ -9,42 +9,16 @@ from __future__ import annotations
 
 import re
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import inject_adapter_in_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lesft.config import LoraArgs  # defined there: torch-free, for --help
+
 ADAPTER = "default"
-
-
-@dataclass
-class LoraArgs:
-    """LoRA adapters, the same on the client and the server side (peft's LoraConfig underneath)."""
-
-    r: int = field(default=8, metadata={"help": "LoRA rank."})
-    alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator: the update is scaled by alpha / r."})
-    dropout: float = field(default=0.2, metadata={"help": "Dropout on the LoRA input during training."})
-    target_modules: list[str] = field(
-        default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
-        metadata={"help": "Names of the linear modules that get adapters (matched by suffix, as in peft)."},
-    )
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"lora.r must be >= 1, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
-            raise ValueError("lora.target_modules must name at least one module")
-
-    def peft_config(self) -> LoraConfig:
-        return LoraConfig(
-            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
-            target_modules=list(self.target_modules), bias="none", task_type="CAUSAL_LM",
-        )
 
 
 def add_lora(part: nn.Module, args: LoraArgs) -> nn.Module:
@@ -111,23 +85,76 @@ def export_adapter(
     return out
 
 
-def merge_adapters(dirs: list[str | Path], out_dir: str | Path) -> Path:
+def _refuse_existing(out: Path, marker: str, overwrite: bool, what: str) -> None:
+    if (out / marker).exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds {what} ({marker}): choose another --out, or pass --overwrite "
+                              "to replace it")
+
+
+def join_adapters(dirs: list[str | Path], out_dir: str | Path, overwrite: bool = False) -> Path:
     """One peft adapter from several that cover disjoint layers of the same model (a networked run's
-    client part, ``CLIENT_RUN/adapter``, and server part, ``SERVER_OUT/adapter``)."""
+    client part, ``CLIENT_RUN/adapter``, and server part, ``SERVER_OUT/adapter``). This joins parts; it
+    is not peft's ``merge_and_unload`` (that is :func:`export_merged`). An adapter already in ``out_dir``
+    is refused unless ``overwrite``."""
     if len(dirs) < 2:
-        raise ValueError("merge needs at least two adapter directories")
+        raise ValueError("join needs at least two adapter directories (the client part and the server part)")
+    out = Path(out_dir)
+    _refuse_existing(out, "adapter_config.json", overwrite, "an adapter")
     tensors: dict[str, torch.Tensor] = {}
     for d in map(Path, dirs):
         f = d / "adapter_model.safetensors"
         if not f.is_file() or not (d / "adapter_config.json").is_file():
             raise FileNotFoundError(f"{d} is not an adapter directory (adapter_model.safetensors + adapter_config.json)")
+        if d.resolve() == out.resolve():
+            raise ValueError(f"--out {out} is one of the inputs: choose another directory")
         part = load_file(str(f))
         clash = sorted(set(part) & set(tensors))
         if clash:
             raise ValueError(f"{d} overlaps the other adapters in {clash[:2]}: not parts of one split model")
         tensors.update(part)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
     shutil.copy(Path(dirs[0]) / "adapter_config.json", out / "adapter_config.json")
     return out
+
+
+def export_merged(out_dir: str | Path, run_dir: str | None = None, model: str | None = None,
+                  adapter: str | None = None, overwrite: bool = False) -> Path:
+    """A full model with the adapter merged in (peft's ``merge_and_unload``), written with
+    ``save_pretrained`` together with its tokenizer: ``AutoModelForCausalLM.from_pretrained(out_dir)``
+    loads it with plain transformers. ``run_dir`` gives the defaults: its ``model`` and ``RUN/adapter``."""
+    from lesft.config import load_yaml
+    from lesft.evaluate import load_for_eval
+
+    out = Path(out_dir)
+    _refuse_existing(out, "config.json", overwrite, "a model")
+    if run_dir is not None:
+        rd = Path(run_dir)
+        if not (rd / "config.yaml").is_file():
+            raise FileNotFoundError(f"{rd} is not a training run directory (no config.yaml); pass --model and --adapter")
+        model = model or load_yaml(rd / "config.yaml").get("model")
+        adapter = adapter or str(rd / "adapter")
+    if not model or not adapter:
+        raise ValueError("export needs --run RUN_DIR, or both --model and --adapter")
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter} is not a peft adapter directory (no adapter_config.json); has the run "
+                                "finished?")
+    merged, tokenizer = load_for_eval(model, adapter)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def check_target_modules(model: nn.Module, layers_path: str, args: LoraArgs) -> None:
+    """Refuse ``target_modules`` entries that match no linear module of the decoder layers (peft would
+    inject nothing for them, silently), naming the modules that do exist."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(layers_path + ".")]
+    unmatched = [t for t in args.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        have = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(f"lora.target_modules {unmatched} match no linear module of this model's decoder layers; "
+                         f"its linear modules are {have}: set e.g. --lora.target_modules {' '.join(have[:3])}")
+
+
+merge_adapters = join_adapters  # the name before `lesft merge` became `lesft join`

@@ -25,11 +25,11 @@ corresponds to the k-th target token of sample b on the reference path. See ``do
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from lesft.config import LossConfig  # defined there: torch-free, for --help
 
 __all__ = [
     "IGNORE_INDEX",
@@ -42,134 +42,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-
-_CLUSTER_ON_CHOICES = ("hidden",)
-
-
-def _parse_weighting(value: str) -> float | None:
-    """Parse ``LossConfig.weighting``: ``"adaptive"`` -> ``None``; ``"uniform=c"`` -> ``c``.
-
-    Raises ``ValueError`` (naming the field) for anything else, or for ``c`` not finite / < 0.
-    """
-    if not isinstance(value, str):
-        raise ValueError(f"LossConfig.weighting must be a string, got {value!r}")
-    v = value.strip().lower()
-    if v == "adaptive":
-        return None
-    if v.startswith("uniform="):
-        try:
-            c = float(v[len("uniform="):])
-        except ValueError:
-            raise ValueError(
-                f"LossConfig.weighting: cannot parse the constant in {value!r} "
-                "(expected 'adaptive' or 'uniform=c' with c a float, e.g. 'uniform=0.5')"
-            ) from None
-        if not math.isfinite(c) or c < 0:
-            raise ValueError(f"LossConfig.weighting: uniform weight must be finite and >= 0, got {value!r}")
-        return c
-    raise ValueError(f"LossConfig.weighting must be 'adaptive' or 'uniform=c' (c a float), got {value!r}")
-
-
-@dataclass
-class LossConfig:
-    """Configuration of the LESFT loss (defaults follow the paper; ``tau`` see ``docs/loss.md``)."""
-
-    weighting: str = field(
-        default="adaptive",
-        metadata={
-            "help": (
-                "Token weighting scheme. 'adaptive' (the LESFT loss): salient, sub-salient and "
-                "irrelevant tokens get their adaptive weights. 'uniform=c' (c a float >= 0; the "
-                "paper's Table 3 ablation, c in {0, 0.25, 0.5, 0.75, 1, 1.5, 2}): salient tokens "
-                "keep their adaptive weight 1 + ((p~ - p_sal)/(1 - p_sal))^gamma_salient and every "
-                "NON-salient target token (sub-salient or irrelevant) gets the constant weight c."
-            )
-        },
-    )
-    p_sal: float = field(
-        default=0.95,
-        metadata={"help": "Saliency threshold on the reference-path probability p~: a token is salient iff p~ > p_sal. In (0, 1)."},
-    )
-    gamma_salient: float = field(
-        default=5.0,
-        metadata={"help": "gamma_1 (> 0): salient weight 1 + ((p~ - p_sal)/(1 - p_sal))^gamma_1, in (1, 2]."},
-    )
-    gamma_subsalient: float = field(
-        default=0.3,
-        metadata={"help": "gamma_2 (> 0): sub-salient weight (p~/p_sal)^gamma_2, in [0, 1]."},
-    )
-    gamma_irrelevant: float = field(
-        default=0.6,
-        metadata={"help": "gamma_3 (> 0): irrelevant weight (p~/p_sal)^gamma_3, in [0, 1]."},
-    )
-    tau: float = field(
-        default=0.8,
-        metadata={
-            "help": (
-                "Cosine-similarity threshold in [-1, 1]: a non-salient token is sub-salient iff its "
-                "hidden state has cosine >= tau with the hidden state of some salient token of the "
-                "same sample. 0.8 because final hidden states of decoder LMs are anisotropic "
-                "(SmolLM2-135M: median pairwise cosine ~0.55 within a sample, 0.8 ~ its 95th "
-                "percentile), so a lower value would mark most tokens as sub-salient."
-            )
-        },
-    )
-    window: int = field(
-        default=0,
-        metadata={
-            "help": (
-                "Cluster window in target-token index. 0 = the whole target span; w > 0 = only "
-                "tokens within w target positions of a salient centre (|i - j| <= w) can join its cluster."
-            )
-        },
-    )
-    cluster_on: str = field(
-        default="hidden",
-        metadata={
-            "help": (
-                "Which representations are clustered. 'hidden' (only option so far): the server's "
-                "final hidden state on the BASE path (the input of the LM head) at the position that "
-                "predicts each target token, i.e. base_hidden[b, t-1] for the target token labels[b, t]."
-            )
-        },
-    )
-    nlft_lambda: float = field(
-        default=0.0,
-        metadata={
-            "help": (
-                "NLFT-compatible mode. 0 = off (loss = L_weighted). > 0: "
-                "L_total = lambda * (CE + L_weighted), CE = plain token-mean cross-entropy on the base path."
-            )
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.p_sal, (int, float)) and 0.0 < float(self.p_sal) < 1.0):
-            raise ValueError(f"LossConfig.p_sal must be in (0, 1), got {self.p_sal!r}")
-        for name in ("gamma_salient", "gamma_subsalient", "gamma_irrelevant"):
-            g = getattr(self, name)
-            if not (isinstance(g, (int, float)) and math.isfinite(g) and g > 0):
-                raise ValueError(f"LossConfig.{name} must be a finite number > 0, got {g!r}")
-        if not (isinstance(self.tau, (int, float)) and -1.0 <= float(self.tau) <= 1.0):
-            raise ValueError(f"LossConfig.tau must be in [-1, 1], got {self.tau!r}")
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
-            raise ValueError(f"LossConfig.window must be an int >= 0, got {self.window!r}")
-        if self.cluster_on not in _CLUSTER_ON_CHOICES:
-            raise ValueError(f"LossConfig.cluster_on must be one of {_CLUSTER_ON_CHOICES}, got {self.cluster_on!r}")
-        if not (isinstance(self.nlft_lambda, (int, float)) and math.isfinite(self.nlft_lambda) and self.nlft_lambda >= 0):
-            raise ValueError(f"LossConfig.nlft_lambda must be a finite number >= 0, got {self.nlft_lambda!r}")
-        _parse_weighting(self.weighting)
-
-    @property
-    def gammas(self) -> tuple[float, float, float]:
-        """``(gamma_salient, gamma_subsalient, gamma_irrelevant)``."""
-        return (float(self.gamma_salient), float(self.gamma_subsalient), float(self.gamma_irrelevant))
-
-    @property
-    def uniform_weight(self) -> float | None:
-        """The constant ``c`` of ``weighting="uniform=c"``, or ``None`` for ``"adaptive"``."""
-        return _parse_weighting(self.weighting)
-
 
 # ----------------------------------------------------------------------------------------------
 # building blocks

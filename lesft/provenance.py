@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def git_commit() -> str | None:
@@ -34,6 +36,8 @@ def git_commit() -> str | None:
 
 def device_name(device: torch.device) -> str:
     """``cuda: NVIDIA H100 ...`` or ``cpu: <processor>, N threads``."""
+    import torch  # here, not at the top: `lesft sweep --help` imports this module
+
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
@@ -41,6 +45,7 @@ def device_name(device: torch.device) -> str:
 
 def versions() -> dict[str, str]:
     import peft
+    import torch
     import transformers
 
     import lesft

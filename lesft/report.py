@@ -916,6 +916,14 @@ def write_report(sweep_dir: str, baseline: str | None = None) -> Path:
     t0 = time.perf_counter()
     problems: list[str] = []
     sweep, runs = _collect(root, problems)
+    if not any(r.summary is not None or r.eval is not None for r in runs):  # refuse before writing anything
+        single = any((root / f).exists() for f in RUN_FILES)
+        raise ReportError(
+            f"nothing to report in {root}: " + (
+                f"it is one run's directory; point lesft report at the folder holding the runs ({root.parent})"
+                if single else
+                f"{len(runs)} run director{'y' if len(runs) == 1 else 'ies'}, none finished (no summary.json or "
+                "eval/eval.json); run `lesft sweep SPEC --out DIR` first, then `lesft report DIR`"))
     lay = _layout(sweep, runs)
     name = (sweep or {}).get("name") or root.name
     acc_lines, cells = _accuracy_table(runs, lay)

@@ -104,7 +104,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from lesft.config import TrainConfig, _base_type, apply_overrides, from_dict, load_yaml, to_dict
+from lesft.config import TrainConfig, _base_type, apply_overrides, from_dict, load_yaml, normalised, to_dict
 from lesft.data.registry import BENCHMARKS
 from lesft.plugins import load_plugins
 from lesft.provenance import git_commit
@@ -364,7 +364,7 @@ def _status(p: Point) -> tuple[str, str]:
         return "pending", ""
     if p.config is not None and (d / "config.input.yaml").is_file():
         try:
-            saved = load_yaml(d / "config.input.yaml")
+            saved = normalised(TrainConfig, load_yaml(d / "config.input.yaml"))
         except Exception as e:  # unreadable: do not guess, do not overwrite
             return "stale", f"config.input.yaml unreadable: {e}"
         diff = _config_diff(saved, p.config, base_only=p.method == BASE_METHOD)
@@ -516,6 +516,9 @@ def _spawn(p: Point, threads: int) -> dict[str, Any]:
     err = _read_json(p.dir / "error.json")
     if rc == 0 and err is None:
         return {"ok": True, "action": "run", "wall_s": wall}
+    if rc == 130 and err is None:  # Ctrl-C: the child checkpointed; the next sweep resumes it
+        return {"ok": False, "action": "run", "wall_s": wall,
+                "error": {"stage": "interrupted", "type": "KeyboardInterrupt", "message": "resumes from its checkpoint"}}
     if err is None:  # killed before it could write one (out of memory, signal)
         tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
         why = " (killed by a signal: out of memory?)" if rc < 0 else ""
@@ -620,8 +623,16 @@ def run_sweep(spec_path: str, out: str, dry_run: bool = False, jobs: int = 1) ->
             for i in todo:
                 one(i)
         else:
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
+            pool = ThreadPoolExecutor(max_workers=jobs)
+            try:
                 list(pool.map(one, todo))
+            finally:  # on Ctrl-C: start no further run, wait for the ones in flight to checkpoint
+                pool.shutdown(wait=True, cancel_futures=True)
+    except KeyboardInterrupt as e:  # the run in flight checkpointed its last finished round (lesft.interrupt)
+        from lesft.interrupt import Interrupted
+
+        raise Interrupted(f"sweep {name} stopped{' (' + str(e).split(' Resume with')[0] + ')' if str(e) else ''}. "
+                          f"Resume with: lesft sweep {spec_path} --out {out}") from None
     finally:
         save()
     done = sum(r["status"] == "done" for r in records)
@@ -677,7 +688,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if len(argv) != 2:
             print("usage: python -m lesft.sweep --one RUN_DIR", file=sys.stderr)
             return 2
-        return 0 if execute(argv[1])["ok"] else 1
+        try:
+            return 0 if execute(argv[1])["ok"] else 1
+        except KeyboardInterrupt as e:
+            print(f"lesft sweep: interrupted: {e}", file=sys.stderr)
+            return 130
     parser = argparse.ArgumentParser(prog="lesft sweep", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)

@@ -29,15 +29,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lesft import methods
 from lesft.checkpoint import CKPT, find_checkpoint, load_checkpoint, open_checkpoint, save_checkpoint
-from lesft.config import TrainConfig, load_yaml, save_yaml, to_dict
+from lesft.config import TrainConfig, load_yaml, normalised, save_yaml, to_dict
 from lesft.data.partition import length_buckets, partition_dirichlet, partition_iid, per_client_sample
 from lesft.data.rows import load_rows
 from lesft.data.samples import build_sample
-from lesft.lora import add_lora, export_adapter, lora_state
+from lesft.interrupt import Interrupted, finish_round_on_sigint
+from lesft.lora import add_lora, check_target_modules, export_adapter, lora_state
 from lesft.messages import AdapterBroadcast
 from lesft.meters import MB, module_bytes, peak_rss_mb
 from lesft.provenance import device_name, git_commit, versions
-from lesft.model.load import load_model, resolve_device
+from lesft.model.load import load_model, peft_base, resolve_device
 from lesft.exchange import LocalSplit, Resync, SplitLink
 from lesft.data.contamination import TRAIN_KEYS_FILE, write_train_keys
 from lesft.model.split import client_head, inspect_decoder, resolve_client_layers, split_model
@@ -82,7 +83,9 @@ def build_parts(cfg: TrainConfig, model: PreTrainedModel):
     Every party calls this with the same seed and gets the same initial adapters (the client's
     bottom LoRA is drawn first, then the server's), whether they run in one process or several.
     ``head`` is the client's final norm + LM head in label-private mode, else None."""
-    num_layers = len(inspect_decoder(model).layers)  # refuses unsupported models by name
+    layout = inspect_decoder(model)  # refuses unsupported models by name
+    check_target_modules(model, layout.layers_path, cfg.lora)
+    num_layers = len(layout.layers)
     k = resolve_client_layers(cfg.client_layers, num_layers) if cfg.split else num_layers
     torch.manual_seed(cfg.seed)
     bottom, top, layout = split_model(model, k, label_private=cfg.label_privacy)
@@ -261,13 +264,20 @@ def train(
     cfg = methods.resolve(cfg)
     t0 = time.perf_counter()
     out = Path(cfg.out)
+    resolve_device(cfg.device)  # checks first: a device torch cannot use, a clobbered run, evaluation settings
     previous = _check_out_dir(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     opened = open_checkpoint(out / CKPT) if previous is not None else None  # verified: (path, state, tensors)
     if opened is None:
         save_yaml(cfg, out / "config.yaml")
-    elif (done := _finished_summary(out, opened[1], cfg.rounds)) is not None:
-        return done  # finished before: nothing to redo
+    if cfg.eval:
+        from lesft.evaluate import prepare_eval
+
+        prepare_eval(replace(cfg.evaluation, out=None), run_dir=str(out), need_adapter=False)
+    if opened is not None and (done := _finished_summary(out, opened[1], cfg.rounds)) is not None:
+        # finished before: nothing to retrain; evaluated again when asked with other settings
+        return _evaluate(cfg, out, done) if cfg.eval and done.get("eval", {}).get("settings") != _eval_settings(cfg) \
+            else done
     if rows is None:  # data first: a bad row is reported before a model is loaded
         rows = load_rows(cfg.data, cfg.samples, cfg.data_seed, cfg.synthetic, data_dir=cfg.data_dir, target=cfg.target,
                          rationale=cfg.rationale)
@@ -297,7 +307,6 @@ def train(
         skip(start, joined, "the server trained them while this client was away")
         start = max(start, joined)
     wall0 = extra.get("wall_s", 0.0)
-    summary_path = out / "summary.json"
     metrics_path = out / "metrics.jsonl"
     kept = [ln for ln in (metrics_path.read_text().splitlines() if previous and metrics_path.exists() else [])
             if json.loads(ln)["round"] <= start]
@@ -305,7 +314,8 @@ def train(
     last: dict[str, Any] = json.loads(kept[-1]) if kept else {}
     bar = tqdm(range(start, run.rounds), desc=f"{cfg.method}", disable=not cfg.progress, unit="round",
                initial=start, total=run.rounds)
-    with metrics_path.open("a") as fh:
+    board = _tensorboard(out)
+    with metrics_path.open("a") as fh, finish_round_on_sigint() as stop:
         r = start
         while r < run.rounds:
             mark = run.mark()
@@ -323,14 +333,25 @@ def train(
             last["elapsed_s"] = wall0 + time.perf_counter() - t0
             fh.write(json.dumps(last) + "\n")
             fh.flush()
-            if r + 1 == run.rounds or (cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0):
+            if board is not None:
+                board.add_scalar("train/loss", last["loss"], r + 1)
+                for direction, n in last["comm_bytes"].items():
+                    board.add_scalar(f"comm_mb/{direction}", n / MB, r + 1)
+            scheduled = cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0
+            if r + 1 == run.rounds or scheduled or stop.requested:
                 save_checkpoint(run, r + 1, out, {"wall_s": last["elapsed_s"], "rounds_trained": trained,
                                                   "rounds_skipped": skipped})
             up = last["comm_bytes"]["client_to_server"] + last["comm_bytes"]["client_to_aggregator"]
             bar.set_postfix(loss=f"{last['loss']:.4f}", up=f"{up / MB:.1f}MB")
             r += 1
+            if stop.requested and r < run.rounds:
+                bar.close()
+                raise Interrupted(f"stopped after round {r} of {run.rounds}, checkpoint written to {out / 'checkpoint'}."
+                                  f" Resume with: lesft train --config {out / 'config.yaml'} --resume")
     bar.close()
-    run.export(out, cfg.model)
+    if board is not None:
+        board.close()
+    run.export(out, peft_base(cfg.model))
     summary = {
         "method": cfg.method,
         "model": cfg.model,
@@ -354,16 +375,42 @@ def train(
         "data_seed": cfg.data_seed,
     }
     del run  # free the parties before evaluation loads the merged model
-    if cfg.eval:
-        from lesft.evaluate import run_eval
+    _write_summary(out, summary)  # before the evaluation: a failed one loses no training
+    return _evaluate(cfg, out, summary) if cfg.eval else summary
 
-        result = run_eval(replace(cfg.evaluation, out=None), run_dir=str(out))
-        summary["accuracy"] = result["accuracy"]
-        summary["eval"] = {k: result[k] for k in ("dataset", "split", "mode", "n", "correct", "accuracy", "ci95")}
-    tmp = summary_path.with_suffix(".tmp")
+
+def _write_summary(out: Path, summary: dict[str, Any]) -> None:
+    tmp = out / "summary.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(summary_path)
+    tmp.replace(out / "summary.json")
+
+
+def _eval_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The ``--evaluation.*`` settings that change a result (not where it is written, not the progress bar)."""
+    return {k: v for k, v in to_dict(cfg.evaluation).items() if k not in ("out", "progress")}
+
+
+def _evaluate(cfg: TrainConfig, out: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the run's exported adapter (``--evaluation.*``) and put the accuracy into summary.json."""
+    from lesft.evaluate import run_eval
+
+    result = run_eval(replace(cfg.evaluation, out=None), run_dir=str(out))
+    summary = dict(summary, accuracy=result["accuracy"])
+    summary["eval"] = {k: result[k] for k in ("dataset", "split", "mode", "n", "correct", "accuracy", "ci95")}
+    summary["eval"]["settings"] = _eval_settings(cfg)
+    _write_summary(out, summary)
     return summary
+
+
+def _tensorboard(out: Path):
+    """A TensorBoard writer on ``out/tensorboard`` when the ``tensorboard`` package is installed, else None."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(out / "tensorboard"))
 
 
 def _finished_summary(out: Path, state: dict[str, Any], rounds: int = 0) -> dict[str, Any] | None:
@@ -378,7 +425,8 @@ def _finished_summary(out: Path, state: dict[str, Any], rounds: int = 0) -> dict
 
 
 # Fields that may differ between a run and its resumption.
-_RESUME_FREE = {"resume", "overwrite", "progress", "rounds"}  # rounds: train a finished run further
+# rounds: train a finished run further; eval, evaluation: evaluate a finished run (again) without retraining
+_RESUME_FREE = {"resume", "overwrite", "progress", "rounds", "eval", "evaluation"}
 
 
 def _check_out_dir(cfg: TrainConfig, out: Path) -> Path | None:
@@ -387,7 +435,7 @@ def _check_out_dir(cfg: TrainConfig, out: Path) -> Path | None:
     holds_run = ckpt is not None or (out / "metrics.jsonl").exists()
     if cfg.overwrite or not holds_run:
         if cfg.overwrite:
-            for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "adapter", "client_adapters"):
+            for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "adapter", "client_adapters", "tensorboard"):
                 shutil.rmtree(out / name, ignore_errors=True)
             for name in ("metrics.jsonl", "summary.json"):
                 (out / name).unlink(missing_ok=True)
@@ -397,7 +445,7 @@ def _check_out_dir(cfg: TrainConfig, out: Path) -> Path | None:
                               "it, or choose another --out")
     if ckpt is None:
         raise FileNotFoundError(f"{out} has metrics but no checkpoint to resume from; use --overwrite")
-    saved = {**to_dict(TrainConfig()), **load_yaml(out / "config.yaml")}  # fields added since: their defaults
+    saved = {**to_dict(TrainConfig()), **normalised(TrainConfig, load_yaml(out / "config.yaml"))}  # added since: defaults
     now = to_dict(cfg)
     diff = sorted(k for k in set(saved) | set(now) if k not in _RESUME_FREE and saved.get(k) != now.get(k))
     if diff:

@@ -88,7 +88,7 @@ def test_train_eval_puts_accuracy_into_summary(setup) -> None:
     preds = [json.loads(x) for x in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == summary["eval"]["n"] == 6
     assert summary["accuracy"] == sum(p["correct"] for p in preds) / 6
-    assert main(["eval", "--run", str(out), "--limit", "4", "--max_new_tokens", "8", "--out", str(d / "ev")]) == 0
+    assert main(["eval", "--run", str(out), "--dataset", "synthetic", "--limit", "4", "--max_new_tokens", "8", "--out", str(d / "ev")]) == 0
     assert json.loads((d / "ev" / "eval.json").read_text())["n"] == 4
 
 

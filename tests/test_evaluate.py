@@ -289,7 +289,7 @@ def test_loglik_picks_the_best_scored_option(tok, tmp_path) -> None:
 
 def test_loglik_uses_the_scores(tok, monkeypatch) -> None:
     """The argmax goes to whatever score_continuations ranks first (here: letter B for every row)."""
-    def fake(model, tokenizer, contexts, conts, batch_size):
+    def fake(model, tokenizer, contexts, conts, batch_size, **kw):
         return [5.0 if "(B)" in c else -float(len(c)) for c in conts]
 
     monkeypatch.setattr(ev, "score_continuations", fake)

@@ -1,5 +1,15 @@
 """Training rows: ``{prompt, target, reference}`` (+ optional ``id``, ``answer``) from a JSONL file
-or from the built-in synthetic generator."""
+or from the built-in synthetic generator.
+
+A JSONL file may also use trl's formats, read as:
+
+* ``{"prompt", "completion"}`` (prompt-completion): ``target`` = ``completion``;
+* ``{"messages": [{"role", "content"}, ...]}`` (conversational): ``target`` = the last message, which must
+  be the assistant's; ``prompt`` = the earlier messages' contents, joined by blank lines.
+
+Either may carry a ``reference`` (the solution steps that LESFT's reference input needs); without one it
+is empty, and x~ = x.
+"""
 
 from __future__ import annotations
 
@@ -33,16 +43,38 @@ def read_json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             yield where, rec
 
 
+def _from_trl(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """A trl prompt-completion or conversational row as ``{prompt, target, reference}`` (others unchanged)."""
+    if "messages" in row and "prompt" not in row:
+        msgs = row.pop("messages")
+        ok = isinstance(msgs, list) and len(msgs) >= 2 and all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and "role" in m for m in msgs)
+        if not ok:
+            raise DataError(f"{where}: 'messages' must be a list of at least two {{role, content}} objects")
+        if msgs[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message is {msgs[-1]['role']!r}'s; it must be the assistant's "
+                            "(the text that is trained on)")
+        row.update(prompt="\n\n".join(m["content"] for m in msgs[:-1]), target=msgs[-1]["content"])
+        row.setdefault("reference", "")
+    elif "completion" in row and "target" not in row:
+        row["target"] = row.pop("completion")
+        row.setdefault("reference", "")
+    return row
+
+
 def load_jsonl(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a JSONL file; each needs non-empty string ``prompt`` and ``target`` and a string ``reference``."""
+    """Rows of a JSONL file; each needs non-empty string ``prompt`` and ``target`` and a string ``reference``
+    (or is a trl prompt-completion / conversational row, see the module docstring)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data file not found: {p}")
     rows = []
     for where, row in read_json_lines(p):
+        row = _from_trl(row, where)
         missing = [k for k in REQUIRED if k not in row]
         if missing:
-            raise DataError(f"{where}: missing field(s) {missing}; each row needs {list(REQUIRED)}")
+            raise DataError(f"{where}: missing field(s) {missing}; each row needs {list(REQUIRED)}, or trl's "
+                            "{prompt, completion} or {messages}")
         bad = [k for k in REQUIRED if not isinstance(row[k], str)]
         if bad:
             raise DataError(f"{where}: field(s) {bad} must be strings")

@@ -109,8 +109,23 @@ def load_model(
 
 
 def resolve_device(device: str) -> torch.device:
+    """``cpu``, ``cuda[:i]`` or ``auto``; a device torch cannot use is a ValueError saying what to pass."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but torch sees no CUDA device (torch "
+                         f"{torch.__version__}): use --device cpu, or auto")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def peft_base(name: str) -> str:
+    """The base-model name to record in ``adapter_config.json``: one that peft / transformers can load as is
+    (the cached safetensors directory of an alias or GGUF file, a local directory made absolute, a hub id)."""
+    path = resolve(name)
+    return str(Path(path).resolve()) if Path(path).expanduser().exists() else path

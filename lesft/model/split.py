@@ -106,7 +106,7 @@ def _run_layers(
         return hidden
     kinds = {layer_types[first + i] for i in range(len(layers))}
     mask_kwargs = dict(
-        config=config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
+        config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
         position_ids=position_ids,
     )
     masks = {kind: _MASKS[kind](**mask_kwargs) for kind in kinds}
@@ -117,7 +117,7 @@ def _run_layers(
             attention_mask=masks[layer_types[first + i]],
             position_embeddings=pos_emb,
             position_ids=position_ids,
-            past_key_values=None,
+            cache=None,
             use_cache=False,
         )
     return hidden
