@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
-from lesft.config import DEFAULT_STOP, KNOWN_DATASETS, MC_DATASETS, EvalConfig  # defined there: torch-free
+from lesft.config import DEFAULT_STOP, KNOWN_DATASETS, MC_DATASETS, EvalConfig, load_yaml  # torch-free
 from lesft.data.contamination import problem_keys
 from lesft.data.prompts import render_prompt
 from lesft.data.registry import answer_kind, get_benchmark
@@ -386,7 +386,6 @@ def load_for_eval(model: str, adapter: str | None = None) -> tuple[PreTrainedMod
 
 
 def _run_config(run_dir: Path) -> dict:
-    from lesft.config import load_yaml  # lesft.config imports this module
 
     p = run_dir / "config.yaml"
     if not p.is_file():

@@ -64,7 +64,7 @@ from typing import Any
 
 from lesft.data.prompts import answer_sentence, format_question
 from lesft.data.registry import BENCHMARKS, answer_kind, get_benchmark
-from lesft.data.rows import DataError, read_json_lines
+from lesft.data.jsonl import DataError, read_json_lines
 from lesft.data.synthetic import ArithmeticSpec, iter_arithmetic, solution_key, solution_split
 
 __all__ = [

@@ -13,34 +13,17 @@ is empty, and x~ = x.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from lesft.data.benchmarks import BENCHMARKS, load_benchmark
+from lesft.data.jsonl import DataError, read_json_lines
 from lesft.data.synthetic import ArithmeticSpec
 
+__all__ = ["DataError", "REQUIRED", "load_jsonl", "load_rows", "read_json_lines"]
+
 REQUIRED = ("prompt", "target", "reference")
-
-
-class DataError(ValueError):
-    """A malformed data file or row; the message names the file and line."""
-
-
-def read_json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, record)`` per non-blank line of a JSON-lines file; ``where`` is ``path:line``."""
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            yield where, rec
 
 
 def _from_trl(row: dict[str, Any], where: str) -> dict[str, Any]:
@@ -93,8 +76,6 @@ def load_rows(data: str, samples: int, seed: int, spec: ArithmeticSpec, *, data_
     """Training rows. ``data``: a benchmark name (gsm8k, commonsenseqa, aqua_rat, synthetic; its train
     split, ``samples`` of them as a seeded sample, all if 0) or a JSONL file of {prompt, target, reference}
     rows (a seeded sample of ``samples`` rows when 0 < samples < rows, file order kept)."""
-    from lesft.data.benchmarks import BENCHMARKS, load_benchmark
-
     if data in BENCHMARKS:
         return load_benchmark(data, "train", data_dir, target=target, rationale=rationale,
                               n=samples or None, seed=seed, spec=spec)
