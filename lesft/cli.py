@@ -1,4 +1,4 @@
-"""Command line: ``lesft train | eval | distill | sweep | report | demo | server | client | merge``.
+"""Command line: ``lesft train | eval | distill | sweep | report | demo | server | client | merge | audit``.
 
 Configuration = defaults <- YAML file (``--config``) <- command-line flags, e.g.::
 
@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     deploy_cli.add_server_arguments(srv)
     cl = sub.add_parser("client", help="one client of a networked run, against `lesft server`")
     deploy_cli.add_client_arguments(cl)
+    from lesft.audit.run import AuditConfig
+
+    au = sub.add_parser("audit", help="privacy audit: what a curious split server reconstructs, per split point "
+                                      "and defence -> OUT/audit.md (see docs/privacy.md)")
+    au.add_argument("--config", help="YAML file of AuditConfig fields")
+    add_dataclass_args(au, AuditConfig)
     return parser
 
 
@@ -95,6 +101,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from lesft.deploy import cli as deploy_cli
 
             return (deploy_cli.run_server if args.command == "server" else deploy_cli.run_client)(args)
+        elif args.command == "audit":
+            from lesft.audit.run import audit_config, run_audit
+
+            overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+            run_audit(audit_config(load_yaml(args.config) if args.config else {}, overrides))
         elif args.command == "demo":
             from lesft.demo import DEMO_DEFAULTS, DEMO_METHODS, run_demo
 

@@ -1,0 +1,234 @@
+"""``lesft audit``: what a curious split server reconstructs, per split point and defence.
+
+For each split point k the audit builds the real parties of a run (``train.Run``, the same ``Client``
+code as training), optionally fine-tunes them for ``train_rounds`` rounds, then records every
+``Activations`` message the server receives while each client sends all its rows once. The attacker
+fits its attacks on public text with the public base weights only, then attacks the recorded view; the
+client's truth is read only by the scorer. At the defence split point it also attacks the view under
+Gaussian noise of each ``noise`` sigma (the ``cut_noise`` defence, applied to the recorded clean
+activations with a fixed seed, so every sigma sees the same noise direction) and the label-private view.
+
+Writes ``OUT/audit.json`` (config, every result, timings), ``OUT/audit.md`` (tables) and
+``OUT/recovery_vs_k.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lesft import methods
+from lesft.audit.attacks import LinearInverter, NearestState, base_states, label_attack, public_sequences
+from lesft.audit.score import score
+from lesft.audit.view import Received, Recorder, Truth, capture
+from lesft.config import TrainConfig, to_dict
+from lesft.data.rows import load_rows
+from lesft.messages import PathBatch
+from lesft.model.load import load_model
+from lesft.model.split import inspect_decoder, resolve_client_layers, split_model
+from lesft.roles import noised
+from lesft.train import Run
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+def _victim_run() -> TrainConfig:
+    return TrainConfig(method="lesft", clients=2, samples=32, batch_size=1, grad_accum=1, pad_to_multiple=1,
+                       lr=1e-3, device="cpu", progress=False)
+
+
+@dataclass
+class AuditConfig:
+    """Everything ``lesft audit`` needs."""
+
+    run: TrainConfig = _help(
+        "The audited run (--run.method, --run.samples = the clients' private rows in all, --run.data, "
+        "--run.data_seed, --run.clients, --run.lr, ...); its client_layers, label_privacy and cut_noise are "
+        "set by the sweep below. batch_size must stay 1.", default_factory=_victim_run)
+    client_layers: tuple[str, ...] = _help(
+        "Split points to audit: counts or fractions of the layers (k = floor(L * f)).",
+        default=("1", "1/5", "1/4", "1/3", "1/2"))
+    defence_layers: str = _help("Split point of the defence sweep (noise, label-private mode).", default="1/4")
+    noise: tuple[float, ...] = _help(
+        "cut_noise sigmas (relative to each token's RMS) attacked at defence_layers; 0 = no noise.",
+        default=(0.0, 0.1, 0.3, 1.0, 3.0))
+    label_private: bool = _help("Also audit the label-private (U-shaped) view at defence_layers.", default=True)
+    train_rounds: int = _help(
+        "Fine-tune the clients (and server) on their rows for this many rounds before recording the view "
+        "(0 = the untuned base model, whose zero-initialised LoRA leaves the activations unchanged).", default=0)
+    public: str = _help(
+        "The attacker's public text: 'synthetic:SEED' (generated problems of another seed), 'docs' (this "
+        "checkout's README.md and docs/*.md) or a text file / folder of .md/.txt files, read in place.",
+        default="synthetic:1000")
+    public_tokens: int = _help("Public tokens the attacker computes states for (its training set).", default=8192)
+    ridge: float = _help("Ridge penalty of the linear inverter (attack c), on standardised states.", default=1.0)
+    attack_seed: int = _help("Seed of the noise drawn for the noise sweep.", default=0)
+    out: str = _help("Output directory: audit.json, audit.md, recovery_vs_k.png.", default="runs/audit")
+
+    def __post_init__(self) -> None:
+        if self.run.batch_size != 1:
+            raise ValueError("the audit records one row per message: run.batch_size must be 1")
+        if any(s < 0 for s in self.noise):
+            raise ValueError(f"noise sigmas must be >= 0, got {self.noise}")
+
+
+def audit_config(data: dict[str, Any], overrides: dict[str, Any]) -> AuditConfig:
+    """Defaults <- ``data`` (a YAML mapping, nested) <- ``overrides`` (dotted keys), so that a partial
+    ``run:`` group keeps the audit's own run defaults."""
+    from lesft.config import apply_overrides, from_dict
+
+    def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+                        for k, v in b.items()}}
+
+    return from_dict(AuditConfig, apply_overrides(merge(to_dict(AuditConfig()), data), overrides))
+
+
+def _timed(label: str, fn, timings: dict[str, float]):
+    t0 = time.perf_counter()
+    out = fn()
+    timings[label] = time.perf_counter() - t0
+    print(f"  {label}: {timings[label]:.1f} s", flush=True)
+    return out
+
+
+def server_view(cfg: TrainConfig, model, tokenizer, rows: list[dict[str, str]], train_rounds: int = 0
+                ) -> tuple[list[Received], list[Truth], Run]:
+    """Build the run's parties on a copy of ``model``, fine-tune ``train_rounds`` rounds, record the view."""
+    run = Run(methods.resolve(cfg), copy.deepcopy(model), tokenizer, rows, transport=Recorder(cfg.wire_dtype))
+    for r in range(train_rounds):
+        run.round(r)
+    views, truths = capture(run)
+    return views, truths, run
+
+
+def with_noise(views: list[Received], sigma: float, seed: int) -> list[Received]:
+    """The view as the client would have sent it with ``cut_noise = sigma`` (:func:`lesft.roles.noised`, the
+    client's own function), drawn from one seeded generator in row order."""
+    if sigma == 0:
+        return views
+    g = torch.Generator().manual_seed(seed)
+    return [replace(v, hidden=noised(PathBatch(v.hidden[None]), sigma, g).hidden[0]) for v in views]
+
+
+def attack(views: list[Received], truths: list[Truth], inverters: dict[str, Any]) -> dict[str, Any]:
+    """Every attack on ``views``, scored against ``truths``, with its time in seconds."""
+    paths = [v.path for v in views]
+    out: dict[str, Any] = {}
+    for name, fn in [("labels", label_attack), *inverters.items()]:
+        t0 = time.perf_counter()
+        guesses = fn(views)
+        seconds = time.perf_counter() - t0
+        out[name] = {"seconds": seconds, **score(guesses, truths, paths)}
+        if name == "labels":
+            out[name]["label_tensor"] = any(v.labels is not None for v in views)
+        print(f"    attack {name}: {seconds:.1f} s, base target {out[name]['base:target']['accuracy']:.1%}, "
+              f"private prompt {out[name]['base:private']['accuracy']:.1%}", flush=True)
+    return out
+
+
+def run_audit(cfg: AuditConfig, model=None, tokenizer=None) -> dict[str, Any]:
+    """The sweep; returns (and writes) ``{config, layers, results: [{k, label_private, sigma, attacks}], timings}``."""
+    t_all = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = cfg.run
+    if model is None or tokenizer is None:
+        model, tokenizer = _timed("load model", lambda: load_model(base.model, device="cpu"), timings)
+    n_layers = len(inspect_decoder(model).layers)
+    ks = sorted({resolve_client_layers(s, n_layers) for s in cfg.client_layers})
+    k_def = resolve_client_layers(cfg.defence_layers, n_layers)
+    rows = load_rows(base.data, base.samples, base.data_seed, base.synthetic, data_dir=base.data_dir,
+                     target=base.target, rationale=base.rationale)
+    attacker = split_model(copy.deepcopy(model), max(ks + [k_def]))[0]  # public base weights, no client LoRA
+    public = public_sequences(cfg.public, tokenizer, cfg.public_tokens, base.max_length, base.chat_template)
+    states = _timed("attacker: public states", lambda: base_states(attacker, public, ks + [k_def]), timings)
+    embedding = attacker.embed_tokens.weight.detach()
+    results = []
+    for k in ks:
+        inverters = _timed(f"k={k} fit attacks b, c", lambda: {
+            "nearest_state": NearestState(*states[k]),
+            "linear_inverter": LinearInverter(*states[k], embedding, cfg.ridge)}, timings)
+        for label_private in ([False, True] if k == k_def and cfg.label_private else [False]):
+            run_cfg = replace(base, client_layers=str(k), label_privacy=label_private, cut_noise=0.0)
+            print(f"k={k} label_private={label_private}: recording the server's view", flush=True)
+            views, truths, _ = _timed(f"k={k} lp={label_private} record view",
+                                      lambda: server_view(run_cfg, model, tokenizer, rows, cfg.train_rounds), timings)
+            for sigma in (cfg.noise if k == k_def and not label_private else (0.0,)):
+                print(f"  sigma={sigma}", flush=True)
+                results.append({"k": k, "label_private": label_private, "sigma": sigma,
+                                "attacks": attack(with_noise(views, sigma, cfg.attack_seed), truths, inverters)})
+    summary = {"config": to_dict(cfg), "layers": n_layers, "public_tokens": sum(len(s) for s in public),
+               "victim_rows": len(rows), "results": results, "timings_s": timings,
+               "wall_s": time.perf_counter() - t_all}
+    (out / "audit.json").write_text(json.dumps(summary, indent=2))
+    (out / "audit.md").write_text(markdown(summary))
+    figure(summary, out / "recovery_vs_k.png")
+    print(f"audit done in {summary['wall_s']:.0f} s -> {out}/audit.md")
+    return summary
+
+
+ATTACKS = ("labels", "nearest_state", "linear_inverter")
+
+
+def _best(attacks: dict[str, Any], key: str) -> float:
+    return max(a[key]["accuracy"] for a in attacks.values())
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """One table row per (k, mode, sigma): token accuracy / ROUGE-L of each attack on target and private prompt."""
+    cols = [("labels", "base:target"), ("nearest_state", "base:target"), ("linear_inverter", "base:target"),
+            ("nearest_state", "base:private"), ("linear_inverter", "base:private"),
+            ("nearest_state", "base:prompt"), ("linear_inverter", "base:prompt")]
+    head = ["k", "mode", "σ"] + [f"{a} {kind.split(':')[1]}" for a, kind in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary["results"]:
+        cells = [str(r["k"]), "label-private" if r["label_private"] else "standard", f"{r['sigma']:g}"]
+        cells += [f"{100 * r['attacks'][a][kind]['accuracy']:.1f} % / {r['attacks'][a][kind]['rouge_l']:.2f}"
+                  for a, kind in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    first = summary["results"][0]["attacks"]["labels"]
+    n = {kind: first[f"base:{kind}"]["tokens"] for kind in ("target", "private", "prompt")}
+    lines.append("")
+    lines.append(f"Cells: token accuracy / mean ROUGE-L per row. {summary['victim_rows']} private rows "
+                 f"({n['target']} target, {n['private']} private-prompt, {n['prompt']} prompt tokens); attacker "
+                 f"fitted on {summary['public_tokens']} public tokens ({summary['config']['public']}).")
+    lines.append("")
+    lines.append("| step | seconds |")
+    lines.append("|---|---|")
+    lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings_s"].items()]
+    attack_s = {a: sum(r["attacks"][a]["seconds"] for r in summary["results"]) for a in ATTACKS}
+    lines += [f"| attack {a} (all cells) | {s:.1f} |" for a, s in attack_s.items()]
+    lines.append(f"| whole audit | {summary['wall_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(summary: dict[str, Any], path: Path) -> None:
+    """Recovery (token accuracy) of the private prompt and of the target against k, standard split, no noise."""
+    from matplotlib.figure import Figure
+
+    pts = [r for r in summary["results"] if not r["label_private"] and r["sigma"] == 0]
+    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    ax = fig.add_subplot()
+    ks = [r["k"] for r in pts]
+    for a, style in (("nearest_state", "-"), ("linear_inverter", "--")):
+        for kind, colour in (("base:private", "C0"), ("base:target", "C1")):
+            ax.plot(ks, [100 * r["attacks"][a][kind]["accuracy"] for r in pts], style, color=colour, marker="o",
+                    label=f"{a} · {kind.split(':')[1]}")
+    ax.set_xlabel(f"client layers k (of {summary['layers']})")
+    ax.set_ylabel("tokens recovered %")
+    ax.set_ylim(0, 100)
+    ax.set_title("What the split server reconstructs from the cut activations")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
