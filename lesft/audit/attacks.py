@@ -107,10 +107,13 @@ class _Standardised:
         return (h - self.mu) / self.sd
 
 
-def _nearest(queries: torch.Tensor, keys: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """Row index of the largest cosine similarity in ``keys`` [N, H] for each query [M, H]."""
-    keys = torch.nn.functional.normalize(keys, dim=-1)
-    out = [torch.nn.functional.normalize(q, dim=-1).matmul(keys.T).argmax(-1) for q in queries.split(chunk)]
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def _nearest(queries: torch.Tensor, unit_keys: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Row index of the largest cosine similarity in ``unit_keys`` [N, H] (unit rows) for each query [M, H]."""
+    out = [_unit(q).matmul(unit_keys.T).argmax(-1) for q in queries.split(chunk)]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
@@ -129,7 +132,7 @@ class NearestState:
 
     def __init__(self, states: torch.Tensor, ids: torch.Tensor) -> None:
         self.norm = _Standardised(states)
-        self.keys, self.ids = self.norm(states), ids
+        self.keys, self.ids = _unit(self.norm(states)), ids
 
     def __call__(self, views: list[Received]) -> list[torch.Tensor]:
         return _apply(views, lambda h: self.ids[_nearest(self.norm(h), self.keys)])
@@ -146,7 +149,7 @@ class LinearInverter:
         y = embedding[ids].double()
         gram = x.T @ x + ridge * torch.eye(x.shape[1], dtype=torch.float64)
         self.w = torch.linalg.solve(gram, x.T @ y).float()
-        self.embedding = embedding.float()
+        self.embedding = _unit(embedding)
 
     def _design(self, h: torch.Tensor) -> torch.Tensor:
         z = self.norm(h).double()

@@ -30,6 +30,7 @@ from lesft.audit.view import Received, Recorder, Truth, capture
 from lesft.config import TrainConfig, to_dict
 from lesft.data.rows import load_rows
 from lesft.messages import PathBatch
+from lesft.meters import MB
 from lesft.model.load import load_model
 from lesft.model.split import inspect_decoder, resolve_client_layers, split_model
 from lesft.roles import noised
@@ -61,9 +62,14 @@ class AuditConfig:
         "cut_noise sigmas (relative to each token's RMS) attacked at defence_layers; 0 = no noise.",
         default=(0.0, 0.1, 0.3, 1.0, 3.0))
     label_private: bool = _help("Also audit the label-private (U-shaped) view at defence_layers.", default=True)
-    train_rounds: int = _help(
-        "Fine-tune the clients (and server) on their rows for this many rounds before recording the view "
-        "(0 = the untuned base model, whose zero-initialised LoRA leaves the activations unchanged).", default=0)
+    train_rounds: tuple[int, ...] = _help(
+        "Fine-tuning checkpoints audited at defence_layers: the view is recorded after each of these many "
+        "rounds of training the clients (and server) on their own rows (0 = the untuned base model: the "
+        "zero-initialised LoRA leaves the activations unchanged). Other split points are audited untuned.",
+        default=(0,))
+    cost_rounds: int = _help(
+        "Training rounds run at defence_layers per defence (none, label-private, the largest noise sigma) to "
+        "measure its bytes per direction and client/server seconds (0 = skip).", default=1)
     public: str = _help(
         "The attacker's public text: 'synthetic:SEED' (generated problems of another seed), 'docs' (this "
         "checkout's README.md and docs/*.md) or a text file / folder of .md/.txt files, read in place.",
@@ -76,6 +82,8 @@ class AuditConfig:
     def __post_init__(self) -> None:
         if self.run.batch_size != 1:
             raise ValueError("the audit records one row per message: run.batch_size must be 1")
+        if any(r < 0 for r in self.train_rounds) or self.cost_rounds < 0:
+            raise ValueError("train_rounds and cost_rounds must be >= 0")
         if any(s < 0 for s in self.noise):
             raise ValueError(f"noise sigmas must be >= 0, got {self.noise}")
 
@@ -100,14 +108,27 @@ def _timed(label: str, fn, timings: dict[str, float]):
     return out
 
 
-def server_view(cfg: TrainConfig, model, tokenizer, rows: list[dict[str, str]], train_rounds: int = 0
+def victim_run(cfg: TrainConfig, model, tokenizer, rows: list[dict[str, str]]) -> Run:
+    """The audited run's parties, on a copy of ``model``, every message through a :class:`Recorder`."""
+    return Run(methods.resolve(cfg), copy.deepcopy(model), tokenizer, rows, transport=Recorder(cfg.wire_dtype))
+
+
+def server_view(cfg: TrainConfig, model, tokenizer, rows: list[dict[str, str]]
                 ) -> tuple[list[Received], list[Truth], Run]:
-    """Build the run's parties on a copy of ``model``, fine-tune ``train_rounds`` rounds, record the view."""
-    run = Run(methods.resolve(cfg), copy.deepcopy(model), tokenizer, rows, transport=Recorder(cfg.wire_dtype))
-    for r in range(train_rounds):
+    """The untuned run's view of every row (see :func:`lesft.audit.view.capture`)."""
+    run = victim_run(cfg, model, tokenizer, rows)
+    return (*capture(run), run)
+
+
+def defence_costs(cfg: TrainConfig, model, tokenizer, rows: list[dict[str, str]], rounds: int) -> dict[str, Any]:
+    """Bytes per direction (all messages), and client / server busy seconds, of ``rounds`` training rounds."""
+    run = victim_run(cfg, model, tokenizer, rows)
+    t0 = time.perf_counter()
+    for r in range(rounds):
         run.round(r)
-    views, truths = capture(run)
-    return views, truths, run
+    s = run.system_summary()
+    return {"rounds": rounds, "samples": rounds * cfg.grad_accum * cfg.batch_size * len(run.clients),
+            "comm_bytes": s["comm_bytes"], "latency_s": s["latency_s"], "wall_s": time.perf_counter() - t0}
 
 
 def with_noise(views: list[Received], sigma: float, seed: int) -> list[Received]:
@@ -153,22 +174,39 @@ def run_audit(cfg: AuditConfig, model=None, tokenizer=None) -> dict[str, Any]:
     public = public_sequences(cfg.public, tokenizer, cfg.public_tokens, base.max_length, base.chat_template)
     states = _timed("attacker: public states", lambda: base_states(attacker, public, ks + [k_def]), timings)
     embedding = attacker.embed_tokens.weight.detach()
-    results = []
+    results, costs, client_mb = [], {}, {}
     for k in ks:
         inverters = _timed(f"k={k} fit attacks b, c", lambda: {
             "nearest_state": NearestState(*states[k]),
             "linear_inverter": LinearInverter(*states[k], embedding, cfg.ridge)}, timings)
         for label_private in ([False, True] if k == k_def and cfg.label_private else [False]):
             run_cfg = replace(base, client_layers=str(k), label_privacy=label_private, cut_noise=0.0)
-            print(f"k={k} label_private={label_private}: recording the server's view", flush=True)
-            views, truths, _ = _timed(f"k={k} lp={label_private} record view",
-                                      lambda: server_view(run_cfg, model, tokenizer, rows, cfg.train_rounds), timings)
-            for sigma in (cfg.noise if k == k_def and not label_private else (0.0,)):
-                print(f"  sigma={sigma}", flush=True)
-                results.append({"k": k, "label_private": label_private, "sigma": sigma,
-                                "attacks": attack(with_noise(views, sigma, cfg.attack_seed), truths, inverters)})
+            run = victim_run(run_cfg, model, tokenizer, rows)
+            client_mb[k] = sum(p.numel() * p.element_size() for p in run.clients[0].bottom.parameters()) / MB
+            done = 0
+            for rounds in (sorted(cfg.train_rounds) if k == k_def and not label_private else [0]):
+                tag = f"k={k} lp={label_private} rounds={rounds}"
+                if rounds > done:
+                    _timed(f"{tag} fine-tune", lambda: [run.round(r) for r in range(done, rounds)], timings)
+                    done = rounds
+                print(f"{tag}: recording the server's view", flush=True)
+                views, truths = _timed(f"{tag} record view", lambda: capture(run), timings)
+                sigmas = cfg.noise if k == k_def and not label_private and rounds == min(cfg.train_rounds) else (0.0,)
+                for sigma in sigmas:
+                    print(f"  sigma={sigma}", flush=True)
+                    t0 = time.perf_counter()
+                    seen = with_noise(views, sigma, cfg.attack_seed)
+                    results.append({"k": k, "label_private": label_private, "rounds": rounds, "sigma": sigma,
+                                    "noise_s": time.perf_counter() - t0, "attacks": attack(seen, truths, inverters)})
+    if cfg.cost_rounds:
+        for name, kw in [("none", {}), ("label_private", {"label_privacy": True}),
+                         (f"cut_noise={max(cfg.noise):g}", {"cut_noise": max(cfg.noise)})]:
+            run_cfg = replace(base, client_layers=str(k_def), **{"label_privacy": False, "cut_noise": 0.0, **kw})
+            costs[name] = _timed(f"cost of defence {name}",
+                                 lambda: defence_costs(run_cfg, model, tokenizer, rows, cfg.cost_rounds), timings)
     summary = {"config": to_dict(cfg), "layers": n_layers, "public_tokens": sum(len(s) for s in public),
-               "victim_rows": len(rows), "results": results, "timings_s": timings,
+               "victim_rows": len(rows), "results": results, "defence_costs": costs,
+               "client_weights_mb": client_mb, "timings_s": timings,
                "wall_s": time.perf_counter() - t_all}
     (out / "audit.json").write_text(json.dumps(summary, indent=2))
     (out / "audit.md").write_text(markdown(summary))
@@ -189,10 +227,11 @@ def markdown(summary: dict[str, Any]) -> str:
     cols = [("labels", "base:target"), ("nearest_state", "base:target"), ("linear_inverter", "base:target"),
             ("nearest_state", "base:private"), ("linear_inverter", "base:private"),
             ("nearest_state", "base:prompt"), ("linear_inverter", "base:prompt")]
-    head = ["k", "mode", "σ"] + [f"{a} {kind.split(':')[1]}" for a, kind in cols]
+    head = ["k", "mode", "rounds", "σ"] + [f"{a} {kind.split(':')[1]}" for a, kind in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["results"]:
-        cells = [str(r["k"]), "label-private" if r["label_private"] else "standard", f"{r['sigma']:g}"]
+        cells = [str(r["k"]), "label-private" if r["label_private"] else "standard", str(r["rounds"]),
+                 f"{r['sigma']:g}"]
         cells += [f"{100 * r['attacks'][a][kind]['accuracy']:.1f} % / {r['attacks'][a][kind]['rouge_l']:.2f}"
                   for a, kind in cols]
         lines.append("| " + " | ".join(cells) + " |")
@@ -202,6 +241,13 @@ def markdown(summary: dict[str, Any]) -> str:
     lines.append(f"Cells: token accuracy / mean ROUGE-L per row. {summary['victim_rows']} private rows "
                  f"({n['target']} target, {n['private']} private-prompt, {n['prompt']} prompt tokens); attacker "
                  f"fitted on {summary['public_tokens']} public tokens ({summary['config']['public']}).")
+    if summary["defence_costs"]:
+        lines += ["", "| defence (training rounds) | client->server MB | server->client MB | client s | server s |",
+                  "|---|---|---|---|---|"]
+        for name, c in summary["defence_costs"].items():
+            b, t = c["comm_bytes"], c["latency_s"]
+            lines.append(f"| {name} ({c['rounds']}) | {b['client_to_server'] / MB:.2f} | "
+                         f"{b['server_to_client'] / MB:.2f} | {t['client']:.1f} | {t['server']:.1f} |")
     lines.append("")
     lines.append("| step | seconds |")
     lines.append("|---|---|")
@@ -216,7 +262,7 @@ def figure(summary: dict[str, Any], path: Path) -> None:
     """Recovery (token accuracy) of the private prompt and of the target against k, standard split, no noise."""
     from matplotlib.figure import Figure
 
-    pts = [r for r in summary["results"] if not r["label_private"] and r["sigma"] == 0]
+    pts = [r for r in summary["results"] if not r["label_private"] and r["sigma"] == 0 and r["rounds"] == 0]
     fig = Figure(figsize=(6.4, 4.2), dpi=110)
     ax = fig.add_subplot()
     ks = [r["k"] for r in pts]

@@ -14,6 +14,7 @@ import torch
 
 from lesft.data.samples import IGNORE_INDEX, Sample
 from lesft.messages import Activations, Message
+from lesft.roles import DataStream
 from lesft.train import Run
 from lesft.transport import Loopback
 
@@ -81,13 +82,13 @@ def _truth(s: Sample, path: str) -> Truth:
 
 
 def capture(run: Run) -> tuple[list[Received], list[Truth]]:
-    """One forward-only pass of every client over all its rows, each message through ``run.transport``
-    (a :class:`Recorder`); returns the server's view and, aligned with it, the client's truth. The
+    """One forward-only pass of every client over each of its rows once (a fresh stream: the training
+    stream's position is left as it was), each message through ``run.transport`` (a :class:`Recorder`); returns the server's view and, aligned with it, the client's truth. The
     clients' LoRA is as it is now (zero-initialised B: the base model; after training: fine-tuned)."""
     rec = run.transport
     if not isinstance(rec, Recorder) or run.cfg.batch_size != 1:
         raise ValueError("capture needs a Run built with transport=Recorder(...) and batch_size 1")
-    taps = {c.cid: _Tap(c.stream) for c in run.clients}
+    taps = {c.cid: _Tap(DataStream(c.stream.samples, 1, seed=0)) for c in run.clients}  # each row once
     streams = {c.cid: c.stream for c in run.clients}
     start = len(rec.received)
     try:
