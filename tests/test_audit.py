@@ -89,7 +89,8 @@ def test_noise_lowers_recovery_monotonically_on_a_fixed_seed(world) -> None:
 def test_attacks_never_read_the_clients_text(world, monkeypatch) -> None:
     tok, model, victims, inverters = world
     # the view holds what crossed the wire, and nothing else
-    assert {f.name for f in dataclasses.fields(Received)} == {"hidden", "mask", "positions", "labels", "path"}
+    assert {f.name for f in dataclasses.fields(Received)} == {"hidden", "mask", "positions", "labels", "path",
+                                                               "top", "grad"}
     views, truths, run = server_view(victim_cfg(), model, tok, victims)
     sent = [m.base.hidden[0] for m in run.transport.received]
     assert len(sent) == len(views) and all(torch.equal(v.hidden, h) for v, h in zip(views, sent))
@@ -145,7 +146,7 @@ def test_cli_audit_writes_tables_json_and_figure(assets, tmp_path) -> None:
     assert rc == 0
     summary = json.loads((out / "audit.json").read_text())
     cells = [(r["k"], r["label_private"], r["sigma"]) for r in summary["results"]]
-    assert cells == [(1, False, 0.0), (1, False, 1.0), (1, True, 0.0), (2, False, 0.0)]
+    assert cells == [(1, False, 0.0), (1, False, 1.0), (1, True, 0.0), (2, False, 0.0), (1, True, 0.0)]
     assert "base:target" in summary["results"][0]["attacks"]["nearest_state"]
     assert "reference:target" in summary["results"][0]["attacks"]["nearest_state"]  # lesft: both paths
     assert summary["config"]["run"]["lr"] == AuditConfig().run.lr  # a partial run group keeps the defaults
@@ -160,7 +161,9 @@ def test_fine_tuning_moves_the_view_and_costs_are_measured(tmp_path) -> None:
                       public="synthetic:7", public_tokens=1500, out=str(tmp_path))
     s = audit_run.run_audit(cfg, model, tok)
     cells = [(r["rounds"], r["sigma"], r["label_private"]) for r in s["results"]]
-    assert cells == [(0, 0.0, False), (0, 2.0, False), (3, 0.0, False), (0, 0.0, True)]
+    assert cells == [(0, 0.0, False), (0, 2.0, False), (3, 0.0, False), (0, 0.0, True), (1, 0.0, True)]
+    during = s["results"][-1]
+    assert during["during_training"] and during["attacks"]["gradient_labels"]["base:target"]["accuracy"] > 0.99
     by = {c: r["attacks"]["nearest_state"]["base:prompt"] for c, r in zip(cells, s["results"])}
     assert by[(0, 0.0, False)]["tokens"] == by[(3, 0.0, False)]["tokens"]  # the same rows before and after
     c = s["defence_costs"]
@@ -168,3 +171,25 @@ def test_fine_tuning_moves_the_view_and_costs_are_measured(tmp_path) -> None:
     assert c["label_private"]["comm_bytes"]["server_to_client"] > 1.9 * c["none"]["comm_bytes"]["server_to_client"]
     # noise: not one byte more
     assert c["cut_noise=2"]["comm_bytes"] == c["none"]["comm_bytes"]
+
+
+@pytest.mark.parametrize("method", ["splitlora", "lesft"])
+def test_label_private_gradients_give_the_targets_back(world, method) -> None:
+    """No label tensor crosses in label-private mode, but the returned gradient dL/d(last states) does."""
+    from lesft.audit.attacks import GradientLabels
+    from lesft.audit.view import record_training
+    from lesft.model.split import client_head
+
+    tok, _, victims, _ = world
+    cfg = methods.resolve(victim_cfg(method=method, label_privacy=True, grad_accum=2))
+    run = Run(cfg, make_model("llama", layers=4, hidden=32), tok, victims, transport=Recorder())
+    views, truths = record_training(run, rounds=2)
+    assert len([v for v in views if v.path == "base"]) == 2 * 2 * 2 and all(v.labels is None for v in views)
+    _, _, layout = split_model(make_model("llama", layers=4, hidden=32), 1)
+    res = attack(views, truths, {"gradient_labels": GradientLabels(client_head(layout))})
+    assert res["labels"]["base:target"]["correct"] == 0
+    # the gradient at position t gives the target token at t + 1: all of them come back (the bound leaves room
+    # for a LESFT weight of exactly 0, whose gradient is 0), and no prompt token is guessed
+    tgt = res["gradient_labels"]["base:target"]
+    assert tgt["tokens"] > 300 and tgt["correct"] >= 0.99 * tgt["tokens"]
+    assert res["gradient_labels"]["base:private"]["correct"] == 0

@@ -10,6 +10,8 @@ noise or data. Every attack maps the received rows to one guessed token id per r
   among the states the attacker computes itself, with the base weights, for public tokens in context.
 - :class:`LinearInverter` -- (c) a learned inverter: a ridge-regression map from cut states to input
   embeddings, fitted on public text, then the nearest embedding over the whole vocabulary.
+- :class:`GradientLabels` -- (a) in label-private mode: the target ids from the gradient the client
+  returns for the last-layer states, with the public final norm and LM head.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from lesft.audit.view import Received
 from lesft.data.benchmarks import load_benchmark
 from lesft.data.samples import build_sample
-from lesft.model.split import ClientPart, _run_layers
+from lesft.model.split import ClientPart, HeadPart, _run_layers
 from transformers import PreTrainedTokenizerBase
 
 CHUNK = 128  # tokens per window of plain public text
@@ -157,3 +159,54 @@ class LinearInverter:
 
     def __call__(self, views: list[Received]) -> list[torch.Tensor]:
         return _apply(views, lambda h: _nearest(self._design(h).float() @ self.w, self.embedding))
+
+
+class GradientLabels:
+    """(a) Label-private mode: the client returns g_t = dL/dx_t for the last-layer states x_t [T, H] that
+    the server computed. With cross-entropy (LESFT: a detached per-token weight) on the public norm and
+    head, g_t = s_t * J_t^T W^T (p_t - e_y) for the next target token y and an unknown s_t > 0, where
+    p_t = softmax(head(x_t)) and J_t = d norm / dx at x_t: both computable by the server. So
+    a_t - g_t / s_t = J_t^T w_y with a_t = J_t^T W^T p_t, and the guess is the token y whose J_t^T w_y lies
+    nearest to the line {a_t - c g_t : c}. For RMSNorm (gamma, eps) J^T w = G/r - x (x.G) / (H r^3), with
+    G = gamma * w and r = sqrt(mean(x^2) + eps), so every distance needs three [V, H] products per position.
+    Positions with a zero gradient are not targets: they get no guess (-1)."""
+
+    def __init__(self, head: HeadPart) -> None:
+        norm = head.norm
+        if not type(norm).__name__.endswith("RMSNorm") or not hasattr(norm, "variance_epsilon"):
+            raise ValueError(f"the gradient attack is written for RMSNorm, not {type(norm).__name__}")
+        self.head, self.eps = head, float(norm.variance_epsilon)
+        self.g = (head.lm_head.weight.detach() * norm.weight.detach()).double()  # [V, H]
+        self.g2 = self.g.pow(2).sum(1)                                            # [V]
+
+    def _row(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """x, grad [n, H] -> guessed next-token ids [n] (-1 where the gradient is zero)."""
+        guess = torch.full((len(x),), -1, dtype=torch.long)
+        live = grad.abs().sum(-1) > 0
+        if not live.any():
+            return guess
+        x = x[live].detach().requires_grad_(True)
+        logits, _ = self.head(x)
+        (a,) = torch.autograd.grad(logits, x, logits.softmax(-1).detach())
+        x, a, g = x.detach().double(), a.double(), grad[live].double()
+        h = x.shape[-1]
+        r = (x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()                    # [m, 1]
+        gx, ga, gg = x @ self.g.T, a @ self.g.T, g @ self.g.T                      # [m, V]
+        dot = lambda u, v: (u * v).sum(-1, keepdim=True)                          # noqa: E731
+        aq = ga / r - dot(a, x) * gx / (h * r ** 3)
+        qq = self.g2 / r ** 2 - 2 * gx ** 2 / (h * r ** 4) + gx ** 2 * dot(x, x) / (h ** 2 * r ** 6)
+        vv = dot(a, a) - 2 * aq + qq
+        vg = dot(a, g) - (gg / r - dot(g, x) * gx / (h * r ** 3))
+        guess[live] = (vv - vg ** 2 / dot(g, g)).argmin(-1)
+        return guess
+
+    def __call__(self, views: list[Received]) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        for v in views:
+            if v.grad is None or v.top is None:
+                out.append(None)
+                continue
+            m = v.mask.bool()
+            nxt = self._row(v.top[m], v.grad[m])  # the gradient at t is about the token at t + 1
+            out.append(torch.cat([torch.tensor([-1]), nxt[:-1]]))
+        return out

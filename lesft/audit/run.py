@@ -24,15 +24,16 @@ from typing import Any
 import torch
 
 from lesft import methods
-from lesft.audit.attacks import LinearInverter, NearestState, base_states, label_attack, public_sequences
+from lesft.audit.attacks import (GradientLabels, LinearInverter, NearestState, base_states, label_attack,
+                                 public_sequences)
 from lesft.audit.score import score
-from lesft.audit.view import Received, Recorder, Truth, capture
+from lesft.audit.view import Received, Recorder, Truth, capture, record_training
 from lesft.config import TrainConfig, to_dict
 from lesft.data.rows import load_rows
 from lesft.messages import PathBatch
 from lesft.meters import MB
 from lesft.model.load import load_model
-from lesft.model.split import inspect_decoder, resolve_client_layers, split_model
+from lesft.model.split import client_head, inspect_decoder, resolve_client_layers, split_model
 from lesft.roles import noised
 from lesft.train import Run
 
@@ -120,15 +121,17 @@ def server_view(cfg: TrainConfig, model, tokenizer, rows: list[dict[str, str]]
     return (*capture(run), run)
 
 
-def defence_costs(cfg: TrainConfig, model, tokenizer, rows: list[dict[str, str]], rounds: int) -> dict[str, Any]:
-    """Bytes per direction (all messages), and client / server busy seconds, of ``rounds`` training rounds."""
+def defence_costs(cfg: TrainConfig, model, tokenizer, rows: list[dict[str, str]], rounds: int
+                  ) -> tuple[dict[str, Any], list[Received], list[Truth]]:
+    """Bytes per direction (all messages) and client / server busy seconds of ``rounds`` training rounds,
+    and what the server received during them."""
     run = victim_run(cfg, model, tokenizer, rows)
     t0 = time.perf_counter()
-    for r in range(rounds):
-        run.round(r)
+    views, truths = record_training(run, rounds)
     s = run.system_summary()
-    return {"rounds": rounds, "samples": rounds * cfg.grad_accum * cfg.batch_size * len(run.clients),
-            "comm_bytes": s["comm_bytes"], "latency_s": s["latency_s"], "wall_s": time.perf_counter() - t0}
+    return ({"rounds": rounds, "samples": rounds * cfg.grad_accum * cfg.batch_size * len(run.clients),
+             "comm_bytes": s["comm_bytes"], "latency_s": s["latency_s"], "wall_s": time.perf_counter() - t0},
+            views, truths)
 
 
 def with_noise(views: list[Received], sigma: float, seed: int) -> list[Received]:
@@ -170,13 +173,13 @@ def run_audit(cfg: AuditConfig, model=None, tokenizer=None) -> dict[str, Any]:
     k_def = resolve_client_layers(cfg.defence_layers, n_layers)
     rows = load_rows(base.data, base.samples, base.data_seed, base.synthetic, data_dir=base.data_dir,
                      target=base.target, rationale=base.rationale)
-    attacker = split_model(copy.deepcopy(model), max(ks + [k_def]))[0]  # public base weights, no client LoRA
+    attacker, _, layout = split_model(copy.deepcopy(model), max(ks + [k_def]))  # public base weights, no LoRA
     public = public_sequences(cfg.public, tokenizer, cfg.public_tokens, base.max_length, base.chat_template)
     states = _timed("attacker: public states", lambda: base_states(attacker, public, ks + [k_def]), timings)
     embedding = attacker.embed_tokens.weight.detach()
-    results, costs, client_mb = [], {}, {}
+    results, costs, client_mb, by_k = [], {}, {}, {}
     for k in ks:
-        inverters = _timed(f"k={k} fit attacks b, c", lambda: {
+        inverters = by_k[k] = _timed(f"k={k} fit attacks b, c", lambda: {
             "nearest_state": NearestState(*states[k]),
             "linear_inverter": LinearInverter(*states[k], embedding, cfg.ridge)}, timings)
         for label_private in ([False, True] if k == k_def and cfg.label_private else [False]):
@@ -197,13 +200,20 @@ def run_audit(cfg: AuditConfig, model=None, tokenizer=None) -> dict[str, Any]:
                     t0 = time.perf_counter()
                     seen = with_noise(views, sigma, cfg.attack_seed)
                     results.append({"k": k, "label_private": label_private, "rounds": rounds, "sigma": sigma,
+                                    "during_training": False,
                                     "noise_s": time.perf_counter() - t0, "attacks": attack(seen, truths, inverters)})
     if cfg.cost_rounds:
         for name, kw in [("none", {}), ("label_private", {"label_privacy": True}),
                          (f"cut_noise={max(cfg.noise):g}", {"cut_noise": max(cfg.noise)})]:
             run_cfg = replace(base, client_layers=str(k_def), **{"label_privacy": False, "cut_noise": 0.0, **kw})
-            costs[name] = _timed(f"cost of defence {name}",
-                                 lambda: defence_costs(run_cfg, model, tokenizer, rows, cfg.cost_rounds), timings)
+            costs[name], views, truths = _timed(
+                f"cost of defence {name}", lambda: defence_costs(run_cfg, model, tokenizer, rows, cfg.cost_rounds),
+                timings)
+            if name == "label_private":  # the gradients it returns for the server's last-layer states
+                print(f"k={k_def} label-private, during {cfg.cost_rounds} training round(s)", flush=True)
+                attacks = {"gradient_labels": GradientLabels(client_head(layout)), **by_k.get(k_def, {})}
+                results.append({"k": k_def, "label_private": True, "rounds": cfg.cost_rounds, "sigma": 0.0,
+                                "during_training": True, "noise_s": 0.0, "attacks": attack(views, truths, attacks)})
     summary = {"config": to_dict(cfg), "layers": n_layers, "public_tokens": sum(len(s) for s in public),
                "victim_rows": len(rows), "results": results, "defence_costs": costs,
                "client_weights_mb": client_mb, "timings_s": timings,
@@ -215,7 +225,7 @@ def run_audit(cfg: AuditConfig, model=None, tokenizer=None) -> dict[str, Any]:
     return summary
 
 
-ATTACKS = ("labels", "nearest_state", "linear_inverter")
+ATTACKS = ("labels", "gradient_labels", "nearest_state", "linear_inverter")
 
 
 def _best(attacks: dict[str, Any], key: str) -> float:
@@ -224,16 +234,16 @@ def _best(attacks: dict[str, Any], key: str) -> float:
 
 def markdown(summary: dict[str, Any]) -> str:
     """One table row per (k, mode, sigma): token accuracy / ROUGE-L of each attack on target and private prompt."""
-    cols = [("labels", "base:target"), ("nearest_state", "base:target"), ("linear_inverter", "base:target"),
+    cols = [("labels", "base:target"), ("gradient_labels", "base:target"), ("nearest_state", "base:target"), ("linear_inverter", "base:target"),
             ("nearest_state", "base:private"), ("linear_inverter", "base:private"),
             ("nearest_state", "base:prompt"), ("linear_inverter", "base:prompt")]
     head = ["k", "mode", "rounds", "σ"] + [f"{a} {kind.split(':')[1]}" for a, kind in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary["results"]:
-        cells = [str(r["k"]), "label-private" if r["label_private"] else "standard", str(r["rounds"]),
-                 f"{r['sigma']:g}"]
+        mode = ("label-private" if r["label_private"] else "standard") + (", training" if r["during_training"] else "")
+        cells = [str(r["k"]), mode, str(r["rounds"]), f"{r['sigma']:g}"]
         cells += [f"{100 * r['attacks'][a][kind]['accuracy']:.1f} % / {r['attacks'][a][kind]['rouge_l']:.2f}"
-                  for a, kind in cols]
+                  if a in r["attacks"] else "–" for a, kind in cols]
         lines.append("| " + " | ".join(cells) + " |")
     first = summary["results"][0]["attacks"]["labels"]
     n = {kind: first[f"base:{kind}"]["tokens"] for kind in ("target", "private", "prompt")}
@@ -252,7 +262,7 @@ def markdown(summary: dict[str, Any]) -> str:
     lines.append("| step | seconds |")
     lines.append("|---|---|")
     lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings_s"].items()]
-    attack_s = {a: sum(r["attacks"][a]["seconds"] for r in summary["results"]) for a in ATTACKS}
+    attack_s = {a: sum(r["attacks"][a]["seconds"] for r in summary["results"] if a in r["attacks"]) for a in ATTACKS}
     lines += [f"| attack {a} (all cells) | {s:.1f} |" for a, s in attack_s.items()]
     lines.append(f"| whole audit | {summary['wall_s']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -262,7 +272,8 @@ def figure(summary: dict[str, Any], path: Path) -> None:
     """Recovery (token accuracy) of the private prompt and of the target against k, standard split, no noise."""
     from matplotlib.figure import Figure
 
-    pts = [r for r in summary["results"] if not r["label_private"] and r["sigma"] == 0 and r["rounds"] == 0]
+    pts = [r for r in summary["results"] if not r["label_private"] and r["sigma"] == 0 and r["rounds"] == 0
+           and not r["during_training"]]
     fig = Figure(figsize=(6.4, 4.2), dpi=110)
     ax = fig.add_subplot()
     ks = [r["k"] for r in pts]
