@@ -12,7 +12,7 @@ import torch
 from conftest import make_model, make_tokenizer, rows
 from lesft import methods
 from lesft.audit import run as audit_run
-from lesft.audit.attacks import LinearInverter, NearestState, base_states, label_attack, public_sequences
+from lesft.audit.attacks import LinearInverter, NearestState, base_states, public_sequences
 from lesft.audit.run import AuditConfig, attack, server_view, with_noise
 from lesft.audit.score import kind_masks, lcs, rouge_l
 from lesft.audit.view import Received, Recorder

@@ -61,7 +61,7 @@ class AuditConfig:
     defence_layers: str = _help("Split point of the defence sweep (noise, label-private mode).", default="1/4")
     noise: tuple[float, ...] = _help(
         "cut_noise sigmas (relative to each token's RMS) attacked at defence_layers; 0 = no noise.",
-        default=(0.0, 0.1, 0.3, 1.0, 3.0))
+        default=(0.0, 0.1, 0.3, 1.0, 3.0, 10.0))
     label_private: bool = _help("Also audit the label-private (U-shaped) view at defence_layers.", default=True)
     train_rounds: tuple[int, ...] = _help(
         "Fine-tuning checkpoints audited at defence_layers: the view is recorded after each of these many "
@@ -160,7 +160,8 @@ def attack(views: list[Received], truths: list[Truth], inverters: dict[str, Any]
 
 
 def run_audit(cfg: AuditConfig, model=None, tokenizer=None) -> dict[str, Any]:
-    """The sweep; returns (and writes) ``{config, layers, results: [{k, label_private, sigma, attacks}], timings}``."""
+    """The sweep; returns (and writes) ``{config, layers, results: [{k, label_private, rounds, sigma,
+    during_training, attacks}], defence_costs, client_weights_mb, timings_s, wall_s}``."""
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(cfg.out)
@@ -228,14 +229,10 @@ def run_audit(cfg: AuditConfig, model=None, tokenizer=None) -> dict[str, Any]:
 ATTACKS = ("labels", "gradient_labels", "nearest_state", "linear_inverter")
 
 
-def _best(attacks: dict[str, Any], key: str) -> float:
-    return max(a[key]["accuracy"] for a in attacks.values())
-
-
 def markdown(summary: dict[str, Any]) -> str:
     """One table row per (k, mode, sigma): token accuracy / ROUGE-L of each attack on target and private prompt."""
-    cols = [("labels", "base:target"), ("gradient_labels", "base:target"), ("nearest_state", "base:target"), ("linear_inverter", "base:target"),
-            ("nearest_state", "base:private"), ("linear_inverter", "base:private"),
+    cols = [("labels", "base:target"), ("gradient_labels", "base:target"), ("nearest_state", "base:target"),
+            ("linear_inverter", "base:target"), ("nearest_state", "base:private"), ("linear_inverter", "base:private"),
             ("nearest_state", "base:prompt"), ("linear_inverter", "base:prompt")]
     head = ["k", "mode", "rounds", "σ"] + [f"{a} {kind.split(':')[1]}" for a, kind in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
