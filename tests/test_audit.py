@@ -166,6 +166,8 @@ def test_fine_tuning_moves_the_view_and_costs_are_measured(tmp_path) -> None:
     assert during["during_training"] and during["attacks"]["gradient_labels"]["base:target"]["accuracy"] > 0.99
     by = {c: r["attacks"]["nearest_state"]["base:prompt"] for c, r in zip(cells, s["results"])}
     assert by[(0, 0.0, False)]["tokens"] == by[(3, 0.0, False)]["tokens"]  # the same rows before and after
+    tuned = s["results"][2]
+    assert s["results"][0]["moved"] == 0.0 and tuned["moved"] > 0 and len(tuned["train_loss"]) == 2
     c = s["defence_costs"]
     # label-private: the last layer's states come down and their gradient goes up, on top of the standard split
     assert c["label_private"]["comm_bytes"]["server_to_client"] > 1.9 * c["none"]["comm_bytes"]["server_to_client"]

@@ -143,6 +143,13 @@ def with_noise(views: list[Received], sigma: float, seed: int) -> list[Received]
     return [replace(v, hidden=noised(PathBatch(v.hidden[None]), sigma, g).hidden[0]) for v in views]
 
 
+def _moved(before: list[Received], after: list[Received]) -> float:
+    """RMS of the change of the sent states over the RMS of the states before (0 when untouched)."""
+    num = sum(float((a.hidden - b.hidden).pow(2).sum()) for a, b in zip(after, before))
+    den = sum(float(b.hidden.pow(2).sum()) for b in before)
+    return (num / den) ** 0.5 if den else 0.0
+
+
 def attack(views: list[Received], truths: list[Truth], inverters: dict[str, Any]) -> dict[str, Any]:
     """Every attack on ``views``, scored against ``truths``, with its time in seconds."""
     paths = [v.path for v in views]
@@ -187,21 +194,25 @@ def run_audit(cfg: AuditConfig, model=None, tokenizer=None) -> dict[str, Any]:
             run_cfg = replace(base, client_layers=str(k), label_privacy=label_private, cut_noise=0.0)
             run = victim_run(run_cfg, model, tokenizer, rows)
             client_mb[k] = sum(p.numel() * p.element_size() for p in run.clients[0].bottom.parameters()) / MB
-            done = 0
+            done, losses, untuned = 0, [], None
             for rounds in (sorted(cfg.train_rounds) if k == k_def and not label_private else [0]):
                 tag = f"k={k} lp={label_private} rounds={rounds}"
                 if rounds > done:
-                    _timed(f"{tag} fine-tune", lambda: [run.round(r) for r in range(done, rounds)], timings)
+                    losses += _timed(f"{tag} fine-tune", lambda: [run.round(r)["loss"] for r in range(done, rounds)],
+                                     timings)
                     done = rounds
                 print(f"{tag}: recording the server's view", flush=True)
                 views, truths = _timed(f"{tag} record view", lambda: capture(run), timings)
+                untuned = untuned or views
+                moved = _moved(untuned, views)  # the same rows in the same order: capture is seeded
                 sigmas = cfg.noise if k == k_def and not label_private and rounds == min(cfg.train_rounds) else (0.0,)
                 for sigma in sigmas:
                     print(f"  sigma={sigma}", flush=True)
                     t0 = time.perf_counter()
                     seen = with_noise(views, sigma, cfg.attack_seed)
                     results.append({"k": k, "label_private": label_private, "rounds": rounds, "sigma": sigma,
-                                    "during_training": False,
+                                    "during_training": False, "train_loss": losses[:1] + losses[-1:],
+                                    "moved": moved,
                                     "noise_s": time.perf_counter() - t0, "attacks": attack(seen, truths, inverters)})
     if cfg.cost_rounds:
         for name, kw in [("none", {}), ("label_private", {"label_privacy": True}),
