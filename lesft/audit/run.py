@@ -232,7 +232,7 @@ def run_audit(cfg: AuditConfig, model=None, tokenizer=None) -> dict[str, Any]:
                "wall_s": time.perf_counter() - t_all}
     (out / "audit.json").write_text(json.dumps(summary, indent=2))
     (out / "audit.md").write_text(markdown(summary))
-    figure(summary, out / "recovery_vs_k.png")
+    figure({cfg.public: summary}, out / "recovery_vs_k.png")
     print(f"audit done in {summary['wall_s']:.0f} s -> {out}/audit.md")
     return summary
 
@@ -276,24 +276,32 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(summary: dict[str, Any], path: Path) -> None:
-    """Recovery (token accuracy) of the private prompt and of the target against k, standard split, no noise."""
+_SHORT = {"nearest_state": "(b) nearest state", "linear_inverter": "(c) linear inverter"}
+
+
+def figure(summaries: dict[str, dict[str, Any]], path: Path) -> None:
+    """Recovery (token accuracy) of the private prompt and of the target against k, standard split, untuned,
+    no noise: one colour per attack and kind, one line style per summary (labelled by its key)."""
     from matplotlib.figure import Figure
 
-    pts = [r for r in summary["results"] if not r["label_private"] and r["sigma"] == 0 and r["rounds"] == 0
-           and not r["during_training"]]
-    fig = Figure(figsize=(6.4, 4.2), dpi=110)
+    fig = Figure(figsize=(6.8, 4.4), dpi=110)
     ax = fig.add_subplot()
-    ks = [r["k"] for r in pts]
-    for a, style in (("nearest_state", "-"), ("linear_inverter", "--")):
-        for kind, colour in (("base:private", "C0"), ("base:target", "C1")):
-            ax.plot(ks, [100 * r["attacks"][a][kind]["accuracy"] for r in pts], style, color=colour, marker="o",
-                    label=f"{a} · {kind.split(':')[1]}")
-    ax.set_xlabel(f"client layers k (of {summary['layers']})")
+    styles = ["-", "--", ":", "-."]
+    layers = 0
+    for (label, summary), style in zip(summaries.items(), styles * len(summaries)):
+        layers = summary["layers"]
+        pts = [r for r in summary["results"] if not r["label_private"] and r["sigma"] == 0 and r["rounds"] == 0
+               and not r["during_training"]]
+        ks = [r["k"] for r in pts]
+        for i, (a, kind) in enumerate([(a, k) for a in ("nearest_state", "linear_inverter")
+                                       for k in ("base:private", "base:target")]):
+            ax.plot(ks, [100 * r["attacks"][a][kind]["accuracy"] for r in pts], style, color=f"C{i}", marker="o",
+                    label=f"{_SHORT[a]} {kind.split(':')[1]}" + (f" · {label}" if len(summaries) > 1 else ""))
+    ax.set_xlabel(f"client layers k (of {layers})")
     ax.set_ylabel("tokens recovered %")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 102)
     ax.set_title("What the split server reconstructs from the cut activations")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, format="png")
