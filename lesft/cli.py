@@ -1,4 +1,4 @@
-"""Command line: ``lesft train | eval | distill | sweep | report | demo | server | client | join | export``.
+"""Command line: ``lesft train | eval | distill | sweep | report | demo | server | client | join | export | audit``.
 
 Configuration = defaults <- YAML file (``--config``) <- command-line flags, e.g.::
 
@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Any, Callable, NamedTuple, Sequence
 
-from lesft.config import TRAIN_SECTIONS, TrainConfig, add_dataclass_args, build_config, did_you_mean, from_dict
+from lesft.config import TRAIN_SECTIONS, TrainConfig, add_dataclass_args, build_config, did_you_mean, from_dict, load_yaml
 
 
 class Command(NamedTuple):
@@ -214,6 +214,20 @@ def _client(args: argparse.Namespace) -> int:
     return deploy_cli.run_client(args)
 
 
+def _audit_args(p: argparse.ArgumentParser) -> None:
+    from lesft.audit.run import AuditConfig
+
+    p.add_argument("--config", help="YAML file of AuditConfig fields")
+    add_dataclass_args(p, AuditConfig)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from lesft.audit.run import audit_config, run_audit
+
+    run_audit(audit_config(load_yaml(args.config) if args.config else {}, _overrides(args, ("config",))))
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train one method; writes config, metrics, summary and adapter to --out", _train_args, _train),
     "eval": Command("accuracy of a base model + adapter (or a training run) on a benchmark", _eval_args, _eval),
@@ -229,6 +243,8 @@ COMMANDS: dict[str, Command] = {
                       _export_args, _export),
     "server": Command("the split server as a gRPC service (networked split training)", _server_args, _server),
     "client": Command("one client of a networked run, against `lesft server`", _client_args, _client),
+    "audit": Command("privacy audit: what a curious split server reconstructs, per split point and defence "
+                     "-> OUT/audit.md (see docs/privacy.md)", _audit_args, _audit),
 }
 
 _ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, ConnectionError)

@@ -360,6 +360,11 @@ class TrainConfig:
         "U-shaped split: the client also holds the final norm and LM head and computes the loss, so the "
         "server receives hidden states only, never target ids (two exchanges per micro-step).", default=False
     )
+    cut_noise: float = _help(
+        "Privacy defence: Gaussian noise added by each client to the cut activations it sends (both paths), "
+        "sigma relative to each token's RMS, so 1.0 = as much noise as signal (0 = off; see docs/privacy.md).",
+        default=0.0,
+    )
     # --- system ---
     wire_dtype: str = _help("dtype of activations and gradients on the wire: fp32, bf16 or fp16.", default="fp32")
     dtype: str = _help(
@@ -413,6 +418,8 @@ class TrainConfig:
             raise ValueError(f"per_client must be >= 0, got {self.per_client}")
         if self.wire_dtype not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"wire_dtype must be fp32, bf16 or fp16, got {self.wire_dtype!r}")
+        if self.cut_noise < 0:
+            raise ValueError(f"cut_noise must be >= 0, got {self.cut_noise}")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
         if self.data_seed is None:

@@ -222,11 +222,13 @@ class Client:
             base, ref = self._paths(self._batch())
             if self.trainable:
                 self._pending = base.hidden
+            sent, sent_ref = noised(base, self.cfg.cut_noise), noised(ref, self.cfg.cut_noise)  # the graph keeps clean h
             if self.head is None:
-                return Activations(self.cid, step, base, ref)
+                return Activations(self.cid, step, sent, sent_ref)
             self._labels = (base, ref)
             rows = int((base.labels[:, 1:] != IGNORE_INDEX).any(dim=1).sum())
-            return Activations(self.cid, step, _unlabelled(base), _unlabelled(ref) if ref else None, batch_rows=rows)
+            return Activations(self.cid, step, _unlabelled(sent), _unlabelled(sent_ref) if ref else None,
+                               batch_rows=rows)
 
     def head_backward(self, msg: Activations) -> tuple[ActivationGrad, SliceLoss]:
         """Label-private mode: the server's last-layer hidden states -> norm, head and loss here; return
@@ -365,6 +367,18 @@ class SplitServer:
 def _to(b: PathBatch, device: torch.device) -> PathBatch:
     return PathBatch(*(t.to(device) if t is not None else None
                        for t in (b.hidden, b.attention_mask, b.position_ids, b.labels)))
+
+
+def noised(b: PathBatch | None, sigma: float, generator: torch.Generator | None = None) -> PathBatch | None:
+    """``b`` with Gaussian noise on its hidden states [B, T, H]: h_t + sigma * rms(h_t) * N(0, I) per token
+    (the ``cut_noise`` defence; sigma = 0 returns ``b`` itself). The gradient that comes back for the noisy
+    states is applied to the clean ones, so training sees the noise as a perturbation of the server's input."""
+    if b is None or sigma == 0:
+        return b
+    h = b.hidden.detach()
+    rms = h.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+    eps = torch.randn(h.shape, generator=generator, device=h.device, dtype=torch.float32)
+    return PathBatch((h.float() + sigma * rms * eps).to(h.dtype), b.attention_mask, b.position_ids, b.labels)
 
 
 def _unlabelled(b: PathBatch) -> PathBatch:

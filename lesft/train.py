@@ -182,13 +182,16 @@ class Run:
         """Where the data streams and the torch RNG are (taken at a round start, for :meth:`discard_partial_round`)."""
         return [(c.stream.epoch, c.stream.pos) for c in self.clients], torch.get_rng_state()
 
-    def discard_partial_round(self, mark: tuple[list[tuple[int, int]], torch.Tensor]) -> None:
-        """Forget the gradients of an unfinished round (networked: the server restarted or moved on) and
-        rewind the data streams and RNG to ``mark``, so the round's micro-batches are drawn again."""
-        streams, rng = mark
-        for c, (epoch, pos) in zip(self.clients, streams):
+    def discard_partial_round(self, mark: tuple[list[tuple[int, int]], torch.Tensor] | None = None) -> None:
+        """Forget the gradients of an unfinished round (networked: the server restarted or moved on) and,
+        given a ``mark``, rewind the data streams and RNG to it, so the round's micro-batches are drawn again."""
+        for c in self.clients:
             c.bottom.zero_grad(set_to_none=True)
             c._pending, c._labels = None, None
+        if mark is None:
+            return
+        streams, rng = mark
+        for c, (epoch, pos) in zip(self.clients, streams):
             if c.stream.epoch != epoch:
                 c.stream.epoch = epoch
                 c.stream._order = c.stream._shuffle()
