@@ -1,0 +1,205 @@
+"""Split generation in process: token-for-token equal to the merged unsplit peft model's greedy ``generate``
+(Llama and Qwen2 shapes, padding in the batch, label-private), the server never gets an integer tensor in
+label-private mode, bounded sessions free their caches, and bad steps are refused."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_model
+from lesft import methods
+from lesft.config import TrainConfig, save_yaml
+from lesft.evaluate import DEFAULT_STOP, generate, load_for_eval
+from lesft.generation import GenerationServer, SessionError, SessionLimits, in_process
+from lesft.lora import LoraArgs, add_lora, export_adapter, lora_state
+from lesft.messages import GenStep
+from lesft.model.split import split_model
+from lesft.transport import Loopback
+
+PROMPTS = ["What is 2 + 3?", "Hi", "Tom has 12 apples and eats 5. How many are left?", "7*8=", "Count: 1 2 3"]
+
+
+def make_run(root: Path, tokenizer, arch: str = "llama", k: int = 2, label_privacy: bool = False,
+             tie: bool = True) -> Path:
+    """A run directory (config.yaml + adapter/) over a tiny random model with a random, non-zero LoRA on
+    attention and MLP projections of every layer."""
+    model = make_model(arch, layers=4, hidden=32, tie=tie)
+    mdir = root / f"model-{arch}-{tie}"
+    if not mdir.exists():
+        model.save_pretrained(mdir)
+        tokenizer.save_pretrained(mdir)
+    bottom, top, layout = split_model(copy.deepcopy(model), k)
+    args = LoraArgs(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+    torch.manual_seed(1)
+    add_lora(bottom, args)
+    add_lora(top, args)
+    with torch.no_grad():
+        for part in (bottom, top):
+            for n, p in part.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.3)
+    run = root / f"run-{arch}-{k}-{label_privacy}-{tie}"
+    export_adapter([(lora_state(bottom), 0), (lora_state(top), k)], layout.layers_path, args, run / "adapter",
+                   str(mdir))
+    save_yaml(methods.resolve(TrainConfig(method="sl", model=str(mdir), client_layers=str(k),
+                                          label_privacy=label_privacy, lora=args)), run / "config.yaml")
+    return run
+
+
+def merged(run: Path):
+    cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    return load_for_eval(cfg["base_model_name_or_path"], str(run / "adapter"))[0]
+
+
+def batch(tokenizer, prompts: list[str]):
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    tokenizer.padding_side = "right"
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@pytest.mark.parametrize("arch,k,lp,tie", [("llama", 1, False, True), ("llama", 3, False, False),
+                                           ("qwen2", 2, False, True), ("llama", 2, True, True),
+                                           ("qwen2", 1, True, False)])
+def test_greedy_split_generation_equals_the_merged_model_token_for_token(tokenizer, tmp_path, arch, k, lp, tie):
+    run = make_run(tmp_path, tokenizer, arch, k, lp, tie)
+    ref = merged(run)
+    gen, tok, spec = in_process(run)
+    assert spec.label_privacy is lp and (gen.head is not None) is lp
+    ids, mask = batch(tokenizer, PROMPTS)
+    assert (mask == 0).any()  # padding in the batch
+    n = 24  # longer than Qwen2's sliding window (6): the sliding layers' caches wrap
+    want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, num_beams=1,
+                        eos_token_id=None, pad_token_id=0, top_k=None, temperature=None, top_p=None)
+    got = gen.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    assert got.shape == want.shape and torch.equal(got, want)
+    # through lesft.evaluate.generate: EOS, stop strings, sorting by length, batches of 2
+    assert generate(gen, tok, PROMPTS, 16, 2, list(DEFAULT_STOP) + ["e"]) == \
+        generate(ref, tok, PROMPTS, 16, 2, list(DEFAULT_STOP) + ["e"])
+    s = gen.inference_stats()
+    h = 32 * 4  # one fp32 hidden vector
+    assert s["bytes_per_decoded_token"]["client_to_server"] > h
+    assert s["label_private"] is lp
+
+
+def test_no_padding_and_a_single_sequence(tokenizer, tmp_path):
+    run = make_run(tmp_path, tokenizer, "qwen2", 2)
+    ref, (gen, _, _) = merged(run), in_process(run)
+    ids, mask = batch(tokenizer, ["The same length", "the same length"])
+    for i, m in ((ids, mask), (ids[:1], mask[:1])):
+        want = ref.generate(input_ids=i, attention_mask=m, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                            pad_token_id=0, top_k=None, temperature=None, top_p=None)
+        assert torch.equal(gen.generate(input_ids=i, attention_mask=m, max_new_tokens=10, pad_token_id=0), want)
+
+
+class Recording(Loopback):
+    """A loopback that keeps the integer tensors of every message the server receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server_got: list[tuple[str, torch.dtype]] = []
+
+    def send(self, msg, direction):
+        out = super().send(msg, direction)
+        if direction == "client_to_server":
+            for name in ("hidden", "attention_mask"):
+                t = getattr(out, name, None)
+                if isinstance(t, torch.Tensor):
+                    self.server_got.append((name, t.dtype))
+        return out
+
+
+def test_label_private_server_never_receives_a_token_id(tokenizer, tmp_path):
+    run = make_run(tmp_path, tokenizer, "llama", 2, label_privacy=True)
+    gen, tok, _ = in_process(run)
+    rec = Recording()
+    gen.link.transport, gen.link.meter = rec, rec.meter
+    generate(gen, tok, PROMPTS, 8, 8)
+    sent = [m for m in rec.server_got]
+    assert sent and {n for n, _ in sent} == {"hidden", "attention_mask"}
+    assert all(d.is_floating_point for n, d in sent if n == "hidden")
+    # the prefill mask is the only integer tensor, and it is 0/1 padding, not tokens; none per decoded token
+    assert sum(n == "attention_mask" for n, _ in sent) == gen.totals["batches"]
+    # and the server has no head at all: it could not pick a token
+    assert gen.link.server.top.head is None and gen.link.server.label_private
+
+
+def test_decode_bytes_are_one_hidden_vector_up_and_one_token_or_vector_down(tokenizer, tmp_path):
+    for lp in (False, True):
+        run = make_run(tmp_path, tokenizer, "llama", 2, label_privacy=lp)
+        gen, _, _ = in_process(run)
+        ids, mask = batch(tokenizer, PROMPTS[:2])
+        gen.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0)
+        c = gen.link.meter.to_dict()
+        up, down = c["client_to_server"]["gen_step"], c["server_to_client"]["gen_reply"]
+        b, h = 2, 32
+        prefill_up = b * ids.shape[1] * h * 4 + ids.numel() * 8
+        assert up["payload_bytes"] == prefill_up + 5 * b * h * 4  # 5 decode steps after the prefill
+        assert down["payload_bytes"] == 6 * b * (h * 4 if lp else 8)
+
+
+def test_sessions_are_bounded_and_abandoned_caches_are_freed(tokenizer, tmp_path):
+    run = make_run(tmp_path, tokenizer, "llama", 2)
+    gen, _, _ = in_process(run)
+    now = [0.0]
+    server = GenerationServer(gen.link.server.top, 32, SessionLimits(max_sessions=50, max_tokens=40, idle_s=5),
+                              clock=lambda: now[0])
+    h = torch.randn(1, 8, 32)
+    m = torch.ones(1, 8, dtype=torch.long)
+    sids = [server.open(0, {"batch": 1})["session"] for _ in range(50)]
+    with pytest.raises(SessionError, match="50 sessions open"):
+        server.open(0, {"batch": 1})
+    for sid in sids:
+        server.step(0, GenStep(sid, 0, h, m))
+    caches = [weakref.ref(s.cache) for s in server.sessions.values()]
+    assert server.held_bytes() > 0
+    now[0] = 6.0  # every session idle past its limit: dropped, caches freed
+    assert server.reap() == 50 and server.held_bytes() == 0 and not server.sessions
+    gc.collect()
+    assert all(r() is None for r in caches)
+    with pytest.raises(SessionError, match="unknown or expired"):
+        server.step(0, GenStep(sids[0], 1, h[:, :1]))
+    # token budget: 8 prompt positions + 33 > 40
+    sid = server.open(0, {"batch": 1})["session"]
+    server.step(0, GenStep(sid, 0, torch.randn(1, 39, 32), torch.ones(1, 39, dtype=torch.long)))
+    server.step(0, GenStep(sid, 1, torch.randn(1, 1, 32)))
+    with pytest.raises(SessionError, match="limit is 40"):
+        server.step(0, GenStep(sid, 2, torch.randn(1, 1, 32)))
+    assert sid not in server.sessions
+
+
+def test_bad_steps_are_refused_and_other_sessions_go_on(tokenizer, tmp_path):
+    run = make_run(tmp_path, tokenizer, "llama", 2)
+    gen, _, _ = in_process(run)
+    server = gen.link.server
+    good = server.open(0, {"batch": 2})["session"]
+    bad = server.open(0, {"batch": 2})["session"]
+    m = torch.ones(2, 4, dtype=torch.long)
+    cases = [
+        (GenStep(bad, 0, torch.randn(2, 4, 16), m), r"shape \[2, 4, 16\]"),
+        (GenStep(bad, 0, torch.randn(3, 4, 32), m), r"expected \[2, T, 32\]"),
+        (GenStep(bad, 0, torch.full((2, 4, 32), float("nan")), m), "NaN"),
+        (GenStep(bad, 0, torch.ones(2, 4, 32, dtype=torch.long), m), "float tensor"),
+        (GenStep(bad, 0, torch.randn(2, 4, 32), None), "attention_mask"),
+        (GenStep(bad, 0, torch.randn(2, 4, 32), m * 3), "0/1"),
+        (GenStep(bad, 1, torch.randn(2, 1, 32)), "expects step 0"),
+    ]
+    for msg, why in cases:
+        with pytest.raises(SessionError, match=why):
+            server.step(0, msg)
+    with pytest.raises(SessionError, match="another client"):
+        server.step(1, GenStep(good, 0, torch.randn(2, 4, 32), m))
+    with pytest.raises(SessionError, match="unknown"):
+        server.step(0, GenStep("nope", 0, torch.randn(2, 4, 32), m))
+    r0 = server.step(0, GenStep(good, 0, torch.randn(2, 4, 32), m))
+    assert r0.tokens.shape == (2,) and server.step(0, GenStep(good, 0, torch.randn(2, 4, 32), m)) is r0  # a retry
+    with pytest.raises(SessionError, match="decode step"):
+        server.step(0, GenStep(good, 1, torch.randn(2, 2, 32)))
+    assert server.step(0, GenStep(good, 1, torch.randn(2, 1, 32))).tokens.shape == (2,)
