@@ -1,4 +1,4 @@
-"""Command line: ``lesft train | eval | distill | sweep | report | demo | server | client | merge``.
+"""Command line: ``lesft train | eval | generate | distill | sweep | report | demo | server | client | merge``.
 
 Configuration = defaults <- YAML file (``--config``) <- command-line flags, e.g.::
 
@@ -16,6 +16,7 @@ from lesft import report as report_cli
 from lesft import sweep as sweep_cli
 from lesft.distill import DistillConfig
 from lesft.evaluate import EvalConfig
+from lesft.generation import GenerateConfig
 
 
 def _config(args: argparse.Namespace, skip: tuple[str, ...] = ("command", "config", "methods")) -> TrainConfig:
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="base model (alias, hub id, directory or .gguf); default: the run's")
     ev.add_argument("--adapter", help="peft adapter directory; default: RUN/adapter, none without --run")
     add_dataclass_args(ev, EvalConfig)
+    gen = sub.add_parser("generate", help="complete prompts through the split, as deployed: the client part and the "
+                                          "server part of a run in this process, each with its own KV cache")
+    gen.add_argument("--run", required=True, help="a `lesft train` output directory (model, split, adapter)")
+    gen.add_argument("--adapter", help="peft adapter directory; default: RUN/adapter")
+    add_dataclass_args(gen, GenerateConfig)
     dist = sub.add_parser("distill", help="teacher chain-of-thought targets, kept where the answer is correct")
     add_dataclass_args(dist, DistillConfig)
     sw = sub.add_parser("sweep", help="grid of trainings (+ evaluations) from a YAML spec; resumable")
@@ -77,6 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             lo, hi = r["ci95"]
             print(f"{r['dataset']}/{r['split']} ({r['mode']}): accuracy {r['accuracy']:.1%} "
                   f"[95% CI {lo:.1%}, {hi:.1%}] on {r['n']} questions -> {r['out']}")
+        elif args.command == "generate":
+            from lesft.generation import run_generate
+
+            fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "adapter")}
+            run_generate(from_dict(GenerateConfig, fields), args.run, args.adapter)
         elif args.command == "distill":
             from lesft.distill import run_distill
 

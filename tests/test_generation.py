@@ -203,3 +203,43 @@ def test_bad_steps_are_refused_and_other_sessions_go_on(tokenizer, tmp_path):
     with pytest.raises(SessionError, match="decode step"):
         server.step(0, GenStep(good, 1, torch.randn(2, 2, 32)))
     assert server.step(0, GenStep(good, 1, torch.randn(2, 1, 32))).tokens.shape == (2,)
+
+
+def test_eval_split_inference_equals_eval_on_the_merged_adapter(tokenizer, tmp_path):
+    from lesft.evaluate import EvalConfig, run_eval
+
+    run = make_run(tmp_path, tokenizer, "qwen2", 2)
+    cfg = dict(limit=6, batch_size=4, max_new_tokens=12, stop=list(DEFAULT_STOP) + ["9"])
+    plain = run_eval(EvalConfig(**cfg, out=str(tmp_path / "plain")), run_dir=str(run))
+    split = run_eval(EvalConfig(**cfg, split_inference=True, out=str(tmp_path / "split")), run_dir=str(run))
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in read("split")] == [r["completion"] for r in read("plain")]
+    assert any(r["completion"] for r in read("plain"))
+    assert (split["accuracy"], split["correct"]) == (plain["accuracy"], plain["correct"])
+    inf = json.loads((tmp_path / "split" / "eval.json").read_text())["inference"]
+    assert inf["sequences"] == 6 and inf["bytes_per_decoded_token"]["client_to_server"] > 0
+    assert inf["first_token_s"] > 0 and inf["s_per_step"]["server"] > 0 and "inference" not in plain
+
+
+def test_lesft_generate_prints_completions_and_a_cost_line(tokenizer, tmp_path, capsys):
+    from lesft.cli import main
+
+    run = make_run(tmp_path, tokenizer, "llama", 2)
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "Hi"}) + "\n" + json.dumps("What is 2 + 3?") + "\n")
+    assert main(["generate", "--run", str(run), "--prompt", "Count: 1 2", "--file", str(tmp_path / "p.jsonl"),
+                 "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    lines = [json.loads(x) for x in out.splitlines()]
+    assert [r["prompt"] for r in lines] == ["Count: 1 2", "Hi", "What is 2 + 3?"]
+    ref = generate(merged(run), tokenizer, [tokenizer.apply_chat_template(
+        [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True) for r in lines],
+        6, 16, list(DEFAULT_STOP))
+    assert [r["completion"] for r in lines] == ref
+    cost = json.loads(err.split("lesft generate: ")[-1].splitlines()[0])
+    assert cost["sequences"] == 3 and cost["bytes_per_decoded_token"]["server_to_client"] > 0
+    # sampling runs too, and is reproducible with its seed
+    args = ["generate", "--run", str(run), "--prompt", "Hi", "--max-new-tokens", "6", "--temperature", "1.5",
+            "--top-p", "0.9", "--gen-seed", "3", "--output", str(tmp_path / "o.jsonl")]
+    assert main(args) == 0
+    first = (tmp_path / "o.jsonl").read_text()
+    assert main(args) == 0 and (tmp_path / "o.jsonl").read_text() == first
