@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from lesft.config import TrainConfig, add_dataclass_args, apply_overrides, from_dict, load_yaml
+from lesft.config import TrainConfig, _parse_bool, add_dataclass_args, apply_overrides, from_dict, load_yaml
 from lesft import report as report_cli
 from lesft import sweep as sweep_cli
 from lesft.distill import DistillConfig
@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--run", required=True, help="a `lesft train` output directory (model, split, adapter)")
     gen.add_argument("--adapter", help="peft adapter directory; default: RUN/adapter")
     add_dataclass_args(gen, GenerateConfig)
+    for flag, what in (("label_privacy", "U-shaped: the client holds the final norm and head and picks the tokens"),
+                       ("chat_template", "wrap prompts in the tokenizer's chat template")):
+        gen.add_argument(f"--{flag}", f"--{flag.replace('_', '-')}", type=_parse_bool, nargs="?", const=True,
+                         metavar="BOOL", help=f"{what} (default: as the run trained)")
     dist = sub.add_parser("distill", help="teacher chain-of-thought targets, kept where the answer is correct")
     add_dataclass_args(dist, DistillConfig)
     sw = sub.add_parser("sweep", help="grid of trainings (+ evaluations) from a YAML spec; resumable")
@@ -86,8 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "generate":
             from lesft.generation import run_generate
 
-            fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "adapter")}
-            run_generate(from_dict(GenerateConfig, fields), args.run, args.adapter)
+            own = ("command", "run", "adapter", "label_privacy", "chat_template")
+            fields = {k: v for k, v in vars(args).items() if k not in own}
+            run_generate(from_dict(GenerateConfig, fields), args.run, args.adapter, args.label_privacy,
+                         args.chat_template)
         elif args.command == "distill":
             from lesft.distill import run_distill
 

@@ -135,6 +135,7 @@ class GenerationServer:
         self.hidden, self.limits, self.clock = hidden_size, limits or SessionLimits(), clock
         self.sessions: dict[str, _Session] = {}
         self.lock = threading.Lock()
+        self.stopped = threading.Event()  # set by shutdown(): background reapers end
         self.log: list[str] = []
 
     def open(self, owner: int, params: dict[str, Any]) -> dict[str, Any]:
@@ -244,6 +245,12 @@ class GenerationServer:
         for sid in idle:
             self.drop(sid, f"idle for more than {self.limits.idle_s:g} s")
         return len(idle)
+
+    def shutdown(self) -> None:
+        """Drop every session and stop the reapers."""
+        self.stopped.set()
+        for sid in list(self.sessions):
+            self.drop(sid, None)
 
     def held_bytes(self) -> int:
         """Bytes of the KV caches of the open sessions."""
@@ -444,20 +451,23 @@ class SplitSpec:
                    str(c.get("wire_dtype", "fp32")), c.get("chat_template", True) is not False)
 
 
-def client_side(model: nn.Module, k: int, adapter: str | Path | None, label_private: bool
-                ) -> tuple[ClientPart, HeadPart | None, ServerPart]:
-    """Cut ``model`` after ``k`` layers and fold the adapter's LoRA of layers ``[0, k)`` into the client part
-    (and of ``[k, L)`` into the server part, returned too: in process the caller keeps it, on a device it is
-    dropped). Label-private: the client part's final norm and head are returned, the server part has none."""
+def cut(model: nn.Module, k: int, adapter: str | Path | None, label_private: bool, client: bool = True,
+        server: bool = True) -> tuple[ClientPart | None, HeadPart | None, ServerPart | None]:
+    """Cut ``model`` after ``k`` layers and fold the adapter's LoRA into the sides asked for: layers ``[0, k)``
+    into the client part, ``[k, L)`` into the server part; each side reads only its own layers' tensors, so a
+    networked run's client adapter or server adapter serves as well as a whole-model one. Returns (client
+    part, its final norm + head when label-private, server part -- without norm and head when label-private);
+    a side not asked for is None."""
     from lesft.model.split import client_head, split_model
 
     bottom, top, layout = split_model(model, k, label_private=label_private)
-    if adapter is not None:
-        args, tensors = adapter_args(adapter)
-        n = len(layout.layers)
+    args, tensors = adapter_args(adapter) if adapter is not None else (None, {})
+    if client and args is not None:
         merge_lora(bottom, part_state(tensors, 0, k, layout.layers_path), args)
-        merge_lora(top, part_state(tensors, k, n - k, layout.layers_path), args)
-    return bottom, client_head(layout) if label_private else None, top
+    if server and args is not None:
+        merge_lora(top, part_state(tensors, k, len(layout.layers) - k, layout.layers_path), args)
+    head = client_head(layout) if label_private and client else None
+    return bottom if client else None, head, top if server else None
 
 
 def in_process(run_dir: str | Path, adapter: str | Path | None = None, label_privacy: bool | None = None,
@@ -475,7 +485,7 @@ def in_process(run_dir: str | Path, adapter: str | Path | None = None, label_pri
     adapter = adapter or Path(run_dir) / "adapter"
     model, tokenizer = load_model(spec.model, device="cpu")
     k = resolve_client_layers(spec.client_layers, len(inspect_decoder(model).layers))
-    bottom, head, top = client_side(model, k, adapter, spec.label_privacy)
+    bottom, head, top = cut(model, k, adapter, spec.label_privacy)
     server = GenerationServer(top, model.config.hidden_size, limits)
     gen = SplitGenerator(bottom, LocalGen(server, Loopback(spec.wire_dtype)), model.generation_config, head, seed)
     return gen, tokenizer, spec
@@ -504,10 +514,6 @@ class GenerateConfig:
     top_p: float = _help("Sampling: nucleus mass kept.", default=1.0)
     gen_seed: int = _help("Seed of sampling.", default=0)
     stop: list[str] | None = _help("Stop strings (default: lesft eval's).", default=None)
-    chat_template: bool | None = _help("Wrap prompts in the chat template (default: as the run trained).",
-                                       default=None)
-    label_privacy: bool | None = _help("U-shaped: the client holds the final norm and head and picks the tokens "
-                                       "(default: as the run trained).", default=None)
 
     def prompts(self) -> list[str]:
         out = list(self.prompt)
@@ -545,7 +551,9 @@ def complete(gen: SplitGenerator, tokenizer: Any, cfg: GenerateConfig, chat_temp
     return records
 
 
-def run_generate(cfg: GenerateConfig, run_dir: str, adapter: str | None = None) -> list[dict[str, str]]:
-    """``lesft generate --run DIR``: both sides of the run in this process."""
-    gen, tokenizer, spec = in_process(run_dir, adapter, cfg.label_privacy, seed=cfg.gen_seed)
-    return complete(gen, tokenizer, cfg, spec.chat_template if cfg.chat_template is None else cfg.chat_template)
+def run_generate(cfg: GenerateConfig, run_dir: str, adapter: str | None = None, label_privacy: bool | None = None,
+                 chat_template: bool | None = None) -> list[dict[str, str]]:
+    """``lesft generate --run DIR``: both sides of the run in this process (``label_privacy``/``chat_template``:
+    None = as the run trained)."""
+    gen, tokenizer, spec = in_process(run_dir, adapter, label_privacy, seed=cfg.gen_seed)
+    return complete(gen, tokenizer, cfg, spec.chat_template if chat_template is None else chat_template)

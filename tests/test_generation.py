@@ -282,4 +282,19 @@ def test_smollm2_split_generation_equals_the_merged_model(tmp_path, lp):
     ids, mask = batch(tok, prompts)
     assert (mask == 0).any()
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=16, eos_token_id=None, pad_token_id=tok.pad_token_id)
-    assert torch.equal(gen.generate(**kw), ref.generate(**kw, do_sample=False, top_k=None, temperature=None, top_p=None))
+    want_ids = ref.generate(**kw, do_sample=False, top_k=None, temperature=None, top_p=None)
+    assert torch.equal(gen.generate(**kw), want_ids)
+    # over gRPC on loopback (the server in a thread here)
+    from lesft.deploy.generation import RemoteGen, serve_generation
+    from lesft.deploy.wire import NetArgs
+    from lesft.generation import SplitGenerator
+
+    server, port = serve_generation(gen.link.server, "127.0.0.1:0", NetArgs(retries=0), {"t": 0})
+    try:
+        net = SplitGenerator(gen.bottom, RemoteGen(f"127.0.0.1:{port}", "t", NetArgs(retries=0)),
+                             gen.generation_config, gen.head)
+        assert torch.equal(net.generate(**kw), want_ids)
+        assert generate(net, tok, prompts, 24, 3, list(DEFAULT_STOP)) == want
+    finally:
+        server.stop(grace=0)
+        gen.link.server.shutdown()

@@ -318,8 +318,9 @@ class SplitService:
 
 
 def serve(service: SplitService, address: str, net: NetArgs, tokens: dict[str, int],
-          workers: int | None = None) -> tuple[grpc.Server, int]:
-    """Start the gRPC server on ``address`` (``HOST:PORT``, port 0 = any free one); returns (server, port)."""
+          workers: int | None = None, handlers: tuple = ()) -> tuple[grpc.Server, int]:
+    """Start the gRPC server on ``address`` (``HOST:PORT``, port 0 = any free one); returns (server, port).
+    ``handlers``: more services on the same port (``lesft.deploy.generation.generation_handler``)."""
 
     def who(context: grpc.ServicerContext) -> int:
         auth = dict(context.invocation_metadata()).get("authorization", "")
@@ -358,7 +359,7 @@ def serve(service: SplitService, address: str, net: NetArgs, tokens: dict[str, i
     assert HELLO.endswith("/Hello") and EXCHANGE.endswith("/Exchange") and EXCHANGE_ONE.endswith("/ExchangeOne")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers or 2 * len(service.known) + 4),
                          options=net.grpc_options())
-    server.add_generic_rpc_handlers((handler,))
+    server.add_generic_rpc_handlers((handler, *handlers))
     creds = server_credentials(address, net)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
