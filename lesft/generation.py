@@ -131,6 +131,7 @@ class GenerationServer:
     def __init__(self, top: ServerPart, hidden_size: int, limits: SessionLimits | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.top = top.eval()
+        self.dtype = next(top.parameters()).dtype
         self.label_private = top.head is None
         self.hidden, self.limits, self.clock = hidden_size, limits or SessionLimits(), clock
         self.sessions: dict[str, _Session] = {}
@@ -185,15 +186,21 @@ class GenerationServer:
                 raise SessionError("RESOURCE_EXHAUSTED", f"session {msg.session!r} would hold {s.length + t} "
                                    f"positions, the limit is {self.limits.max_tokens}; the session is closed")
             t0 = time.perf_counter()
-            if s.positions is None:
-                s.positions = Positions(msg.attention_mask)
-            mask, pos = s.positions.next()
-            out = self.top.middle(msg.hidden.to(torch.float32), mask, pos, s.cache)[:, -1:]
-            if self.label_private:
-                reply = GenReply(msg.session, msg.step, hidden=out)
-            else:
-                logits, _ = self.top.head(out)
-                reply = GenReply(msg.session, msg.step, tokens=pick(logits[:, -1], s.temperature, s.top_p, s.generator))
+            try:
+                if s.positions is None:
+                    s.positions = Positions(msg.attention_mask)
+                mask, pos = s.positions.next()
+                out = self.top.middle(msg.hidden.to(self.dtype), mask, pos, s.cache)[:, -1:]
+                if self.label_private:
+                    reply = GenReply(msg.session, msg.step, hidden=out)
+                else:
+                    logits, _ = self.top.head(out)
+                    reply = GenReply(msg.session, msg.step, tokens=pick(logits[:, -1], s.temperature, s.top_p,
+                                                                        s.generator))
+            except Exception as e:  # noqa: BLE001 -- the cache may be half-updated: this session ends, others go on
+                self.drop(msg.session, f"step {msg.step} failed: {type(e).__name__}: {e}")
+                raise SessionError("INTERNAL", f"step {msg.step} of session {msg.session!r} failed on the server "
+                                   f"({type(e).__name__}: {e}); the session is closed") from None
             s.busy_s += time.perf_counter() - t0
             s.step, s.length, s.last_used, s.last_reply = s.step + 1, s.length + t, self.clock(), reply
         return reply
@@ -362,7 +369,7 @@ class SplitGenerator(nn.Module):
                 reply = self.link.step(GenStep(sid, step, hidden, attention_mask.long() if step == 0 else None))
                 t0 = time.perf_counter()
                 if self.head is not None:  # label-private: the tokens are picked here
-                    logits, _ = self.head(reply.hidden.to(torch.float32))
+                    logits, _ = self.head(reply.hidden.to(self.head.lm_head.weight.dtype))
                     nxt = pick(logits[:, -1], temp, top_p, generator)
                 else:
                     nxt = reply.tokens.long()

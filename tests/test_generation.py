@@ -298,3 +298,18 @@ def test_smollm2_split_generation_equals_the_merged_model(tmp_path, lp):
     finally:
         server.stop(grace=0)
         gen.link.server.shutdown()
+
+
+def test_a_step_that_fails_on_the_server_closes_that_session_only(tokenizer, tmp_path, monkeypatch):
+    run = make_run(tmp_path, tokenizer, "llama", 2)
+    gen, _, _ = in_process(run)
+    server = gen.link.server
+    a, b = (server.open(0, {"batch": 1})["session"] for _ in range(2))
+    h, m = torch.randn(1, 3, 32), torch.ones(1, 3, dtype=torch.long)
+    real = server.top.middle
+    monkeypatch.setattr(server.top, "middle", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(SessionError, match="failed on the server.*boom.*closed") as e:
+        server.step(0, GenStep(a, 0, h, m))
+    assert e.value.code == "INTERNAL" and a not in server.sessions
+    monkeypatch.setattr(server.top, "middle", real)
+    assert server.step(0, GenStep(b, 0, h, m)).tokens.shape == (1,)

@@ -28,7 +28,7 @@ from typing import Any
 import grpc
 
 from lesft.config import add_dataclass_args, from_dict
-from lesft.deploy.wire import MB, NetArgs, channel, chunks, join, metadata, server_credentials
+from lesft.deploy.wire import MB, MessageTooLarge, NetArgs, channel, chunks, join, metadata, server_credentials
 from lesft.generation import GenerateConfig, GenerationServer, SessionError, SessionLimits, cut
 from lesft.messages import GenReply, GenStep, decode, encode_parts, payload_size
 from lesft.transport import Meter
@@ -58,8 +58,10 @@ def generation_handler(gen: GenerationServer, tokens: dict[str, int], net: NetAr
             return fn()
         except SessionError as e:
             context.abort(grpc.StatusCode[e.code], str(e))
-        except ValueError as e:  # a malformed message or JSON, an oversized one
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {e}")
+        except MessageTooLarge as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # a malformed message or JSON
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {type(e).__name__}: {e}")
 
     def step(cid: int, data: bytearray) -> list:
         msg = decode(data)
