@@ -143,7 +143,7 @@ def main() -> None:
         up, down = c["client_to_server"]["gen_step"], c["server_to_client"]["gen_reply"]
         b, t = enc["input_ids"].shape
         rows = (up["messages"] - 1) * b
-        prefill_up = b * t * hidden * wire_bytes + b * t * 8
+        prefill_up = b * t * hidden * wire_bytes + b * t  # hidden + the bool mask
         prefill_down = b * (hidden * wire_bytes if label_private else 8)
         return {"steps": out.shape[1] - t, "up_payload": (up["payload_bytes"] - prefill_up) / rows,
                 "down_payload": (down["payload_bytes"] - prefill_down) / rows,

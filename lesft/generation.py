@@ -4,7 +4,7 @@ on the server, each side with its own KV cache.
 One session = one left-padded batch of prompts. The client embeds and runs layers ``[0, k)``; the server runs
 ``[k, L)``, the final norm and the head and picks the next token of every row. Per step:
 
-- step 0 (prefill): ``GenStep`` with the whole prompt's cut activations [B, T, H] and its mask [B, T] up;
+- step 0 (prefill): ``GenStep`` with the whole prompt's cut activations [B, T, H] and its bool mask [B, T] up;
 - every later step: ``GenStep`` with one cut-layer hidden vector per row [B, 1, H] up;
 - down: ``GenReply`` with one token id per row [B] -- or, label-private (U-shaped, the client holds the
   final norm and head and picks the tokens), the last position's last-layer hidden states [B, 1, H]: the
@@ -220,11 +220,11 @@ class GenerationServer:
                 raise ValueError("hidden: contains NaN or infinite values")
             m = msg.attention_mask
             if msg.step == 0:
-                if m is None or m.is_floating_point() or tuple(m.shape) != tuple(h.shape[:2]):
-                    raise ValueError(f"attention_mask: expected integer {list(h.shape[:2])}, got "
+                if m is None or m.dtype != torch.bool or tuple(m.shape) != tuple(h.shape[:2]):
+                    raise ValueError(f"attention_mask: expected bool {list(h.shape[:2])}, got "
                                      f"{None if m is None else f'{m.dtype} {list(m.shape)}'}")
-                if ((m != 0) & (m != 1)).any() or not bool((m.sum(-1) > 0).all()):
-                    raise ValueError("attention_mask: values must be 0/1 with at least one token per row")
+                if not bool(m.any(dim=-1).all()):
+                    raise ValueError("attention_mask: every row needs at least one token")
         except ValueError as e:
             raise SessionError("INVALID_ARGUMENT", f"rejected step {msg.step} of session {msg.session!r}: {e}") from None
         return int(h.shape[1])
@@ -366,7 +366,7 @@ class SplitGenerator(nn.Module):
                 mask, pos = positions.next()
                 hidden, _ = self.bottom(tok, mask, pos, cache)
                 client_s += time.perf_counter() - t0
-                reply = self.link.step(GenStep(sid, step, hidden, attention_mask.long() if step == 0 else None))
+                reply = self.link.step(GenStep(sid, step, hidden, attention_mask.bool() if step == 0 else None))
                 t0 = time.perf_counter()
                 if self.head is not None:  # label-private: the tokens are picked here
                     logits, _ = self.head(reply.hidden.to(self.head.lm_head.weight.dtype))

@@ -85,7 +85,8 @@ class AdapterBroadcast:
 @dataclass
 class GenStep:
     """client -> server, split generation: the cut-layer hidden states of one step of session ``session``.
-    Step 0 (prefill): the whole left-padded prompt [B, T, H] and its ``attention_mask`` [B, T]; every later
+    Step 0 (prefill): the whole left-padded prompt [B, T, H] and its ``attention_mask`` [B, T] (bool: True = token,
+    so that no integer tensor ever reaches the server); every later
     step: [B, 1, H] for the token just picked, nothing else (the server extends mask and positions itself)."""
 
     kind: ClassVar[str] = "gen_step"

@@ -46,6 +46,10 @@ def remote(address: str, local: SplitGenerator, token: str = "tok-0", net: NetAr
 @pytest.mark.parametrize("live", [False, True], indirect=True, ids=["standard", "label_private"])
 def test_grpc_generation_equals_the_merged_model_and_in_process(live, tokenizer):
     address, run, local, gen = live
+    got: list[torch.dtype] = []  # the dtype of every tensor the server receives over gRPC
+    real = gen.step
+    gen.step = lambda owner, msg: (got.extend(v.dtype for v in vars(msg).values() if isinstance(v, torch.Tensor)),
+                                   real(owner, msg))[1]
     net = remote(address, local)
     ids, mask = batch(tokenizer, PROMPTS)
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=20, eos_token_id=None, pad_token_id=0)
@@ -54,6 +58,7 @@ def test_grpc_generation_equals_the_merged_model_and_in_process(live, tokenizer)
     assert torch.equal(local.generate(**kw), want)
     assert net.link.meter.to_dict() == local.link.meter.to_dict()  # the same bytes, message for message
     assert not gen.sessions  # closed at the end
+    assert got and all(d.is_floating_point or d == torch.bool for d in got)  # never an integer tensor
     assert generate(net, tokenizer, PROMPTS, 12, 2, list(DEFAULT_STOP)) == generate(local, tokenizer, PROMPTS, 12, 2,
                                                                                        list(DEFAULT_STOP))
 
@@ -64,7 +69,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_goes_on(live):
     with pytest.raises(RemoteError, match="UNAUTHENTICATED"):
         RemoteGen(address, "not-a-token", NET).open({"batch": 1})
     sid = link.open({"batch": 1})
-    h, m = torch.randn(1, 4, 32), torch.ones(1, 4, dtype=torch.long)
+    h, m = torch.randn(1, 4, 32), torch.ones(1, 4, dtype=torch.bool)
     with pytest.raises(RemoteError, match="NOT_FOUND.*unknown or expired"):
         link.step(GenStep("no-such-session", 0, h, m))
     with pytest.raises(RemoteError, match="PERMISSION_DENIED"):
@@ -81,7 +86,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_goes_on(live):
         link.open({"batch": 1, "label_private": True})
     assert link.step(GenStep(sid, 0, h, m)).tokens.shape == (1,)  # the session itself is still fine
     with pytest.raises(RemoteError, match="RESOURCE_EXHAUSTED.*limit is 200"):  # past its positions
-        link.step(GenStep(link.open({"batch": 1}), 0, torch.randn(1, 201, 32), torch.ones(1, 201, dtype=torch.long)))
+        link.step(GenStep(link.open({"batch": 1}), 0, torch.randn(1, 201, 32), torch.ones(1, 201, dtype=torch.bool)))
     gen.limits.max_sessions = len(gen.sessions)
     with pytest.raises(RemoteError, match="RESOURCE_EXHAUSTED.*sessions open"):  # past the open sessions
         link.open({"batch": 1})
@@ -104,7 +109,7 @@ def test_vanished_clients_sessions_are_dropped_and_their_memory_returns(live):
     gen.limits.idle_s = 600.0  # none expires while they are being opened on a busy machine
     for _ in range(50):  # 50 clients open a session, prefill 64 positions and vanish without closing
         sid = link.open({"batch": 2})
-        link.step(GenStep(sid, 0, torch.randn(2, 64, 32), torch.ones(2, 64, dtype=torch.long)))
+        link.step(GenStep(sid, 0, torch.randn(2, 64, 32), torch.ones(2, 64, dtype=torch.bool)))
     # Qwen2's server layers slide over 6 positions: each cache keeps the last 5 of 2 rows, keys and values
     per_session = 2 * 2 * 2 * 2 * 5 * 8 * 4  # layers x (k + v) x rows x kv heads x positions x head dim x fp32
     assert len(gen.sessions) == 50 and gen.held_bytes() == 50 * per_session

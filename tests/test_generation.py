@@ -100,7 +100,7 @@ def test_no_padding_and_a_single_sequence(tokenizer, tmp_path):
 
 
 class Recording(Loopback):
-    """A loopback that keeps the integer tensors of every message the server receives."""
+    """A loopback that keeps (field, dtype) of every tensor the server receives."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -109,24 +109,21 @@ class Recording(Loopback):
     def send(self, msg, direction):
         out = super().send(msg, direction)
         if direction == "client_to_server":
-            for name in ("hidden", "attention_mask"):
-                t = getattr(out, name, None)
-                if isinstance(t, torch.Tensor):
-                    self.server_got.append((name, t.dtype))
+            self.server_got += [(k, v.dtype) for k, v in vars(out).items() if isinstance(v, torch.Tensor)]
         return out
 
 
-def test_label_private_server_never_receives_a_token_id(tokenizer, tmp_path):
+def test_label_private_server_never_receives_an_integer_tensor(tokenizer, tmp_path):
     run = make_run(tmp_path, tokenizer, "llama", 2, label_privacy=True)
     gen, tok, _ = in_process(run)
     rec = Recording()
     gen.link.transport, gen.link.meter = rec, rec.meter
     generate(gen, tok, PROMPTS, 8, 8)
-    sent = [m for m in rec.server_got]
-    assert sent and {n for n, _ in sent} == {"hidden", "attention_mask"}
-    assert all(d.is_floating_point for n, d in sent if n == "hidden")
-    # the prefill mask is the only integer tensor, and it is 0/1 padding, not tokens; none per decoded token
-    assert sum(n == "attention_mask" for n, _ in sent) == gen.totals["batches"]
+    assert rec.server_got and {n for n, _ in rec.server_got} == {"hidden", "attention_mask"}
+    assert all(d.is_floating_point or d == torch.bool for _, d in rec.server_got)  # no integer tensor at all
+    assert all(d.is_floating_point for n, d in rec.server_got if n == "hidden")
+    # the bool padding mask comes once per batch (the prefill), never per decoded token
+    assert sum(n == "attention_mask" for n, _ in rec.server_got) == gen.totals["batches"]
     # and the server has no head at all: it could not pick a token
     assert gen.link.server.top.head is None and gen.link.server.label_private
 
@@ -140,7 +137,7 @@ def test_decode_bytes_are_one_hidden_vector_up_and_one_token_or_vector_down(toke
         c = gen.link.meter.to_dict()
         up, down = c["client_to_server"]["gen_step"], c["server_to_client"]["gen_reply"]
         b, h = 2, 32
-        prefill_up = b * ids.shape[1] * h * 4 + ids.numel() * 8
+        prefill_up = b * ids.shape[1] * h * 4 + ids.numel()  # hidden states + the bool mask
         assert up["payload_bytes"] == prefill_up + 5 * b * h * 4  # 5 decode steps after the prefill
         assert down["payload_bytes"] == 6 * b * (h * 4 if lp else 8)
 
@@ -152,7 +149,7 @@ def test_sessions_are_bounded_and_abandoned_caches_are_freed(tokenizer, tmp_path
     server = GenerationServer(gen.link.server.top, 32, SessionLimits(max_sessions=50, max_tokens=40, idle_s=5),
                               clock=lambda: now[0])
     h = torch.randn(1, 8, 32)
-    m = torch.ones(1, 8, dtype=torch.long)
+    m = torch.ones(1, 8, dtype=torch.bool)
     sids = [server.open(0, {"batch": 1})["session"] for _ in range(50)]
     with pytest.raises(SessionError, match="50 sessions open"):
         server.open(0, {"batch": 1})
@@ -168,7 +165,7 @@ def test_sessions_are_bounded_and_abandoned_caches_are_freed(tokenizer, tmp_path
         server.step(0, GenStep(sids[0], 1, h[:, :1]))
     # token budget: 8 prompt positions + 33 > 40
     sid = server.open(0, {"batch": 1})["session"]
-    server.step(0, GenStep(sid, 0, torch.randn(1, 39, 32), torch.ones(1, 39, dtype=torch.long)))
+    server.step(0, GenStep(sid, 0, torch.randn(1, 39, 32), torch.ones(1, 39, dtype=torch.bool)))
     server.step(0, GenStep(sid, 1, torch.randn(1, 1, 32)))
     with pytest.raises(SessionError, match="limit is 40"):
         server.step(0, GenStep(sid, 2, torch.randn(1, 1, 32)))
@@ -181,14 +178,15 @@ def test_bad_steps_are_refused_and_other_sessions_go_on(tokenizer, tmp_path):
     server = gen.link.server
     good = server.open(0, {"batch": 2})["session"]
     bad = server.open(0, {"batch": 2})["session"]
-    m = torch.ones(2, 4, dtype=torch.long)
+    m = torch.ones(2, 4, dtype=torch.bool)
     cases = [
         (GenStep(bad, 0, torch.randn(2, 4, 16), m), r"shape \[2, 4, 16\]"),
         (GenStep(bad, 0, torch.randn(3, 4, 32), m), r"expected \[2, T, 32\]"),
         (GenStep(bad, 0, torch.full((2, 4, 32), float("nan")), m), "NaN"),
         (GenStep(bad, 0, torch.ones(2, 4, 32, dtype=torch.long), m), "float tensor"),
         (GenStep(bad, 0, torch.randn(2, 4, 32), None), "attention_mask"),
-        (GenStep(bad, 0, torch.randn(2, 4, 32), m * 3), "0/1"),
+        (GenStep(bad, 0, torch.randn(2, 4, 32), m.long()), "expected bool"),
+        (GenStep(bad, 0, torch.randn(2, 4, 32), torch.zeros(2, 4, dtype=torch.bool)), "at least one token"),
         (GenStep(bad, 1, torch.randn(2, 1, 32)), "expects step 0"),
     ]
     for msg, why in cases:
@@ -305,7 +303,7 @@ def test_a_step_that_fails_on_the_server_closes_that_session_only(tokenizer, tmp
     gen, _, _ = in_process(run)
     server = gen.link.server
     a, b = (server.open(0, {"batch": 1})["session"] for _ in range(2))
-    h, m = torch.randn(1, 3, 32), torch.ones(1, 3, dtype=torch.long)
+    h, m = torch.randn(1, 3, 32), torch.ones(1, 3, dtype=torch.bool)
     real = server.top.middle
     monkeypatch.setattr(server.top, "middle", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(SessionError, match="failed on the server.*boom.*closed") as e:
