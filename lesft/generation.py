@@ -20,6 +20,7 @@ transport-free; ``lesft.deploy.generation`` puts gRPC around it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import secrets
@@ -100,10 +101,11 @@ class SessionError(ValueError):
 class SessionLimits:
     """Bounds on the server's generation sessions."""
 
-    max_sessions: int = 64        # open at once
-    max_tokens: int = 4096        # positions per session: prompt + generated
-    max_batch: int = 64           # rows per session
-    idle_s: float = 60.0          # a session unused this long is dropped and its cache freed
+    max_sessions: int = field(default=64, metadata={"help": "Generation sessions open at once."})
+    max_tokens: int = field(default=4096, metadata={"help": "Positions per session: prompt + generated."})
+    max_batch: int = field(default=64, metadata={"help": "Rows per generation session."})
+    idle_s: float = field(default=60.0, metadata={"help": "A session unused this long (seconds) is dropped and "
+                                                          "its KV cache freed."})
 
 
 @dataclass
@@ -388,8 +390,11 @@ class SplitGenerator(nn.Module):
                 if step >= max_new_tokens or not bool(unfinished.any()):
                     break
                 tok = nxt[:, None]
-        finally:
-            server = self.link.close(sid)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the server may have closed it already: keep the first error
+                self.link.close(sid)
+            raise
+        server = self.link.close(sid)
         up2, down2 = _sent(self.link.meter)
         tt = self.totals
         tt["batches"] += 1

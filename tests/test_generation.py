@@ -311,3 +311,12 @@ def test_a_step_that_fails_on_the_server_closes_that_session_only(tokenizer, tmp
     assert e.value.code == "INTERNAL" and a not in server.sessions
     monkeypatch.setattr(server.top, "middle", real)
     assert server.step(0, GenStep(b, 0, h, m)).tokens.shape == (1,)
+
+
+def test_a_generation_past_the_servers_token_limit_is_a_clear_error(tokenizer, tmp_path):
+    run = make_run(tmp_path, tokenizer, "llama", 2)
+    gen, _, _ = in_process(run, limits=SessionLimits(max_tokens=20))
+    ids, mask = batch(tokenizer, ["Hello there"])
+    with pytest.raises(SessionError, match="limit is 20; the session is closed"):
+        gen.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, pad_token_id=0)
+    assert not gen.link.server.sessions
