@@ -320,3 +320,16 @@ def test_a_generation_past_the_servers_token_limit_is_a_clear_error(tokenizer, t
     with pytest.raises(SessionError, match="limit is 20; the session is closed"):
         gen.generate(input_ids=ids, attention_mask=mask, max_new_tokens=30, pad_token_id=0)
     assert not gen.link.server.sessions
+
+
+def test_every_generation_flag_has_help():
+    import argparse
+
+    from lesft.config import add_dataclass_args
+    from lesft.generation import GenerateConfig
+
+    p = argparse.ArgumentParser()
+    add_dataclass_args(p, GenerateConfig)
+    add_dataclass_args(p, SessionLimits, prefix="gen.")
+    missing = [a.dest for a in p._actions if a.dest != "help" and (not a.help or a.help.startswith(" (default"))]
+    assert missing == []
