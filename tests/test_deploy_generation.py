@@ -4,15 +4,16 @@ the server goes on serving."""
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 import torch
 
-from conftest import self_signed
 from lesft.deploy.generation import RemoteError, RemoteGen, serve_generation
 from lesft.deploy.wire import NetArgs
 from lesft.evaluate import DEFAULT_STOP, generate
@@ -20,6 +21,32 @@ from lesft.generation import GenerationServer, SessionLimits, SplitGenerator, in
 from lesft.messages import GenStep
 from test_deploy import TIMEOUT, Server, env
 from test_generation import PROMPTS, batch, make_run, merged
+
+def self_signed(directory) -> tuple[str, str]:
+    """A self-signed CA certificate for ``localhost`` and its key in ``directory``: (cert.pem, key.pem)."""
+    import datetime
+    from pathlib import Path
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    d = Path(directory)
+    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return str(d / "cert.pem"), str(d / "key.pem")
+
 
 TOKENS = {"tok-0": 0, "tok-1": 1}
 NET = NetArgs(timeout_s=10, retries=0)
@@ -113,12 +140,15 @@ def test_vanished_clients_sessions_are_dropped_and_their_memory_returns(live):
     # Qwen2's server layers slide over 6 positions: each cache keeps the last 5 of 2 rows, keys and values
     per_session = 2 * 2 * 2 * 2 * 5 * 8 * 4  # layers x (k + v) x rows x kv heads x positions x head dim x fp32
     assert len(gen.sessions) == 50 and gen.held_bytes() == 50 * per_session
+    caches = [weakref.ref(s.cache) for s in gen.sessions.values()]
     link.shutdown()
     gen.limits.idle_s = 0.2
     deadline = time.monotonic() + 10
     while gen.sessions and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not gen.sessions and gen.held_bytes() == 0  # the reaper freed them (idle_s = 1)
+    assert not gen.sessions and gen.held_bytes() == 0  # the reaper dropped them
+    gc.collect()
+    assert all(r() is None for r in caches)  # and nothing holds their caches any more
     with pytest.raises(RemoteError, match="NOT_FOUND"):
         RemoteGen(address, "tok-0", NET).step(GenStep(sid, 1, torch.randn(2, 1, 32)))
     ids = torch.tensor([[5, 6, 7]])  # and a new client is served
