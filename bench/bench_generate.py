@@ -48,6 +48,7 @@ from lesft.model.split import inspect_decoder, resolve_client_layers  # noqa: E4
 from lesft.transport import Loopback  # noqa: E402
 
 TARGET_SPLIT, TARGET_GRPC = 1.15, 1.5
+BENCH_TOKEN = "bench-generate-loopback-token"  # >= 22 characters, as the server requires
 
 
 def main() -> None:
@@ -90,8 +91,8 @@ def main() -> None:
     server = GenerationServer(top, hidden)
     split = SplitGenerator(bottom, LocalGen(server, Loopback(args.wire_dtype)), model.generation_config)
     net = NetArgs(retries=0, timeout_s=600)
-    grpc_server, port = serve_generation(server, "127.0.0.1:0", net, {"bench": 0}, args.wire_dtype)
-    remote = SplitGenerator(bottom, RemoteGen(f"127.0.0.1:{port}", "bench", net, args.wire_dtype),
+    grpc_server, port = serve_generation(server, "127.0.0.1:0", net, {BENCH_TOKEN: 0}, args.wire_dtype)
+    remote = SplitGenerator(bottom, RemoteGen(f"127.0.0.1:{port}", BENCH_TOKEN, net, args.wire_dtype),
                             model.generation_config)
 
     modes = {

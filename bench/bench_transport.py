@@ -41,6 +41,9 @@ OVERHEAD_TARGET = 2.0      # ms
 ROUND_TARGET = 1.2
 
 
+TOKEN = "bench-token-" + "0" * 20  # >= 22 characters, as serve requires
+
+
 class Echo:
     """A stand-in for SplitService: decodes what arrives (as the server does) and answers with a small
     acknowledgement, or with a gradient the size of the activations (``big_reply``)."""
@@ -52,6 +55,9 @@ class Echo:
 
     def hello(self, cid, info):
         return {"step": 0}
+
+    def refused(self, cid, err) -> None:
+        print(f"echo: refused client {cid}: {err}")
 
     def exchange(self, cid: int, data: bytes) -> bytes:
         msg = decode(data)
@@ -88,12 +94,12 @@ def main() -> None:
     args = parse_with_timing_args(ap, retries=3, retry_budget=300)
     out: dict[str, float] = {}
     net = NetArgs()
-    tokens = {"bench": 0}
+    tokens = {TOKEN: 0}
 
     # ---------------------------------------------------------------- 1 + 2: transport only
     echo = Echo()
     server, port = serve(echo, "127.0.0.1:0", net, tokens)  # type: ignore[arg-type]
-    link = RemoteSplit(f"127.0.0.1:{port}", "bench", TrainConfig(), net)
+    link = RemoteSplit(f"127.0.0.1:{port}", TOKEN, TrainConfig(), net)
     big = activations(8192, 256)  # 8 MiB of hidden states + 3 x 64 KiB of int64
     size = len(encode(big)[0])
     for big_reply in (False, True):
@@ -127,7 +133,7 @@ def main() -> None:
         local = Run(cfg, model, tok, rows)
         service = build_service(cfg, net, [0], None)
         server, port = serve(service, "127.0.0.1:0", net, tokens)
-        remote_link = RemoteSplit(f"127.0.0.1:{port}", "bench", cfg, net)
+        remote_link = RemoteSplit(f"127.0.0.1:{port}", TOKEN, cfg, net)
         model, tok = load_model(cfg.model)
         remote = Run(cfg, model, tok, rows, link=remote_link, client_id=0)
         rounds = {"local": local, "remote": remote}

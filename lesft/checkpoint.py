@@ -2,20 +2,25 @@
 
 ``DIR/checkpoint/`` holds ``tensors.safetensors`` (every party's adapter and AdamW moments, the torch
 RNG state) and ``state.json`` (rounds done, data positions, optimizer hyper-parameters, byte meter,
-time and memory meters). A new checkpoint is written to ``checkpoint.tmp/`` and swapped in with a
-rename, so a run killed at any point keeps its previous checkpoint intact. Resuming reproduces the
-uninterrupted run: same adapters, same bytes counted.
+time and memory meters, and the SHA-256 and size of the tensor file). A new checkpoint is written to
+``checkpoint.tmp/``, fsync-ed, and swapped in with renames; the one it replaces stays as
+``checkpoint.old/``. Reading verifies the checksum: a damaged or truncated checkpoint is refused with
+the file named, and :func:`open_checkpoint` falls back to ``.old`` (and says so). Resuming reproduces
+the uninterrupted run: same adapters, same bytes counted. The split server's checkpoint
+(``lesft.deploy.service``) is written and read by the same two functions.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from lesft.lora import load_lora_state, lora_state
 
@@ -37,6 +42,91 @@ def _load_optimizer(opt: torch.optim.Optimizer | None, meta: Any, prefix: str, t
         return
     state = {int(i): {k: tensors[f"{prefix}.{i}.{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+TENSORS, STATE = "tensors.safetensors", "state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or does not match its recorded checksum."""
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(final: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+    """Write ``final/`` (tensors + JSON ``state`` with the tensor file's SHA-256 and size) atomically:
+    into ``final.tmp/``, fsync-ed, then renamed into place; the checkpoint it replaces becomes
+    ``final.old/``, the fallback of :func:`open_checkpoint`."""
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    _write(tmp / TENSORS, blob)
+    files = {TENSORS: {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)}}
+    _write(tmp / STATE, json.dumps({**state, "files": files}).encode())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    return final
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(state, tensors) of the checkpoint in ``path``, verified against the checksum in its state.json;
+    raises :class:`CheckpointError` naming the file that is missing, truncated or altered."""
+    try:
+        state = json.loads((path / STATE).read_bytes())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / STATE} is missing, truncated or not JSON ({type(e).__name__})") from None
+    try:
+        blob = (path / TENSORS).read_bytes()
+    except OSError:
+        raise CheckpointError(f"{path / TENSORS} is missing or unreadable") from None
+    want = state.get("files", {}).get(TENSORS)
+    if want is not None and (len(blob) != want["bytes"] or hashlib.sha256(blob).hexdigest() != want["sha256"]):
+        raise CheckpointError(f"{path / TENSORS} does not match the checksum in {path / STATE} "
+                              f"({len(blob)} of {want['bytes']} bytes): the file is truncated or altered")
+    try:
+        tensors = load(blob)
+    except Exception:  # noqa: BLE001 -- safetensors raises its own error types
+        raise CheckpointError(f"{path / TENSORS} is not a readable safetensors file") from None
+    return state, tensors
+
+
+def open_checkpoint(final: Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+    """The newest good checkpoint of ``final/`` and ``final.old/``: (its path, state, tensors). A damaged
+    ``final/`` with a good ``final.old/`` is reported on stdout and the older one used; with none good,
+    :class:`CheckpointError` names every damaged file."""
+    errors = []
+    for d in (final, final.with_name(final.name + ".old")):
+        if not (d / STATE).exists() and not (d / TENSORS).exists():
+            continue
+        try:
+            state, tensors = read_checkpoint(d)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            print(f"lesft: warning: {errors[0]}; using the previous checkpoint {d}", flush=True)
+        return d, state, tensors
+    raise CheckpointError("; ".join(errors) or f"no checkpoint in {final}")
 
 
 def save_checkpoint(run, rounds_done: int, out: Path, extra: dict[str, Any] | None = None) -> Path:
@@ -65,32 +155,23 @@ def save_checkpoint(run, rounds_done: int, out: Path, extra: dict[str, Any] | No
         "bytes": run.transport.meter.to_dict(),
         "extra": extra or {},
     }
-    tmp, final, old = out / f"{CKPT}.tmp", out / CKPT, out / f"{CKPT}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(state))
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    return write_checkpoint(out / CKPT, tensors, state)
 
 
 def find_checkpoint(out: Path) -> Path | None:
-    """The latest complete checkpoint (``checkpoint/``, or ``checkpoint.old/`` if killed mid-swap)."""
+    """The directory holding the run's checkpoint (``checkpoint/``, or ``checkpoint.old/`` if killed
+    mid-swap); not verified here (:func:`load_checkpoint` does)."""
     for name in (CKPT, f"{CKPT}.old"):
         d = out / name
-        if (d / "state.json").is_file() and (d / "tensors.safetensors").is_file():
+        if (d / STATE).is_file() or (d / TENSORS).is_file():
             return d
     return None
 
 
-def load_checkpoint(run, path: Path) -> tuple[int, dict[str, Any]]:
-    """Restore ``run`` from ``path``; return (rounds already done, the ``extra`` saved with it)."""
-    state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "tensors.safetensors"))
+def load_checkpoint(run, opened: tuple[Path, dict[str, Any], dict[str, torch.Tensor]]) -> tuple[int, dict[str, Any]]:
+    """Restore ``run`` from a checkpoint :func:`open_checkpoint` verified; return (rounds already done,
+    the ``extra`` saved with it)."""
+    path, state, tensors = opened
     if len(state["clients"]) != len(run.clients):
         raise ValueError(f"checkpoint {path} has {len(state['clients'])} clients, the run has {len(run.clients)}")
 

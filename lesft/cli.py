@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 from lesft.config import TrainConfig, _parse_bool, add_dataclass_args, apply_overrides, from_dict, load_yaml
 from lesft import report as report_cli
+from lesft.plugins import load_plugins
 from lesft import sweep as sweep_cli
 from lesft.distill import DistillConfig
 from lesft.evaluate import EvalConfig
@@ -28,6 +29,9 @@ def _config(args: argparse.Namespace, skip: tuple[str, ...] = ("command", "confi
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
+                        help="import this first: a .py file or module that registers a loss or an aggregation "
+                             "strategy (repeatable; also $LESFT_PLUGINS; see docs/extending.md)")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one method; writes config, metrics, summary and adapter to --out")
     train.add_argument("--config", help="YAML file of TrainConfig fields")
@@ -73,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        load_plugins(args.plugin)
+        del args.plugin
         if args.command == "train":
             from lesft.train import train
 

@@ -67,6 +67,16 @@ class TrainConfig:
         default=0,
     )
     clients: int = _help("Number of clients (edge devices). Ignored by 'centralized' (one party).", default=4)
+    clients_per_round: int = _help(
+        "Clients sampled per round (FedAvg's C x N; seeded by --seed and the round, so resumable); 0 = all. "
+        "Aggregation averages the clients that trained since the last one. Rounds from --epochs grow by "
+        "clients / clients_per_round, so that an epoch is still one pass over each client's data in expectation.",
+        default=0,
+    )
+    share_base: bool = _help(
+        "Simulation: all clients share one copy of the frozen base weights and own only their LoRA, optimizer "
+        "state and data (false: a deep copy per client; the same numbers at N times the memory).", default=True
+    )
     client_layers: str = _help(
         "Decoder layers kept on the client: a count ('7') or a fraction of all layers ('1/4').", default="1/4"
     )
@@ -93,11 +103,18 @@ class TrainConfig:
     aggregate_every: int | None = _help(
         "Aggregate client adapters every I rounds, weighted by |D_i| (0 = never).", default=None
     )
+    aggregation: str = _help(
+        "How client adapters are combined: fedavg (every tensor averaged), ffa (FFA-LoRA: A frozen at its "
+        "initialisation, B averaged), fedsa (FedSA-LoRA: A averaged, B kept per client, one adapter exported "
+        "per client) or a name registered with lesft.strategies.register_strategy.", default="fedavg"
+    )
     paths: str | None = _help(
         "Inputs used: 'base' (x), 'dual' (x and the forward-only reference x~ = x + solution) or 'reference' (train on x~).",
         default=None,
     )
-    loss: str | None = _help("Loss: 'ce' (token-mean cross-entropy) or 'lesft' (token-weighted, needs paths=dual).", default=None)
+    loss: str | None = _help(
+        "Loss: 'ce' (token-mean cross-entropy), 'lesft' (token-weighted, needs paths=dual) or a name registered "
+        "with lesft.objectives.register_objective.", default=None)
     label_privacy: bool = _help(
         "U-shaped split: the client also holds the final norm and LM head and computes the loss, so the "
         "server receives hidden states only, never target ids (two exchanges per micro-step).", default=False
@@ -148,6 +165,9 @@ class TrainConfig:
                 ok = False
             if not ok:
                 raise ValueError(f"partition must be 'iid' or 'dirichlet:ALPHA' with ALPHA > 0, got {self.partition!r}")
+        if not 0 <= self.clients_per_round <= self.clients:
+            raise ValueError(f"clients_per_round must be in [0, clients={self.clients}] (0 = all), "
+                             f"got {self.clients_per_round}")
         if self.per_client < 0:
             raise ValueError(f"per_client must be >= 0, got {self.per_client}")
         if self.wire_dtype not in ("fp32", "bf16", "fp16"):

@@ -59,24 +59,26 @@ def add_lora(part: nn.Module, args: LoraArgs) -> nn.Module:
     return part
 
 
-def _key(name: str) -> str:
+def lora_key(name: str) -> str:
+    """A parameter name without the adapter name (``...lora_A.default.weight`` -> ``...lora_A.weight``)."""
     return name.replace(f".{ADAPTER}.", ".")
 
 
 def lora_state(part: nn.Module) -> dict[str, torch.Tensor]:
     """The part's adapter tensors (detached copies), keyed without the adapter name."""
-    return {_key(n): p.detach().clone() for n, p in part.named_parameters() if "lora_" in n}
+    return {lora_key(n): p.detach().clone() for n, p in part.named_parameters() if "lora_" in n}
 
 
 @torch.no_grad()
-def load_lora_state(part: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state`` into the part's adapter tensors in place (optimizer state stays attached)."""
-    params = {_key(n): p for n, p in part.named_parameters() if "lora_" in n}
-    if set(params) != set(state):
-        raise ValueError(f"adapter keys differ: missing {sorted(set(params) - set(state))[:3]}, "
-                         f"unexpected {sorted(set(state) - set(params))[:3]}")
-    for k, p in params.items():
-        p.copy_(state[k].to(p.dtype))
+def load_lora_state(part: nn.Module, state: dict[str, torch.Tensor], partial: bool = False) -> None:
+    """Copy ``state`` into the part's adapter tensors in place (optimizer state stays attached). With
+    ``partial``, ``state`` may hold a subset (the tensors an aggregation strategy shares)."""
+    params = {lora_key(n): p for n, p in part.named_parameters() if "lora_" in n}
+    missing, unexpected = set(params) - set(state), set(state) - set(params)
+    if unexpected or (missing and not partial) or not state:
+        raise ValueError(f"adapter keys differ: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    for k, v in state.items():
+        params[k].copy_(v.to(params[k].dtype))
 
 
 def full_model_keys(state: dict[str, torch.Tensor], first_layer: int, layers_path: str) -> dict[str, torch.Tensor]:

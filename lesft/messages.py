@@ -165,15 +165,50 @@ def payload_size(data: bytes | bytearray | memoryview) -> int:
     return len(data) - 8 - int.from_bytes(bytes(data[:8]), "little")
 
 
-def message_size(prefix: bytes | bytearray | memoryview) -> int | None:
-    """Total encoded size announced by the first bytes of a message (None until the header is complete)."""
+MAX_HEADER = 1 << 20  # bytes of JSON header a receiver accepts (a real one is a few hundred)
+
+
+def _header(prefix: bytes | bytearray | memoryview) -> dict[str, Any] | None:
+    """The checked JSON header at the start of an encoded message (None until it is complete). Raises
+    ValueError, in words of its own, for a header that is too long, not JSON, or describes tensors that
+    cannot be (unknown dtype, a negative dimension, a byte count that is not ``numel * itemsize``)."""
     if len(prefix) < 8:
         return None
     n = int.from_bytes(bytes(prefix[:8]), "little")
+    if n > MAX_HEADER:
+        raise ValueError(f"header of {n} bytes exceeds the {MAX_HEADER}-byte limit")
     if len(prefix) < 8 + n:
         return None
-    header = json.loads(bytes(prefix[8:8 + n]))
-    return 8 + n + sum(int(s["nbytes"]) for s in header.get("tensors", []))
+    try:
+        header = json.loads(bytes(prefix[8:8 + n]))
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("header is not valid UTF-8 JSON") from None
+    if (not isinstance(header, dict) or not isinstance(header.get("fields"), dict)
+            or not isinstance(header.get("tensors"), list)):
+        raise ValueError("header must be a JSON object with 'kind', 'fields' and 'tensors'")
+    for s in header["tensors"]:
+        if not isinstance(s, dict) or not isinstance(s.get("name"), str):
+            raise ValueError("every tensor spec needs a 'name'")
+        name, shape, nbytes = s["name"], s.get("shape"), s.get("nbytes")
+        if s.get("dtype") not in _DTYPES:
+            raise ValueError(f"tensor {name!r} has unsupported dtype {s.get('dtype')!r}")
+        if (not isinstance(shape, list) or len(shape) > 8
+                or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape)):
+            raise ValueError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if type(nbytes) is not int or nbytes != numel * _DTYPES[s["dtype"]].itemsize:
+            raise ValueError(f"tensor {name!r}: {nbytes!r} bytes do not match {s['dtype']} {shape}")
+    return header
+
+
+def message_size(prefix: bytes | bytearray | memoryview) -> int | None:
+    """Total encoded size announced by the first bytes of a message (None until the header is complete)."""
+    header = _header(prefix)
+    if header is None:
+        return None
+    return 8 + int.from_bytes(bytes(prefix[:8]), "little") + sum(s["nbytes"] for s in header["tensors"])
 
 
 def decode(data: bytes | bytearray | memoryview, float_dtype: torch.dtype | None = torch.float32) -> Message:
@@ -181,17 +216,20 @@ def decode(data: bytes | bytearray | memoryview, float_dtype: torch.dtype | None
     ``bytearray`` (what the network receives) tensors are views into it, not copies."""
     buf = memoryview(data)
     zero_copy = isinstance(data, bytearray)
-    n = int.from_bytes(buf[:8], "little")
-    header = json.loads(bytes(buf[8:8 + n]))
+    header = _header(buf)
+    if header is None:
+        raise ValueError(f"message truncated in its header ({len(buf)} bytes)")
     cls = _KINDS.get(header.get("kind"))
     if cls is None:
         raise ValueError(f"unknown message kind {header.get('kind')!r}")
-    offset = 8 + n
+    offset = 8 + int.from_bytes(buf[:8], "little")
     tensors: dict[str, torch.Tensor] = {}
     for s in header["tensors"]:
-        if s["dtype"] not in _DTYPES:
-            raise ValueError(f"tensor {s['name']!r} has unsupported dtype {s['dtype']!r}")
         dtype, nbytes = _DTYPES[s["dtype"]], s["nbytes"]
+        if s["name"] in tensors:
+            raise ValueError(f"tensor {s['name']!r} appears twice")
+        if s["name"].rsplit(".", 1)[-1] in _WIRE_CAST and not dtype.is_floating_point:
+            raise ValueError(f"tensor {s['name']!r}: dtype {s['dtype']}, expected a float")
         if offset + nbytes > len(buf):
             raise ValueError(f"message truncated in tensor {s['name']!r}")
         if not nbytes:
@@ -208,6 +246,10 @@ def decode(data: bytes | bytearray | memoryview, float_dtype: torch.dtype | None
     if offset != len(buf):
         raise ValueError(f"message length mismatch: header describes {offset} bytes, got {len(buf)}")
     kwargs: dict[str, Any] = dict(header["fields"])
+    names = {f.name for f in fields(cls)}
+    extra = sorted(k for k in [*kwargs, *tensors] if k.split(".", 1)[0] not in names)
+    if extra:
+        raise ValueError(f"fields or tensors that a {cls.kind} message does not have: {extra}")
     for f in fields(cls):
         if f.name in kwargs:
             continue
@@ -217,7 +259,13 @@ def decode(data: bytes | bytearray | memoryview, float_dtype: torch.dtype | None
         prefix = f"{f.name}."
         sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if f.name in ("base", "reference"):
+            if not set(sub) <= {g.name for g in fields(PathBatch)} or (sub and "hidden" not in sub):
+                raise ValueError(f"{f.name}: tensors {sorted(sub)}, expected hidden and optional "
+                                 "attention_mask, position_ids, labels")
             kwargs[f.name] = PathBatch(**sub) if sub else None
         elif f.name == "tensors":
             kwargs[f.name] = sub
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        raise ValueError(f"a {cls.kind} message needs the fields {sorted(names)}") from None

@@ -27,7 +27,17 @@ def _proc_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+_process_peak = 0  # bytes: the highest VmHWM seen before RoleMeter reset it
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this whole process so far, in MB (kept across RoleMeter's resets of VmHWM)."""
+    return max(_process_peak, _proc_kb("VmHWM") * 1024) / MB
+
+
 def _reset_cpu_peak() -> bool:
+    global _process_peak
+    _process_peak = max(_process_peak, _proc_kb("VmHWM") * 1024)
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from lesft.config import TrainConfig
+from lesft.objectives import get_objective
+from lesft.strategies import get_strategy
 
 DEFAULT_AGGREGATE_EVERY = 5
 
@@ -43,12 +45,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         cfg = replace(cfg, clients=1)
     if cfg.paths not in ("base", "dual", "reference"):
         raise ValueError(f"paths must be base, dual or reference, got {cfg.paths!r}")
-    if cfg.loss not in ("ce", "lesft"):
-        raise ValueError(f"loss must be ce or lesft, got {cfg.loss!r}")
-    if cfg.loss == "lesft" and cfg.paths != "dual":
-        raise ValueError(f"loss=lesft weights tokens by the reference path: it needs paths=dual, got {cfg.paths!r}")
-    if cfg.loss == "ce" and cfg.paths == "dual":
-        raise ValueError("paths=dual with loss=ce would compute the reference path and ignore it; use paths=base")
+    objective = get_objective(cfg.loss)
+    if objective.needs_reference and cfg.paths != "dual":
+        raise ValueError(f"loss={cfg.loss} weights tokens by the reference path: it needs paths=dual, got {cfg.paths!r}")
+    if not objective.needs_reference and cfg.paths == "dual":
+        raise ValueError(f"paths=dual with loss={cfg.loss} would compute the reference path and ignore it; "
+                         "use paths=base")
+    get_strategy(cfg.aggregation)  # refuses an unknown name before anything loads
     if cfg.aggregate_every < 0:
         raise ValueError(f"aggregate_every must be >= 0, got {cfg.aggregate_every}")
     if not cfg.client_trainable and cfg.aggregate_every:

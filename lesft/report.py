@@ -58,6 +58,7 @@ FIGURE_KEYS = (("client_layers", "split point (client layers)"), ("per_client", 
                ("clients", "number of clients"))
 ABLATION_KEYS = ("paths", "lesft.weighting")
 SUMMARY_REQUIRED = {"method": str, "rounds": int, "comm_bytes": dict, "peak_memory_mb": dict, "latency_s": dict}
+MEMORY_SIDES = ("client", "server", "simulation")  # summary.json peak_memory_mb keys; simulation = the process RSS
 DIRECTIONS = ("client_to_server", "server_to_client", "client_to_aggregator", "aggregator_to_client")
 ARROWS = {"client_to_server": "client→server", "server_to_client": "server→client",
           "client_to_aggregator": "client→aggregator", "aggregator_to_client": "aggregator→client"}
@@ -481,7 +482,7 @@ def _overhead_table(runs: list[Run], lay: Layout) -> list[str]:
             ms = [r for r in _members(runs, lay, row, col) if r.summary is not None]
             if not ms:
                 continue
-            mem = {side: _mean([r.summary["peak_memory_mb"].get(side) for r in ms]) for side in ("client", "server")}
+            mem = {side: _mean([r.summary["peak_memory_mb"].get(side) for r in ms]) for side in MEMORY_SIDES}
             comm = {d: _mean([r.summary["comm_bytes"].get(d, 0) / MB for r in ms]) for d in DIRECTIONS}
             lat: dict[str, str] = {}
             for side in ("client", "server"):
@@ -499,7 +500,7 @@ def _overhead_table(runs: list[Run], lay: Layout) -> list[str]:
                 lat[side] = "–" if m is None else f"{m:.2f}{unit}"
             eps = _mean([_epochs(r) for r in ms])
             line = [row] + ([_col_header(lay, col)] if lay.col_keys else [])
-            line += ["–" if mem[s] is None else f"{mem[s]:.1f}" for s in ("client", "server")]
+            line += ["–" if mem[s] is None else f"{mem[s]:.1f}" for s in MEMORY_SIDES]
             line += [f"{comm[d]:.2f}" for d in DIRECTIONS] + [f"{sum(comm.values()):.2f}"]
             line += [lat["client"], lat["server"], "–" if eps is None else f"{eps:.2f}",
                      str(round(_mean([r.summary["rounds"] for r in ms]))), str(len(ms))]
@@ -507,7 +508,8 @@ def _overhead_table(runs: list[Run], lay: Layout) -> list[str]:
     if not body:
         return []
     head = ["method"] + ([" · ".join(lay.col_keys)] if lay.col_keys else [])
-    head += ["client peak MB", "server peak MB"] + [f"{ARROWS[d]} MB" for d in DIRECTIONS] + ["total MB"]
+    head += ["client peak MB", "server peak MB", "simulation peak MB"] + [f"{ARROWS[d]} MB" for d in DIRECTIONS]
+    head += ["total MB"]
     head += ["client s/epoch", "server s/epoch", "epochs", "rounds", "runs"]
     out = _md_table(head, body)
     if per_round:
@@ -959,7 +961,7 @@ def write_report(sweep_dir: str, baseline: str | None = None) -> Path:
     md += ["## Overhead", ""]
     if over:
         md.append("Per method (mean over seeds). Memory: peak MB per side (the largest client's; server empty for "
-                  "unsplit methods). Communication: MB per direction over the whole run (MB = 2^20 bytes). "
+                  "unsplit methods) and of the whole simulation process (every party, model loading included). Communication: MB per direction over the whole run (MB = 2^20 bytes). "
                   "Latency: busy seconds per epoch on the client (mean over clients) and on the server, where "
                   "epochs = rounds × batch_size × grad_accum / largest client's samples.")
         md += [""] + over + [""]

@@ -17,13 +17,14 @@ import torch
 
 from lesft.config import TrainConfig
 from lesft.data.samples import Batch, Sample, collate
-from lesft.lora import load_lora_state, lora_state
-from lesft.loss import IGNORE_INDEX, ce_loss, lesft_loss
+from lesft.lora import load_lora_state, lora_key, lora_state
+from lesft.loss import IGNORE_INDEX
+from lesft.objectives import Objective, ObjectiveBatch, get_objective, token_mean_stats
 from lesft.messages import Activations, ActivationGrad, AdapterBroadcast, AdapterUpload, PathBatch
 from lesft.meters import RoleMeter
 from lesft.model.split import ClientPart, HeadPart, ServerPart
+from lesft.strategies import Strategy, get_strategy
 
-STAT_KEYS = ("salient", "subsalient", "irrelevant")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -86,39 +87,30 @@ def head_losses(
     if ref is not None:
         with _eval_mode(top):
             ref_logits, _ = top(ref.hidden, ref.attention_mask, ref.position_ids)
+    objective = get_objective(cfg.loss)
     out = []
     for b0, b1 in bounds:
         labels = base.labels[b0:b1]
         targets = labels[:, 1:] != IGNORE_INDEX
         n_tokens = int(targets.sum())
         n_samples = int(targets.any(dim=1).sum())
-        if cfg.loss == "lesft":
-            loss, stats = lesft_loss(logits[b0:b1], labels, ref_logits[b0:b1], ref.labels[b0:b1],
-                                     final[b0:b1].detach(), cfg.lesft)
-        else:
-            loss, stats = ce_loss(logits[b0:b1], labels), {}
+        batch = ObjectiveBatch(logits[b0:b1], labels, final[b0:b1].detach(),
+                               ref_logits[b0:b1] if ref_logits is not None else None,
+                               ref.labels[b0:b1] if ref is not None else None)
+        loss, stats = objective.fn(batch, cfg)
         out.append(SliceLoss(loss, n_samples, n_tokens, stats))
     return out
 
 
-def merge_losses(parts: list[SliceLoss]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean over samples of all slices (so the batch mean of per-sample losses) and token-weighted stats."""
+def merge_losses(parts: list[SliceLoss], objective: Objective | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over samples of all slices (so the batch mean of per-sample losses) and the slices' statistics
+    merged by ``objective`` (token-weighted means by default)."""
     n = sum(p.n_samples for p in parts)
     if n == 0:
         raise ValueError("a batch has no target tokens (targets truncated away?)")
     total = sum(p.loss * p.n_samples for p in parts) / n
-    stats: dict[str, float] = {}
-    if parts[0].stats:
-        tokens = sum(p.n_tokens for p in parts)
-        for k in STAT_KEYS:
-            cls_tok = sum(p.stats[f"frac_{k}"] * p.n_tokens for p in parts)
-            stats[f"frac_{k}"] = cls_tok / tokens
-            stats[f"mean_weight_{k}"] = (
-                sum(p.stats[f"mean_weight_{k}"] * p.stats[f"frac_{k}"] * p.n_tokens for p in parts) / cls_tok
-                if cls_tok else 0.0
-            )
-        stats["mean_weight"] = sum(p.stats["mean_weight"] * p.n_tokens for p in parts) / tokens
-    return total, stats
+    merge = objective.merge_stats if objective is not None else token_mean_stats
+    return total, (merge(parts) if parts[0].stats else {})
 
 
 def _check_finite(loss: torch.Tensor, where: str) -> None:
@@ -196,6 +188,10 @@ class Client:
         self.head = head  # label-private mode: the final norm + LM head stay here
         self.n_samples = len(samples)
         self.stream = DataStream(samples, cfg.batch_size, seed=cfg.seed * 1000 + cid)
+        self.strategy = get_strategy(cfg.aggregation)
+        for name, p in bottom.named_parameters():  # e.g. FFA-LoRA: A stays at the common initialisation
+            if p.requires_grad and not self.strategy.trains(lora_key(name)):
+                p.requires_grad_(False)
         self.trainable = any(p.requires_grad for p in bottom.parameters())
         self.optimizer = _optimizer(bottom, cfg) if self.trainable else None
         self.meter = RoleMeter(device)
@@ -274,12 +270,15 @@ class Client:
         _step(self.optimizer, self.meter)
 
     def upload(self) -> AdapterUpload:
-        return AdapterUpload(self.cid, self.n_samples, lora_state(self.bottom))
+        """The adapter tensors the aggregation strategy shares."""
+        state = lora_state(self.bottom)
+        return AdapterUpload(self.cid, self.n_samples, {k: v for k, v in state.items() if self.strategy.shares(k)})
 
     def receive(self, msg: AdapterBroadcast) -> None:
-        """Overwrite the adapter with the average; the local AdamW moments are kept (see README)."""
+        """Overwrite the broadcast tensors (all, or the shared ones) with the aggregate; the rest and the
+        local AdamW moments are kept (see README)."""
         with self.meter.measure():
-            load_lora_state(self.bottom, msg.tensors)
+            load_lora_state(self.bottom, msg.tensors, partial=True)
 
 
 class SplitServer:
@@ -373,21 +372,14 @@ def _unlabelled(b: PathBatch) -> PathBatch:
 
 
 class Aggregator:
-    """FedAvg over client adapters: theta = sum_i |D_i| / |D| * theta_i (accumulated in float64)."""
+    """Combines client adapter uploads by an aggregation strategy (default FedAvg: theta = sum_i |D_i| / |D|
+    * theta_i, accumulated in float64); the broadcast holds the tensors the strategy shares."""
 
-    def __init__(self) -> None:
+    def __init__(self, strategy: Strategy | None = None) -> None:
+        self.strategy = strategy or get_strategy("fedavg")
         self.rounds = 0
 
     def aggregate(self, uploads: list[AdapterUpload]) -> AdapterBroadcast:
-        if not uploads:
-            raise ValueError("nothing to aggregate")
-        total = sum(u.n_samples for u in uploads)
-        if total <= 0:
-            raise ValueError("clients reported no samples")
-        keys = uploads[0].tensors.keys()
-        avg = {}
-        for k in keys:
-            acc = sum(u.tensors[k].double() * (u.n_samples / total) for u in uploads)
-            avg[k] = acc.to(uploads[0].tensors[k].dtype)
+        shared = self.strategy.aggregate([(u.tensors, u.n_samples) for u in uploads])
         self.rounds += 1
-        return AdapterBroadcast(self.rounds, avg)
+        return AdapterBroadcast(self.rounds, shared)

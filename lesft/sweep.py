@@ -105,6 +105,7 @@ from typing import Any, Sequence
 import yaml
 
 from lesft.config import TrainConfig, _base_type, apply_overrides, from_dict, load_yaml, to_dict
+from lesft.plugins import load_plugins
 from lesft.provenance import git_commit
 from lesft.report import flatten
 
@@ -671,6 +672,7 @@ def command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    load_plugins()  # $LESFT_PLUGINS: the parent's --plugin extensions
     if argv[:1] == ["--one"]:  # child of --jobs: one prepared run directory
         if len(argv) != 2:
             print("usage: python -m lesft.sweep --one RUN_DIR", file=sys.stderr)

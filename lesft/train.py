@@ -13,8 +13,10 @@ Per round (= one optimizer step for every party):
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
+import random
 import shutil
 import time
 from dataclasses import replace
@@ -26,20 +28,22 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lesft import methods
-from lesft.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from lesft.checkpoint import CKPT, find_checkpoint, load_checkpoint, open_checkpoint, save_checkpoint
 from lesft.config import TrainConfig, load_yaml, save_yaml, to_dict
 from lesft.data.partition import length_buckets, partition_dirichlet, partition_iid, per_client_sample
 from lesft.data.rows import load_rows
 from lesft.data.samples import build_sample
 from lesft.lora import add_lora, export_adapter, lora_state
 from lesft.messages import AdapterBroadcast
-from lesft.meters import MB, module_bytes
+from lesft.meters import MB, module_bytes, peak_rss_mb
 from lesft.provenance import device_name, git_commit, versions
 from lesft.model.load import load_model, resolve_device
 from lesft.exchange import LocalSplit, Resync, SplitLink
 from lesft.data.contamination import TRAIN_KEYS_FILE, write_train_keys
 from lesft.model.split import client_head, inspect_decoder, resolve_client_layers, split_model
 from lesft.roles import Aggregator, Client, SplitServer, merge_losses
+from lesft.objectives import get_objective
+from lesft.strategies import get_strategy
 from lesft.transport import Loopback, Transport
 
 
@@ -57,10 +61,19 @@ def split_clients(cfg: TrainConfig, rows: list[dict[str, str]]) -> list[list[int
 
 
 def num_rounds(cfg: TrainConfig, sizes: list[int]) -> int:
-    """``cfg.rounds``, or enough rounds for ``epochs`` passes over the largest client's data."""
+    """``cfg.rounds``, or enough rounds for ``epochs`` passes over the largest client's data (in expectation
+    when only ``clients_per_round`` of the clients train each round)."""
     if cfg.rounds:
         return cfg.rounds
-    return max(1, math.ceil(cfg.epochs * max(sizes) / (cfg.batch_size * cfg.grad_accum)))
+    share = cfg.clients_per_round / len(sizes) if 0 < cfg.clients_per_round < len(sizes) else 1.0
+    return max(1, math.ceil(cfg.epochs * max(sizes) / (cfg.batch_size * cfg.grad_accum) / share))
+
+
+def frozen_memo(*parts: torch.nn.Module | None) -> dict[int, torch.Tensor]:
+    """A ``copy.deepcopy`` memo under which the frozen tensors of ``parts`` copy as themselves: the copies
+    share the frozen base and own only what trains (LoRA)."""
+    return {id(t): t for m in parts if m is not None
+            for t in itertools.chain(m.parameters(), m.buffers()) if not t.requires_grad}
 
 
 def build_parts(cfg: TrainConfig, model: PreTrainedModel):
@@ -98,8 +111,13 @@ class Run:
         ids = range(len(parts)) if link is None else [client_id or 0]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-        def client(cid: int, idx: list[int]) -> Client:
-            b, t, h = copy.deepcopy((bottom, None if cfg.split else top, head))  # one copy: a tied head
+        if link is not None and cfg.clients_per_round:
+            raise ValueError("clients_per_round samples the clients of an in-process simulation; a networked "
+                             "client trains every round (sample clients in the Flower ServerApp instead)")
+        shared = frozen_memo(bottom, top, head) if cfg.share_base else {}
+
+        def client(cid: int, idx: list[int]) -> Client:  # one deepcopy per client: a tied head stays tied
+            b, t, h = copy.deepcopy((bottom, None if cfg.split else top, head), memo=dict(shared))
             return Client(cid, b.to(self.device), [samples[j] for j in idx], cfg, pad_id, self.device,
                           top=t.to(self.device) if t is not None else None,
                           head=h.to(self.device) if h is not None else None)
@@ -108,50 +126,76 @@ class Run:
         self.transport = transport or Loopback(cfg.wire_dtype)
         self.server = SplitServer(top.to(self.device), cfg, self.device) if cfg.split and link is None else None
         self.link = link or (LocalSplit(self.server, self.transport, cfg.label_privacy) if self.server else None)
-        self.aggregator = Aggregator() if cfg.aggregate_every and link is None else None
+        self.aggregator = Aggregator(get_strategy(cfg.aggregation)) if cfg.aggregate_every and link is None else None
         self.rounds = num_rounds(cfg, [c.n_samples for c in self.clients])
 
     # ------------------------------------------------------------------ one round
 
+    def sampled(self, r: int) -> list[Client]:
+        """The clients that train in round ``r``: all, or ``clients_per_round`` of them drawn from
+        ``(seed, r)`` alone (so a resumed run draws the same)."""
+        m = self.cfg.clients_per_round
+        if not m or m >= len(self.clients):
+            return self.clients
+        ids = sorted(random.Random(f"{self.cfg.seed}:clients:{r}").sample(range(len(self.clients)), m))
+        return [self.clients[i] for i in ids]
+
     def round(self, r: int) -> dict[str, Any]:
         """Run round ``r`` (0-based); return its metrics line."""
         cfg = self.cfg
-        client_parts: dict[int, list] = {c.cid: [] for c in self.clients}
+        active = self.sampled(r)
+        client_parts: dict[int, list] = {c.cid: [] for c in active}
         for micro in range(cfg.grad_accum):
             step = r * cfg.grad_accum + micro
             if self.link is not None:
-                for c, p in zip(self.clients, self.link.micro_step(self.clients, step)):
+                for c, p in zip(active, self.link.micro_step(active, step)):
                     client_parts[c.cid].append(p)
             else:
-                for c in self.clients:
+                for c in active:
                     client_parts[c.cid].append(c.local_step())
         if self.link is not None:
             self.link.round_end()
-        for c in self.clients:
+        for c in active:
             c.step()
         aggregated = bool(self.aggregator and ((r + 1) % cfg.aggregate_every == 0 or r + 1 == self.rounds))
-        if aggregated:
-            self.aggregate()
-        per_client = {cid: merge_losses(ps) for cid, ps in client_parts.items()}
-        loss, stats = merge_losses([p for ps in client_parts.values() for p in ps])
+        if aggregated:  # the clients that trained since the last aggregation (rounds r0..r)
+            r0 = r // cfg.aggregate_every * cfg.aggregate_every
+            trained = {c.cid for q in range(r0, r + 1) for c in self.sampled(q)}
+            self.aggregate([c for c in self.clients if c.cid in trained])
+        objective = get_objective(cfg.loss)
+        per_client = {cid: merge_losses(ps, objective) for cid, ps in client_parts.items()}
+        loss, stats = merge_losses([p for ps in client_parts.values() for p in ps], objective)
         return {
             "round": r + 1,
             "loss": loss.item(),
             "loss_per_client": {str(cid): v[0].item() for cid, v in per_client.items()},
             "aggregated": aggregated,
             "comm_bytes": self.transport.meter.totals(),
+            **({"clients": [c.cid for c in active]} if active is not self.clients else {}),
             **({"token_classes": stats} if stats else {}),
         }
 
-    def discard_partial_round(self) -> None:
-        """Forget the gradients of an unfinished round (networked: the server restarted or moved on)."""
-        for c in self.clients:
+    def mark(self) -> tuple[list[tuple[int, int]], torch.Tensor]:
+        """Where the data streams and the torch RNG are (taken at a round start, for :meth:`discard_partial_round`)."""
+        return [(c.stream.epoch, c.stream.pos) for c in self.clients], torch.get_rng_state()
+
+    def discard_partial_round(self, mark: tuple[list[tuple[int, int]], torch.Tensor]) -> None:
+        """Forget the gradients of an unfinished round (networked: the server restarted or moved on) and
+        rewind the data streams and RNG to ``mark``, so the round's micro-batches are drawn again."""
+        streams, rng = mark
+        for c, (epoch, pos) in zip(self.clients, streams):
             c.bottom.zero_grad(set_to_none=True)
             c._pending, c._labels = None, None
+            if c.stream.epoch != epoch:
+                c.stream.epoch = epoch
+                c.stream._order = c.stream._shuffle()
+            c.stream.pos = pos
+        torch.set_rng_state(rng)
 
-    def aggregate(self) -> None:
+    def aggregate(self, trained: list[Client]) -> None:
+        """FedAvg of the ``trained`` clients' adapters (weights |D_i|), broadcast to every client."""
         send = self.transport.send
-        uploads = [send(c.upload(), "client_to_aggregator") for c in self.clients]
+        uploads = [send(c.upload(), "client_to_aggregator") for c in trained]
         avg = self.aggregator.aggregate(uploads)
         for c in self.clients:
             c.receive(send(avg, "aggregator_to_client"))
@@ -170,6 +214,7 @@ class Run:
             "peak_memory_mb": {
                 "client": max(client_bytes(c) + c.meter.peak_transient for c in self.clients) / MB,
                 "server": (module_bytes(s.top, s.optimizer) + s.meter.peak_transient) / MB if s else None,
+                "simulation": peak_rss_mb(),  # this whole process (every party, model loading included)
             },
             "latency_s": {
                 "client": sum(c.meter.seconds for c in self.clients) / len(self.clients),
@@ -179,7 +224,8 @@ class Run:
 
     def export(self, out: Path, base_model: str) -> None:
         """``out/adapter``: the unsplit model's adapter as client 0 holds it (after the final aggregation,
-        every client holds the same); without aggregation also ``out/client_adapters/client_i``."""
+        every client holds the same); without aggregation, or with a personalised strategy (fedsa), also
+        ``out/client_adapters/client_i``."""
         def write(c: Client, path: Path) -> None:
             parts = []
             if self.cfg.client_trainable:
@@ -189,7 +235,8 @@ class Run:
             export_adapter(parts, self.layers_path, self.cfg.lora, path, base_model)
 
         write(self.clients[0], out / "adapter")
-        if not self.aggregator and len(self.clients) > 1 and self.cfg.client_trainable:
+        personal = not self.aggregator or self.aggregator.strategy.personalised
+        if personal and len(self.clients) > 1 and self.cfg.client_trainable:
             for c in self.clients:
                 write(c, out / "client_adapters" / f"client_{c.cid}")
 
@@ -216,9 +263,10 @@ def train(
     out = Path(cfg.out)
     previous = _check_out_dir(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
-    if previous is None:
+    opened = open_checkpoint(out / CKPT) if previous is not None else None  # verified: (path, state, tensors)
+    if opened is None:
         save_yaml(cfg, out / "config.yaml")
-    elif (done := _finished_summary(out, previous, cfg.rounds)) is not None:
+    elif (done := _finished_summary(out, opened[1], cfg.rounds)) is not None:
         return done  # finished before: nothing to redo
     if rows is None:  # data first: a bad row is reported before a model is loaded
         rows = load_rows(cfg.data, cfg.samples, cfg.data_seed, cfg.synthetic, data_dir=cfg.data_dir, target=cfg.target,
@@ -232,12 +280,22 @@ def train(
         transport.meter = link.meter
     run = Run(cfg, model, tokenizer, rows, transport=transport, link=link, client_id=client_id)
     del model
-    start, extra = load_checkpoint(run, previous) if previous is not None else (0, {})
+    start, extra = load_checkpoint(run, opened) if opened is not None else (0, {})
     if start_adapter is not None:
         for c in run.clients:
             c.receive(AdapterBroadcast(0, start_adapter))
-    if link is not None:
-        start = max(start, link.join())  # a restarted or late client continues where the server is
+    trained = extra.get("rounds_trained", start)  # rounds this client took part in (all of them in process)
+    skipped: list[dict[str, Any]] = list(extra.get("rounds_skipped", []))
+
+    def skip(first: int, end: int, reason: str) -> None:  # rounds first+1..end (1-based) were not trained here
+        if end > first:
+            skipped.append({"from": first + 1, "to": end, "reason": reason})
+            print(f"lesft: warning: client {client_id} skips rounds {first + 1}..{end}: {reason}", flush=True)
+
+    if link is not None:  # a restarted or late client continues where the server is
+        joined = link.join()
+        skip(start, joined, "the server trained them while this client was away")
+        start = max(start, joined)
     wall0 = extra.get("wall_s", 0.0)
     summary_path = out / "summary.json"
     metrics_path = out / "metrics.jsonl"
@@ -250,19 +308,24 @@ def train(
     with metrics_path.open("a") as fh:
         r = start
         while r < run.rounds:
+            mark = run.mark()
             try:
                 last = run.round(r)
             except Resync as e:  # networked: the server went on without us (or restarted): catch up
-                run.discard_partial_round()
+                run.discard_partial_round(mark)
+                skip(r, min(e.round, run.rounds), "the server closed them without this client (it stalled past "
+                     "the server's --timeout_s, its message came late, or the step failed on the server)")
                 r = e.round
                 bar.n = r
                 continue
+            trained += 1
             bar.update(1)
             last["elapsed_s"] = wall0 + time.perf_counter() - t0
             fh.write(json.dumps(last) + "\n")
             fh.flush()
             if r + 1 == run.rounds or (cfg.checkpoint_every and (r + 1) % cfg.checkpoint_every == 0):
-                save_checkpoint(run, r + 1, out, {"wall_s": last["elapsed_s"]})
+                save_checkpoint(run, r + 1, out, {"wall_s": last["elapsed_s"], "rounds_trained": trained,
+                                                  "rounds_skipped": skipped})
             up = last["comm_bytes"]["client_to_server"] + last["comm_bytes"]["client_to_aggregator"]
             bar.set_postfix(loss=f"{last['loss']:.4f}", up=f"{up / MB:.1f}MB")
             r += 1
@@ -274,7 +337,9 @@ def train(
         "dataset": cfg.data,
         "clients": cfg.clients,
         "client_layers": run.k,
-        "rounds": run.rounds,
+        "rounds": trained,  # rounds this client trained; the plan, and what it skipped and why, below
+        "rounds_planned": run.rounds,
+        "rounds_skipped": skipped,
         "samples_per_client": [c.n_samples for c in run.clients],
         "switches": {k: getattr(cfg, k) for k in methods.SWITCHES},
         "final_loss": last.get("loss"),
@@ -301,15 +366,15 @@ def train(
     return summary
 
 
-def _finished_summary(out: Path, ckpt: Path, rounds: int = 0) -> dict[str, Any] | None:
-    """The summary of a run whose last checkpoint is its final round (``rounds``, or the summary's when 0),
-    else None."""
+def _finished_summary(out: Path, state: dict[str, Any], rounds: int = 0) -> dict[str, Any] | None:
+    """The summary of a run whose last checkpoint (``state``) is its final round (``rounds``, or the
+    summary's when 0), else None."""
     path = out / "summary.json"
     if not path.is_file():
         return None
     summary = json.loads(path.read_text())
-    done = json.loads((ckpt / "state.json").read_text())["rounds_done"]
-    return summary if done >= (rounds or summary.get("rounds", float("inf"))) else None
+    planned = summary.get("rounds_planned", summary.get("rounds", float("inf")))
+    return summary if state["rounds_done"] >= (rounds or planned) else None
 
 
 # Fields that may differ between a run and its resumption.

@@ -66,6 +66,18 @@ def assets(tmp_path_factory, tokenizer):
     return d
 
 
+@pytest.fixture(scope="session")
+def server_model(assets, tmp_path_factory):
+    """The tiny model without any tokenizer file: a server that tried to load one would fail."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("server_model")
+    for f in (assets / "model").iterdir():
+        if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors":
+            shutil.copy(f, d / f.name)
+    return d
+
+
 def rows(n: int = 8, seed: int = 0) -> list[dict[str, str]]:
     """Short synthetic rows (keeps char-level sequences small)."""
     from lesft.data.synthetic import ArithmeticSpec, generate_arithmetic

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from lesft.messages import Activations, PathBatch
 from lesft.train import train
 
 H = 32
+T0, T1 = "token-of-client-0-" + "a" * 16, "token-of-client-1-" + "b" * 16  # >= 22 characters
 TIMEOUT = 120  # seconds any one test may wait on a process
 
 
@@ -41,16 +41,6 @@ def cfg_from(flags: list[str]) -> TrainConfig:
     from lesft.cli import _config, build_parser
 
     return _config(build_parser().parse_args(["train", *flags]))
-
-
-@pytest.fixture(scope="module")
-def server_model(assets, tmp_path_factory) -> Path:
-    """The tiny model without any tokenizer file: a server that tried to load one would fail."""
-    d = tmp_path_factory.mktemp("server_model")
-    for f in (assets / "model").iterdir():
-        if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors":
-            shutil.copy(f, d / f.name)
-    return d
 
 
 def env() -> dict[str, str]:
@@ -220,7 +210,7 @@ def test_killed_server_restarts_from_its_checkpoint_and_the_client_continues(ass
 @pytest.fixture()
 def live(assets, server_model, tmp_path):
     """A SplitService on a free loopback port in this process; yields (address, tokens, cfg, service)."""
-    tokens = {"tok-0": 0, "tok-1": 1}
+    tokens = {T0: 0, T1: 1}
     cfg = methods.resolve(TrainConfig(method="sl", model=str(server_model), clients=2, client_layers="1",
                                       grad_accum=1, device="cpu", lora=LoraArgs(r=4, alpha=8, dropout=0.0)))
     net = NetArgs(timeout_s=1.0, retries=1, backoff_s=0.05)
@@ -247,12 +237,12 @@ def test_wrong_token_is_refused(live) -> None:
 def test_client_cannot_speak_for_another(live) -> None:
     address, cfg, net, _ = live
     with pytest.raises(RemoteError, match="PERMISSION_DENIED"):
-        RemoteSplit(address, "tok-0", cfg, net).call(act(cid=1))
+        RemoteSplit(address, T0, cfg, net).call(act(cid=1))
 
 
 def test_bad_tensors_are_rejected_and_the_server_keeps_serving(live) -> None:
     address, cfg, net, service = live
-    link = RemoteSplit(address, "tok-0", cfg, net)
+    link = RemoteSplit(address, T0, cfg, net)
     nan = act(0)
     nan.base.hidden[0, 1, 2] = float("nan")
     with pytest.raises(RemoteError, match="INVALID_ARGUMENT.*NaN"):
@@ -276,7 +266,7 @@ def test_bad_tensors_are_rejected_and_the_server_keeps_serving(live) -> None:
 
 def test_stalled_client_is_told_to_resync(live) -> None:
     address, cfg, net, service = live
-    a, b = RemoteSplit(address, "tok-0", cfg, net), RemoteSplit(address, "tok-1", cfg, net)
+    a, b = RemoteSplit(address, T0, cfg, net), RemoteSplit(address, T1, cfg, net)
     a.call(act(0))          # client 1 never sends step 0: the step closes without it after 1 s
     from lesft.exchange import Resync
 
@@ -289,7 +279,7 @@ def test_stalled_client_is_told_to_resync(live) -> None:
 def test_large_messages_travel_in_chunks_and_oversized_ones_are_refused(live) -> None:
     address, cfg, net, service = live
     service.expected = {0}
-    link = RemoteSplit(address, "tok-0", cfg, NetArgs(chunk_mb=0.01, retries=0))  # 10 KiB chunks
+    link = RemoteSplit(address, T0, cfg, NetArgs(chunk_mb=0.01, retries=0))  # 10 KiB chunks
     reply = link.call(act(0, t=200))  # 200 x 32 fp32 = 25.6 KB of hidden states: three chunks
     assert reply.grad.shape == (1, 200, H)
     net.max_message_mb = 0.01  # the server's limit
@@ -332,7 +322,7 @@ def test_label_private_networked_run_never_sends_target_ids(assets, server_model
     service = build_service(methods.resolve(cfg_from(base_flags(assets, tmp_path / "srv", label_privacy="true",
                                                                 model=str(server_model)))),
                             net, [0, 1], tmp_path / "srv")
-    server, port = serve(service, "127.0.0.1:0", net, {"t0": 0, "t1": 1})
+    server, port = serve(service, "127.0.0.1:0", net, {T0: 0, T1: 1})
     rows = load_jsonl(str(assets / "rows.jsonl"))
     shares = split_clients(cfg, rows)
     results: dict[int, dict] = {}
@@ -340,7 +330,7 @@ def test_label_private_networked_run_never_sends_target_ids(assets, server_model
     def run(i: int) -> None:
         from dataclasses import replace
 
-        link = RemoteSplit(f"127.0.0.1:{port}", f"t{i}", cfg, net)
+        link = RemoteSplit(f"127.0.0.1:{port}", (T0, T1)[i], cfg, net)
         results[i] = train(replace(cfg, out=str(tmp_path / f"c{i}")), rows=[rows[j] for j in shares[i]],
                            link=link, client_id=i)
         link.close()
@@ -374,7 +364,7 @@ def test_label_private_server_refuses_labels(live) -> None:
     address, cfg, net, service = live
     service.cfg.label_privacy = True
     with pytest.raises(RemoteError, match="refuses target ids"):
-        RemoteSplit(address, "tok-0", cfg, net).call(act(0))
+        RemoteSplit(address, T0, cfg, net).call(act(0))
 
 
 def test_tls_on_loopback_with_a_self_signed_certificate(live, tmp_path, assets, server_model) -> None:
@@ -401,12 +391,12 @@ def test_tls_on_loopback_with_a_self_signed_certificate(live, tmp_path, assets, 
                                                          serialization.NoEncryption()))
     _, cfg, _, service = live
     tls = NetArgs(tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem"), retries=0, timeout_s=5)
-    server, port = serve(service, "localhost:0", tls, {"tok-0": 0})
+    server, port = serve(service, "localhost:0", tls, {T0: 0})
     try:
-        ok = RemoteSplit(f"localhost:{port}", "tok-0", cfg, NetArgs(tls_ca=str(tmp_path / "cert.pem"), retries=0))
+        ok = RemoteSplit(f"localhost:{port}", T0, cfg, NetArgs(tls_ca=str(tmp_path / "cert.pem"), retries=0))
         assert ok.hello()["step"] == 0
         with pytest.raises(RemoteError, match="UNAVAILABLE"):  # plaintext client against the TLS port
-            RemoteSplit(f"localhost:{port}", "tok-0", cfg, NetArgs(retries=0, timeout_s=5)).hello()
+            RemoteSplit(f"localhost:{port}", T0, cfg, NetArgs(retries=0, timeout_s=5)).hello()
     finally:
         server.stop(grace=0)
 
@@ -432,13 +422,14 @@ def test_chunks_and_join_round_trip_any_chunk_size(chunk_bytes) -> None:
 def test_a_step_that_fails_on_the_server_is_an_error_reply_and_serving_goes_on(live) -> None:
     address, cfg, net, service = live
     service.expected = {0}
-    link = RemoteSplit(address, "tok-0", cfg, net)
-    empty = act(0)
-    empty.base.labels[:] = -100  # valid tensors, but nothing to learn: the server's loss refuses the step
-    with pytest.raises(RemoteError, match="INTERNAL.*step 0 failed.*no target tokens"):
-        link.call(empty)
+    link = RemoteSplit(address, T0, cfg, net)
+    service.limits.max_abs = float("inf")  # past the magnitude check: the step itself must catch it
+    huge = act(0, value=3e38)  # finite, but NaN once squared in the norm: the server's loss refuses the step
+    with pytest.raises(RemoteError, match="INVALID_ARGUMENT.*step 0: the message of client 0 breaks"):
+        link.call(huge)
     reply = link.call(act(0, step=1))
     assert torch.isfinite(reply.grad).all() and service.step == 2
+    assert service.counts["steps_failed"] == 1 and service.counts["steps_completed"] == 1
 
 
 def test_a_restarted_server_answers_the_last_step_again(server_model, tmp_path) -> None:
@@ -466,3 +457,89 @@ def test_cli_refuses_plaintext_on_a_public_address_before_loading_anything(tmp_p
     rc = main(["client", "--server", "10.9.8.7:50051", "--token", "x", "--client-id", "0", "--model", "nowhere"])
     assert rc == 2 and "refusing to connect to 10.9.8.7:50051 without TLS" in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_a_client_that_skipped_rounds_says_so(assets, server_model, tmp_path, capsys) -> None:
+    """Client 1 joins after the server trained 4 rounds with client 0: it trains 2 of its 6 rounds, its
+    summary says which it skipped and why, and `lesft client` exits 3."""
+    from lesft.cli import main
+
+    cfg = cfg_from(base_flags(assets, tmp_path / "srv", method="sl", grad_accum=1, model=str(server_model)))
+    net = NetArgs(timeout_s=1.0)
+    service = build_service(cfg, net, [0, 1], None)
+    server, port = serve(service, "127.0.0.1:0", net, {T0: 0, T1: 1})
+
+    def lesft_client(cid: int, rounds: int) -> int:
+        flags = strip_out(base_flags(assets, tmp_path, method="sl", grad_accum=1, rounds=rounds, timeout_s=1))
+        return main(["client", "--server", f"127.0.0.1:{port}", "--token", (T0, T1)[cid], "--client-id", str(cid),
+                     "--take-share", *flags, "--out", str(tmp_path / f"c{cid}")])
+
+    try:
+        assert lesft_client(0, 4) == 0
+        capsys.readouterr()
+        assert lesft_client(1, 6) == 3
+    finally:
+        server.stop(grace=0)
+    err = capsys.readouterr().err
+    assert "lesft client 1: trained 2 of 6 rounds; skipped 1..4" in err
+    summary = json.loads((tmp_path / "c1" / "summary.json").read_text())
+    assert summary["rounds"] == 2 and summary["rounds_planned"] == 6
+    assert [(s["from"], s["to"]) for s in summary["rounds_skipped"]] == [(1, 4)]
+    assert rounds_done(tmp_path / "c1") == 2
+    assert json.loads((tmp_path / "c0" / "summary.json").read_text())["rounds_skipped"] == []
+    assert service.counts["rounds_applied"] == 6 and service.counts["steps_failed"] == 0
+
+
+def test_a_mid_round_server_restart_gives_the_uninterrupted_run(tokenizer, tmp_path) -> None:
+    """The server "restarts" in the second micro-step of round 2 (its partial round lost, the client told to
+    resync at round 2): the client rewinds its data and RNG, so adapters and losses equal an uninterrupted run."""
+    from lesft.exchange import LocalSplit, Resync
+    from lesft.roles import SplitServer
+    from lesft.train import build_parts
+    from lesft.transport import Loopback
+
+    from conftest import make_model, rows
+
+    cfg = methods.resolve(TrainConfig(method="lesft", aggregate_every=0, clients=1, rounds=3, grad_accum=2,
+                                      client_layers="1", max_length=256, device="cpu", progress=False,
+                                      lora=LoraArgs(r=4, alpha=8, dropout=0.1)))
+
+    class Restarting(LocalSplit):
+        def __init__(self, at: int | None) -> None:
+            server = SplitServer(build_parts(cfg, make_model())[2], cfg, torch.device("cpu"))
+            super().__init__(server, Loopback(cfg.wire_dtype))
+            self.meter, self.at = self.transport.meter, at
+
+        def join(self) -> int:
+            return 0
+
+        def micro_step(self, clients, step):
+            if self.at is not None and step == self.at * cfg.grad_accum + 1:
+                for c in clients:
+                    c.forward(step)  # the batch is drawn and sent; the reply never comes
+                self.server.optimizer.zero_grad(set_to_none=True)  # restarted from its round-start checkpoint
+                self.at = None
+                raise Resync(1)
+            return super().micro_step(clients, step)
+
+        def close(self, leave: bool = True) -> None:
+            pass
+
+    results = {}
+    for name, at in (("plain", None), ("restarted", 1)):
+        link = Restarting(at)
+        summary = train(replace_out(cfg, tmp_path / name), make_model(), tokenizer, rows(8), link=link)
+        results[name] = (summary, load_file(str(tmp_path / name / "checkpoint" / "tensors.safetensors")),
+                         {k: v.clone() for k, v in link.server.top.state_dict().items() if "lora_" in k})
+    (s0, c0, v0), (s1, c1, v1) = results["plain"], results["restarted"]
+    assert s1["rounds"] == 3 and s1["rounds_skipped"] == []
+    assert [json.loads(x)["loss"] for x in (tmp_path / "plain" / "metrics.jsonl").open()] == \
+        [json.loads(x)["loss"] for x in (tmp_path / "restarted" / "metrics.jsonl").open()]
+    assert all(torch.equal(c0[k], c1[k]) for k in c0 if ".lora." in k)
+    assert all(torch.equal(v0[k], v1[k]) for k in v0)
+
+
+def replace_out(cfg: TrainConfig, out: Path) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(cfg, out=str(out))

@@ -19,7 +19,7 @@ from lesft.deploy.wire import NetArgs
 from lesft.evaluate import DEFAULT_STOP, generate
 from lesft.generation import GenerationServer, SessionLimits, SplitGenerator, in_process
 from lesft.messages import GenStep
-from test_deploy import TIMEOUT, Server, env
+from test_deploy import T0, T1, TIMEOUT, Server, env
 from test_generation import PROMPTS, batch, make_run, merged
 
 def self_signed(directory) -> tuple[str, str]:
@@ -48,7 +48,7 @@ def self_signed(directory) -> tuple[str, str]:
     return str(d / "cert.pem"), str(d / "key.pem")
 
 
-TOKENS = {"tok-0": 0, "tok-1": 1}
+TOKENS = {T0: 0, T1: 1}
 NET = NetArgs(timeout_s=10, retries=0)
 
 
@@ -66,7 +66,7 @@ def live(request, tokenizer, tmp_path):
     gen.shutdown()
 
 
-def remote(address: str, local: SplitGenerator, token: str = "tok-0", net: NetArgs = NET) -> SplitGenerator:
+def remote(address: str, local: SplitGenerator, token: str = T0, net: NetArgs = NET) -> SplitGenerator:
     return SplitGenerator(local.bottom, RemoteGen(address, token, net), local.generation_config, local.head)
 
 
@@ -92,7 +92,7 @@ def test_grpc_generation_equals_the_merged_model_and_in_process(live, tokenizer)
 
 def test_bad_input_gets_a_clear_error_and_the_server_goes_on(live):
     address, _, local, gen = live
-    link = RemoteGen(address, "tok-0", NET)
+    link = RemoteGen(address, T0, NET)
     with pytest.raises(RemoteError, match="UNAUTHENTICATED"):
         RemoteGen(address, "not-a-token", NET).open({"batch": 1})
     sid = link.open({"batch": 1})
@@ -100,7 +100,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_goes_on(live):
     with pytest.raises(RemoteError, match="NOT_FOUND.*unknown or expired"):
         link.step(GenStep("no-such-session", 0, h, m))
     with pytest.raises(RemoteError, match="PERMISSION_DENIED"):
-        RemoteGen(address, "tok-1", NET).step(GenStep(sid, 0, h, m))
+        RemoteGen(address, T1, NET).step(GenStep(sid, 0, h, m))
     with pytest.raises(RemoteError, match=r"INVALID_ARGUMENT.*shape \[1, 4, 16\]"):
         link.step(GenStep(sid, 0, torch.randn(1, 4, 16), m))
     nan = h.clone()
@@ -132,7 +132,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_goes_on(live):
 
 def test_vanished_clients_sessions_are_dropped_and_their_memory_returns(live):
     address, _, local, gen = live
-    link = RemoteGen(address, "tok-0", NET)
+    link = RemoteGen(address, T0, NET)
     gen.limits.idle_s = 600.0  # none expires while they are being opened on a busy machine
     for _ in range(50):  # 50 clients open a session, prefill 64 positions and vanish without closing
         sid = link.open({"batch": 2})
@@ -150,7 +150,7 @@ def test_vanished_clients_sessions_are_dropped_and_their_memory_returns(live):
     gc.collect()
     assert all(r() is None for r in caches)  # and nothing holds their caches any more
     with pytest.raises(RemoteError, match="NOT_FOUND"):
-        RemoteGen(address, "tok-0", NET).step(GenStep(sid, 1, torch.randn(2, 1, 32)))
+        RemoteGen(address, T0, NET).step(GenStep(sid, 1, torch.randn(2, 1, 32)))
     ids = torch.tensor([[5, 6, 7]])  # and a new client is served
     assert remote(address, local).generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                            max_new_tokens=3, pad_token_id=0).shape == (1, 6)
@@ -166,7 +166,7 @@ def test_generation_over_tls(live, tmp_path):
         ok = remote(f"localhost:{port}", local, net=NetArgs(tls_ca=cert, retries=0, timeout_s=10))
         assert torch.equal(ok.generate(**kw), local.generate(**kw))
         with pytest.raises(RemoteError, match="UNAVAILABLE"):  # a plaintext client against the TLS port
-            RemoteGen(f"localhost:{port}", "tok-0", NetArgs(retries=0, timeout_s=5)).open({"batch": 1})
+            RemoteGen(f"localhost:{port}", T0, NetArgs(retries=0, timeout_s=5)).open({"batch": 1})
     finally:
         server.stop(grace=0)
 
@@ -175,7 +175,8 @@ def test_generation_over_tls(live, tmp_path):
 def test_lesft_server_and_lesft_client_generate_across_processes(tokenizer, tmp_path, mode):
     """``--generation only``: the generation service alone; ``on``: next to the training service, one port."""
     run = make_run(tmp_path, tokenizer, "llama", 2)
-    (tmp_path / "tok.json").write_text(json.dumps({"0": "secret-0"}))
+    (tmp_path / "tok.json").write_text(json.dumps({"0": T0}))
+    (tmp_path / "tok.json").chmod(0o600)
     server = Server(["--config", str(run / "config.yaml"), "--generation", mode, "--adapter", str(run / "adapter"),
                      "--device", "cpu", "--out", str(tmp_path / "srv")], tmp_path / "tok.json")
     try:

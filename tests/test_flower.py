@@ -80,13 +80,13 @@ def test_flower_aggregation_equals_in_process_splitlora(assets, tmp_path) -> Non
     sim = train(from_dict(TrainConfig, {**base, "out": str(tmp_path / "sim")}))
     cfg = methods.resolve(from_dict(TrainConfig, base))
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
-    tokens = {"t0": 0, "t1": 1}
+    tokens = {f"token-of-flower-client-{i}": i for i in range(2)}  # >= 22 characters
     service = build_service(cfg, NetArgs(timeout_s=60), [0, 1], tmp_path / "server")
     server, port = serve(service, "127.0.0.1:0", NetArgs(), tokens)
     try:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         nodes = {10 + i: {"config": str(tmp_path / "run.yaml"), "server": f"127.0.0.1:{port}", "client-id": i,
-                          "token": f"t{i}", "out": str(tmp_path / f"c{i}"), "take-share": True}
+                          "token": f"token-of-flower-client-{i}", "out": str(tmp_path / f"c{i}"), "take-share": True}
                  for i in range(2)}
         run_config = {"config": str(tmp_path / "run.yaml"), "out": str(tmp_path / "agg"), "clients": 2}
         server_app(ThreadGrid(nodes, run_config), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),

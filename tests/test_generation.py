@@ -287,9 +287,10 @@ def test_smollm2_split_generation_equals_the_merged_model(tmp_path, lp):
     from lesft.deploy.wire import NetArgs
     from lesft.generation import SplitGenerator
 
-    server, port = serve_generation(gen.link.server, "127.0.0.1:0", NetArgs(retries=0), {"t": 0})
+    token = "smollm2-generation-test-token"
+    server, port = serve_generation(gen.link.server, "127.0.0.1:0", NetArgs(retries=0), {token: 0})
     try:
-        net = SplitGenerator(gen.bottom, RemoteGen(f"127.0.0.1:{port}", "t", NetArgs(retries=0)),
+        net = SplitGenerator(gen.bottom, RemoteGen(f"127.0.0.1:{port}", token, NetArgs(retries=0)),
                              gen.generation_config, gen.head)
         assert torch.equal(net.generate(**kw), want_ids)
         assert generate(net, tok, prompts, 24, 3, list(DEFAULT_STOP)) == want

@@ -370,7 +370,10 @@ def test_matches_slow_reference_with_misaligned_paths(kw):
     bl2 = bl.detach().clone().requires_grad_(True)
     exp = _slow_lesft(bl2, blab, rl, rlab, bh, p_sal=cfg.p_sal, gammas=cfg.gammas, tau=cfg.tau,
                       window=cfg.window, lam=cfg.nlft_lambda)
-    assert loss.detach().item() == pytest.approx(exp.detach().item(), rel=1e-6)
+    # float32 fast path against the float64 reference: log p is accurate to ~1e-7 and the salient weight
+    # amplifies a p~ error by up to gamma_1 / (1 - p_sal) = 100 (lesft.loss._rows_logprob), so agreement is
+    # ~1e-6 relative, and how close depends on the CPU's float32 reductions (2e-6 on an AVX2-only EPYC)
+    assert loss.detach().item() == pytest.approx(exp.detach().item(), rel=1e-5)
     assert stats["frac_salient"] + stats["frac_subsalient"] + stats["frac_irrelevant"] == pytest.approx(1.0)
     assert stats["n_target_tokens"] == 12.0
     if kw.get("tau") == 0.3:  # every class is exercised

@@ -117,7 +117,7 @@ def test_tables_figures_and_problems(toy: Path, capsys) -> None:
 
     # overhead: MB per direction (2^20 bytes), busy s per epoch = 8 s / (8 rounds x 1 x 2 / 8 samples = 2 epochs)
     cells = _row(md, "## Overhead", "lesft")
-    assert cells == ["lesft", "1/2", "100.0", "200.0", "3.00", "1.50", "0.25", "0.25", "5.00", "4.00", "2.00",
+    assert cells == ["lesft", "1/2", "100.0", "200.0", "–", "3.00", "1.50", "0.25", "0.25", "5.00", "4.00", "2.00",
                      "2.00", "8", "2"]
     # token classes of lesft's last round
     assert _row(md, "## LESFT token classes", "lesft")[2:9] == ["50.0", "20.0", "30.0", "1.500", "0.400", "0.100",

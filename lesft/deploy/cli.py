@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import sys
 import threading
 from dataclasses import fields
 from pathlib import Path
@@ -110,7 +111,9 @@ def run_server(args: argparse.Namespace) -> int:
             break
     server.stop(grace=2).wait()
     (out / "server_summary.json").write_text(json.dumps(service.summary(), indent=2))
-    print(f"lesft server: stopped at round {service.step // service.cfg.grad_accum}", flush=True)
+    c = service.counts
+    print(f"lesft server: stopped at round {service.step // service.cfg.grad_accum} ({c['rounds_applied']} updates "
+          f"applied, {c['rounds_rejected']} rejected; {c['steps_failed']} failed steps)", flush=True)
     return 0
 
 
@@ -149,6 +152,11 @@ def run_client(args: argparse.Namespace) -> int:
               "trains without aggregation (use the Flower apps, docs/deploy.md, to aggregate)", flush=True)
     token = client_token(args.client_id, args.token, args.token_file)
     summary, _ = train_remote(cfg, net, args.server, token, args.client_id, args.take_share)
-    print(f"lesft client {args.client_id}: done, final loss {summary['final_loss']:.4f}, "
+    if summary.get("rounds_skipped"):  # rc 3: the run is not the one planned; a script must not take it as done
+        spans = ", ".join(f"{s['from']}..{s['to']} ({s['reason']})" for s in summary["rounds_skipped"])
+        print(f"lesft client {args.client_id}: trained {summary['rounds']} of {summary['rounds_planned']} rounds; "
+              f"skipped {spans}; see {cfg.out}/summary.json", file=sys.stderr, flush=True)
+        return 3
+    print(f"lesft client {args.client_id}: done, {summary['rounds']} rounds, final loss {summary['final_loss']:.4f}, "
           f"bytes {summary['comm_bytes']} -> {cfg.out}", flush=True)
     return 0

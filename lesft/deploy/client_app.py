@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from safetensors.torch import load_file
 
 from lesft import methods
+from lesft.checkpoint import CKPT, open_checkpoint
 from lesft.config import TrainConfig, from_dict, load_yaml
 from lesft.deploy.wire import NetArgs, client_token
 
@@ -47,10 +47,12 @@ def train_for_flower(node: dict, adapter: dict[str, torch.Tensor], flower_round:
     net = NetArgs(tls_ca=node.get("tls-ca") or None, insecure=bool(node.get("insecure", False)))
     summary, n_rows = train_remote(cfg, net, str(node["server"]), token, cid, bool(node.get("take-share")),
                                    start_adapter=adapter, leave=upto >= total)
-    tensors = load_file(str(Path(cfg.out) / "checkpoint" / "tensors.safetensors"))
+    tensors = open_checkpoint(Path(cfg.out) / CKPT)[2]  # verified against its checksum
     prefix = f"client{cid}.lora."
     mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    metrics = {"loss": float(summary["final_loss"]), "rounds_done": upto}
+    skipped = sum(s["to"] - s["from"] + 1 for s in summary.get("rounds_skipped", []))
+    metrics = {"loss": float(summary["final_loss"]), "rounds_done": upto, "rounds_trained": summary["rounds"],
+               "rounds_skipped": skipped}
     # adapter payload bytes exchanged with the aggregator (Flower's own framing comes on top)
     nbytes = {"aggregator_to_client": _payload(adapter), "client_to_aggregator": _payload(mine)}
     with (Path(cfg.out) / "flower.jsonl").open("a") as fh:

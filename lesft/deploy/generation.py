@@ -28,7 +28,8 @@ from typing import Any
 import grpc
 
 from lesft.config import add_dataclass_args, from_dict
-from lesft.deploy.wire import MB, MessageTooLarge, NetArgs, channel, chunks, join, metadata, server_credentials
+from lesft.deploy.wire import (MB, MessageTooLarge, NetArgs, bearer, channel, check_tokens, chunks, join, metadata,
+                              server_credentials)
 from lesft.generation import GenerateConfig, GenerationServer, SessionError, SessionLimits, cut
 from lesft.messages import GenReply, GenStep, decode, encode_parts, payload_size
 from lesft.transport import Meter
@@ -46,11 +47,13 @@ def generation_handler(gen: GenerationServer, tokens: dict[str, int], net: NetAr
                        wire_dtype: str = "fp32") -> grpc.GenericRpcHandler:
     """The ``lesft.Generation`` handlers around ``gen`` (start a reaper thread for its idle sessions)."""
 
+    check_tokens(tokens)
+
     def who(context: grpc.ServicerContext) -> int:
-        auth = dict(context.invocation_metadata()).get("authorization", "")
-        cid = tokens.get(auth.removeprefix("Bearer "))
+        cid = bearer(context.invocation_metadata(), tokens)
         if cid is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or missing client token")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "unknown or missing client token (expected authorization: Bearer <token>)")
         return cid
 
     def guarded(context: grpc.ServicerContext, fn):

@@ -4,8 +4,8 @@
 the way the server's reply arrives differs. Calls are retried with exponential backoff while the server
 is unreachable (a restarting server), and a reply lost in transit is fetched again (the server keeps
 the last reply per client). When the server has moved on without this client (it stalled past the
-server's timeout, or the server restarted from its last round), :class:`~lesft.exchange.Resync` tells the
-training loop where to continue.
+server's timeout, the server restarted from its last round, or a step failed on the server for a reason
+that no client's message explains), :class:`~lesft.exchange.Resync` tells the training loop where to continue.
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ class RemoteSplit:
                     delay = min(delay * 2, 30.0)
                     continue
                 if code == grpc.StatusCode.FAILED_PRECONDITION and "resync" in (e.details() or ""):
+                    raise Resync(self.join()) from None
+                if code == grpc.StatusCode.INTERNAL and "failed on the server" in (e.details() or ""):
+                    # the step failed for a reason no client's message explains: the server went on without
+                    # it, so does this client (the round is recorded as skipped)
+                    print(f"lesft client: {e.details()}; continuing at the next round", flush=True)
                     raise Resync(self.join()) from None
                 raise RemoteError(f"split server {self.address} refused {what}: {code.name}: {e.details()}") from None
         raise AssertionError("unreachable")

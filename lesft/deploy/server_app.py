@@ -1,4 +1,5 @@
-"""The aggregator as a Flower ServerApp: Flower's FedAvg over the client adapters, weighted by |D_i|.
+"""The aggregator as a Flower ServerApp: Flower's FedAvg for sampling and replies, the client adapters combined
+by the run's aggregation strategy (``aggregation``: lesft.strategies; FedAvg by default, weighted by |D_i|).
 
 Every Flower round, each ClientApp (``client_app.py``) receives the current client adapter, runs
 ``aggregate_every`` rounds of split training against ``lesft server`` and replies with its adapter and
@@ -18,9 +19,10 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch  # noqa: F401  (ArrayRecord <-> torch needs torch imported)
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from safetensors.torch import save_file
@@ -28,8 +30,31 @@ from safetensors.torch import save_file
 from lesft import methods
 from lesft.config import TrainConfig, from_dict, load_yaml
 from lesft.lora import export_adapter, lora_state
+from lesft.strategies import Strategy, get_strategy
 
 app = ServerApp()
+
+
+def aggregate_records(strategy: Strategy, contents: list[RecordDict]) -> ArrayRecord:
+    """The replies' adapters (``arrays``) and |D_i| (``metrics["num-examples"]``) combined by ``strategy``:
+    the same :meth:`Strategy.aggregate` the in-process aggregator calls."""
+    uploads = [(dict(c["arrays"].to_torch_state_dict()), int(c["metrics"]["num-examples"])) for c in contents]
+    return ArrayRecord(strategy.aggregate(uploads))
+
+
+class LesftStrategy(FedAvg):
+    """Flower's FedAvg for sampling, replies and metrics; the adapters are combined by a lesft strategy."""
+
+    def __init__(self, strategy: Strategy, **kw) -> None:
+        super().__init__(weighted_by_key="num-examples", **kw)
+        self.lesft_strategy = strategy
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        contents = [m.content for m in valid]
+        return aggregate_records(self.lesft_strategy, contents), self.train_metrics_aggr_fn(contents, "num-examples")
 
 
 def initial_client_adapter(cfg: TrainConfig) -> tuple[dict[str, torch.Tensor], str]:
@@ -60,8 +85,8 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(str(rc.get("out", "runs/aggregator")))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=clients,
-                      min_available_nodes=clients, weighted_by_key="num-examples")
+    strategy = LesftStrategy(get_strategy(cfg.aggregation), fraction_train=1.0, fraction_evaluate=0.0,
+                             min_train_nodes=clients, min_available_nodes=clients)
     init, layers_path = initial_client_adapter(cfg)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(init),
                             num_rounds=flower_rounds(cfg), train_config=ConfigRecord({}))
@@ -70,7 +95,9 @@ def main(grid: Grid, context: Context) -> None:
     final = result.arrays.to_torch_state_dict()
     save_file({k: v.contiguous() for k, v in final.items()}, str(out / "aggregated_adapter.safetensors"))
     # the clients' part as a peft adapter: `lesft merge OUT/adapter SERVER_OUT/adapter` gives the whole model's
-    export_adapter([(final, 0)], layers_path, cfg.lora, out / "adapter", cfg.model)
+    # (a personalised strategy has no common adapter: each client's run directory holds its own)
+    if not strategy.lesft_strategy.personalised:
+        export_adapter([({**init, **final}, 0)], layers_path, cfg.lora, out / "adapter", cfg.model)
     (out / "aggregation.json").write_text(json.dumps({
         "flower_rounds": flower_rounds(cfg), "clients": clients, "wall_s": time.perf_counter() - t0,
         "train_metrics": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},

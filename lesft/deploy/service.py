@@ -5,29 +5,41 @@ expected client's message for ``s`` is in -- or ``timeout_s`` after the first ar
 once on the concatenation (in client-id order, as the in-process simulation does) and answers each
 client with its own slice of dL/dh; a client that missed the step is left out of the following ones
 until it says hello again. After every ``grad_accum`` micro-steps the server steps its optimizer and,
-with an ``out`` directory, writes a checkpoint (safetensors + JSON) before answering: a restarted
-server resumes at the last finished round. Every incoming tensor is checked (kind, owner, dtype,
-shape, finiteness, batch/sequence limits) and a bad one is answered with an error, not a crash.
+with an ``out`` directory, writes a checksummed checkpoint (``lesft.checkpoint``) before answering: a
+restarted server resumes at the last finished round.
+
+One client cannot poison, stall or exhaust the others:
+
+- every field and tensor it sends is checked (kind, owner, dtype, shape, value ranges, magnitude
+  ``Limits.max_abs``) and a bad one is refused with INVALID_ARGUMENT naming it;
+- a step whose loss, gradients or replies come out non-finite or beyond ``max_abs`` is undone and rerun
+  without the client(s) whose input alone breaks it (they are refused, the others go on);
+- a round whose accumulated gradients or new adapter are not finite and bounded is not applied (the
+  last good adapter stays, and the log says so);
+- ``serve`` caps each client's open calls and in-flight bytes, gives every message a receive deadline,
+  and answers every refusal with a status code and a one-line reason, logged as a line per refusal.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
-import shutil
 import threading
 import time
+from collections import defaultdict, deque
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import grpc
 import torch
-from safetensors.torch import load_file, save_file
 
-from lesft.checkpoint import _load_optimizer, _optimizer_state
+from lesft.checkpoint import _load_optimizer, _optimizer_state, open_checkpoint, write_checkpoint
 from lesft.config import TrainConfig, to_dict
-from lesft.deploy.wire import EXCHANGE, EXCHANGE_ONE, HELLO, MessageTooLarge, NetArgs, chunks, join, server_credentials
+from lesft.deploy.wire import (EXCHANGE, EXCHANGE_ONE, HELLO, MB, MessageTooLarge, NetArgs, bearer, check_tokens,
+                               chunks, join, server_credentials)
 from lesft.lora import export_adapter, load_lora_state, lora_state
 from lesft.messages import Activations, ActivationGrad, Message, PathBatch, decode, encode_parts, payload_size
 from lesft.roles import SplitServer
@@ -42,22 +54,32 @@ Parts = list  # an encoded message as ``messages.encode_parts`` pieces
 
 
 class ServiceError(Exception):
-    """An error answered to one call; ``code`` is a ``grpc.StatusCode``."""
+    """An error answered to one call; ``code`` is a ``grpc.StatusCode``, ``step`` the micro-step if known."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, step: int | None = None) -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.step = code, step
+
+
+class StepRejected(FloatingPointError):
+    """A step's gradients, replies or update came out non-finite or beyond ``Limits.max_abs``."""
 
 
 def stale(step: int, now: int) -> ServiceError:
     return ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                        f"resync: step {step} is closed or unknown, the server is at step {now}")
+                        f"resync: step {step} is closed or unknown, the server is at step {now}", step)
 
 
 @dataclass
 class Limits:
     max_batch: int = 64      # rows per client message
-    max_seq: int = 8192      # tokens per row
+    max_seq: int = 8192      # tokens per row; position ids must lie in [0, max_seq)
+    max_abs: float = 1e6     # largest |value| of activations and gradients, in and out, and of the adapter
+
+
+def bounded(t: torch.Tensor, limit: float) -> bool:
+    """True when every value of ``t`` is finite and within [-limit, limit]."""
+    return t.numel() == 0 or bool(torch.isfinite(t).all() and t.abs().max() <= limit)
 
 
 def _check_path(pb: PathBatch | None, name: str, hidden: int, vocab: int, limits: Limits,
@@ -76,15 +98,59 @@ def _check_path(pb: PathBatch | None, name: str, hidden: int, vocab: int, limits
         raise ValueError(f"{name}.hidden: dtype {h.dtype}, expected a float")
     if not torch.isfinite(h).all():
         raise ValueError(f"{name}.hidden: contains NaN or infinite values")
+    if not bounded(h, limits.max_abs):
+        raise ValueError(f"{name}.hidden: values beyond the magnitude limit {limits.max_abs:g}")
     for key in ("attention_mask", "position_ids") + (("labels",) if labels else ()):
         v = getattr(pb, key)
-        if v is None or tuple(v.shape) != (b, t) or v.is_floating_point():
-            raise ValueError(f"{name}.{key}: expected integer [{b}, {t}], got "
+        if v is None or tuple(v.shape) != (b, t) or v.dtype != torch.int64:
+            raise ValueError(f"{name}.{key}: expected int64 [{b}, {t}], got "
                              f"{None if v is None else f'{v.dtype} {list(v.shape)}'}")
+    m, pos = pb.attention_mask, pb.position_ids
+    if ((m != 0) & (m != 1)).any() or not (m == 1).any(dim=1).all():
+        raise ValueError(f"{name}.attention_mask: values must be 0 or 1, with at least one 1 per row")
+    if ((pos < 0) | (pos >= limits.max_seq)).any():
+        raise ValueError(f"{name}.position_ids: outside [0, {limits.max_seq})")
     if labels is False and pb.labels is not None:
         raise ValueError(f"{name}.labels: the server is label-private and refuses target ids")
     if labels and ((pb.labels != -100) & ((pb.labels < 0) | (pb.labels >= vocab))).any():
         raise ValueError(f"{name}.labels: ids outside [0, {vocab}) other than -100")
+
+
+class Admission:
+    """Per-client caps: open calls (``max_streams``) and bytes held by calls still receiving (``max_bytes``)."""
+
+    def __init__(self, max_streams: int, max_bytes: int) -> None:
+        self.max_streams, self.max_bytes = max_streams, max_bytes
+        self.lock = threading.Lock()
+        self.streams: dict[int, int] = defaultdict(int)
+        self.bytes: dict[int, int] = defaultdict(int)
+
+    @contextlib.contextmanager
+    def enter(self, cid: int) -> Iterator[Callable[[int], None]]:
+        """One call of client ``cid``; yields ``take(n)``, which reserves ``n`` more received bytes."""
+        exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+        with self.lock:
+            if self.streams[cid] >= self.max_streams:
+                raise ServiceError(exhausted, f"client {cid} already has {self.streams[cid]} calls open "
+                                              f"(--max_streams {self.max_streams})")
+            self.streams[cid] += 1
+        held = 0
+
+        def take(n: int) -> None:
+            nonlocal held
+            with self.lock:
+                if self.bytes[cid] + n > self.max_bytes:
+                    raise ServiceError(exhausted, f"client {cid} has {self.bytes[cid] / MB:.1f} MiB in flight "
+                                                  f"(--max_inflight_mb {self.max_bytes / MB:g})")
+                self.bytes[cid] += n
+                held += n
+
+        try:
+            yield take
+        finally:
+            with self.lock:
+                self.streams[cid] -= 1
+                self.bytes[cid] -= held
 
 
 class SplitService:
@@ -96,6 +162,7 @@ class SplitService:
         self.server, self.cfg, self.net, self.out = server, cfg, net, out
         self.layout = layout  # (first server layer k, layers module path): to export OUT/adapter
         self.hidden, self.vocab, self.limits = hidden_size, vocab_size, limits or Limits()
+        self.params = [p for p in server.top.parameters() if p.requires_grad]
         self.known = set(clients)
         self.expected = set(clients)
         self.meter = Meter()
@@ -103,20 +170,29 @@ class SplitService:
         self.step, self.phase = 0, 1
         self.inbox: dict[int, Message] = {}
         self.batch: list[int] = []          # label-private: clients of the step's forward, owed a 2nd reply
+        self.shapes: dict[int, tuple[int, ...]] = {}  # label-private: [B, T, H] each of them must send back
         self.deadline: float | None = None
         self.busy = False
+        self.computing: set[int] = set()    # the clients of the step being computed (while busy)
         self.replies: dict[int, tuple[int, int, Parts | ServiceError]] = {}  # cid -> (step, phase, reply)
-        self.log: list[str] = []
+        self.contributed = False            # some micro-step of the current round succeeded
+        self.counts = {"steps_completed": 0, "steps_failed": 0, "rounds_applied": 0, "rounds_rejected": 0}
+        self.log: deque[str] = deque(maxlen=1000)
+        self.admission: Admission | None = None  # set by ``serve``
         self.started = time.perf_counter()
-        if out is not None and (out / "server_checkpoint" / "state.json").is_file():
+        if out is not None and any((out / d / "state.json").is_file()
+                                   for d in ("server_checkpoint", "server_checkpoint.old")):
             self._load(out / "server_checkpoint")
 
     # ------------------------------------------------------------------ calls
 
-    def hello(self, cid: int, info: dict[str, Any]) -> dict[str, Any]:
+    def hello(self, cid: int, info: Any) -> dict[str, Any]:
         """Join (or rejoin, or leave with ``{"leaving": true}``); returns the server's step and round."""
-        mine, theirs = to_dict(self.cfg), info.get("config", {})
-        diff = [k for k in AGREE if k in theirs and theirs[k] != mine[k]]
+        if not isinstance(info, dict) or not isinstance(info.get("config"), dict):
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"client {cid}: a hello must carry the run config ({{\"config\": {{...}}}})")
+        mine, theirs = to_dict(self.cfg), info["config"]
+        diff = [k for k in AGREE if theirs.get(k, "<missing>") != mine[k]]
         if diff:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"client {cid} and server disagree on {diff}: start both with the same config")
@@ -132,10 +208,21 @@ class SplitService:
 
     def exchange(self, cid: int, data: bytes | bytearray) -> Parts:
         """One message in, the reply to it out (``encode_parts`` pieces). Raises :class:`ServiceError`."""
+        bad = grpc.StatusCode.INVALID_ARGUMENT
         try:
             msg = decode(data)
-        except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed message: {e}") from None
+        except ValueError as e:  # decode's own words
+            raise ServiceError(bad, f"malformed message: {e}") from None
+        except Exception as e:  # noqa: BLE001 -- anything else a crafted message provokes: no raw text out
+            raise ServiceError(bad, f"malformed message ({type(e).__name__})") from None
+        try:
+            return self._exchange(cid, msg, data)
+        except ServiceError as e:  # for the log line
+            step = getattr(msg, "step", None)
+            e.step = step if type(step) is int else None
+            raise
+
+    def _exchange(self, cid: int, msg: Message, data: bytes | bytearray) -> Parts:
         self._validate(cid, msg)
         phase = 1 if isinstance(msg, Activations) else 2
         self.meter.add("client_to_server", msg.kind, payload_size(data), len(data))
@@ -143,14 +230,20 @@ class SplitService:
             cached = self.replies.get(cid)
             if cached and cached[:2] == (msg.step, phase):  # a retry after a lost reply
                 return self._out(cached[2])
-            if msg.step > self.step and (phase == 2 or msg.step % self.cfg.grad_accum):
-                raise stale(msg.step, self.step)  # ahead mid-round: this server restarted from its last round
+            if msg.step > self.step and (phase == 2 or msg.step % self.cfg.grad_accum
+                                         or msg.step > self.step + self.cfg.grad_accum):
+                raise stale(msg.step, self.step)  # ahead mid-round or by rounds: restarted from a checkpoint
             if msg.step > self.step:  # rejoining at the next round start: wait for the others to get there
                 if not self.cv.wait_for(lambda: self.step >= msg.step, timeout=2 * self.net.timeout_s):
                     raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"server still at step {self.step}, client {cid} sent step {msg.step}")
-            if msg.step != self.step or phase != self.phase or (phase == 2 and cid not in self.batch):
+            if (msg.step != self.step or phase != self.phase or (phase == 2 and cid not in self.batch)
+                    or (self.busy and cid not in self.computing)):  # late: the step is closed or being computed
                 raise stale(msg.step, self.step)
+            if phase == 2 and tuple(msg.grad.shape) != self.shapes[cid]:
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"rejected message from client {cid} at step {msg.step}: grad: shape "
+                                   f"{list(msg.grad.shape)}, expected {list(self.shapes[cid])} (its hidden states)")
             self.inbox[cid] = msg
             if phase == 1:
                 self.expected.add(cid)
@@ -158,9 +251,17 @@ class SplitService:
                 self.deadline = time.monotonic() + self.net.timeout_s
             self.cv.notify_all()
             key = (msg.step, phase)
+            give_up = time.monotonic() + 3 * self.net.timeout_s
             while not (cid in self.replies and self.replies[cid][:2] == key):
+                if cid not in self.inbox and cid not in self.computing:  # dropped without an answer: resync
+                    raise stale(msg.step, self.step)
                 if not self.busy and self._ready():
                     self._process()
+                elif time.monotonic() > give_up:
+                    if self.inbox.get(cid) is msg:
+                        del self.inbox[cid]
+                    raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       f"step {msg.step} not computed within {3 * self.net.timeout_s:g} s")
                 else:
                     left = (self.deadline - time.monotonic()) if self.deadline else 1.0
                     self.cv.wait(timeout=max(0.01, min(left, 1.0)))
@@ -180,56 +281,155 @@ class SplitService:
             if missing:
                 self.expected -= missing
                 self._note(f"step {step}: left out clients {sorted(missing)} (no message in {self.net.timeout_s} s)")
-        self.busy = True
+        self.busy, self.computing = True, set(inbox)
         self.cv.release()
-        failed = False
         try:
-            replies = self._compute(step, phase, [inbox[c] for c in sorted(inbox)])
-        except Exception as e:  # noqa: BLE001 -- answered to every participant, the server keeps serving
-            err = ServiceError(grpc.StatusCode.INTERNAL, f"step {step} failed on the server: {type(e).__name__}: {e}")
-            self._note(str(err))
-            if self.server.optimizer is not None:
-                self.server.optimizer.zero_grad(set_to_none=True)
-            replies, failed = {c: err for c in inbox}, True
+            replies = self._run(step, phase, [inbox[c] for c in sorted(inbox)])
         finally:
             self.cv.acquire()
-            self.busy = False
+            self.busy, self.computing = False, set()
         for c, r in replies.items():
             self.replies[c] = (step, phase, r)
         self.inbox.clear()
-        if self.cfg.label_privacy and phase == 1 and not failed:  # the clients' loss gradients come next
-            self.phase, self.batch = 2, sorted(replies)
+        ok = [m for c, m in sorted(inbox.items()) if not isinstance(replies[c], ServiceError)]
+        if self.cfg.label_privacy and phase == 1 and ok:  # the clients' loss gradients come next
+            self.phase, self.batch = 2, [m.client for m in ok]
+            self.shapes = {m.client: tuple(m.base.hidden.shape) for m in ok}
             self.deadline = time.monotonic() + self.net.timeout_s
         else:
+            self.counts["steps_completed" if ok else "steps_failed"] += 1
+            self.contributed |= bool(ok)
             self._close_step()
         self.cv.notify_all()
+
+    def _run(self, step: int, phase: int, msgs: list[Message]) -> dict[int, Parts | ServiceError]:
+        """The replies of a step: computed on every message, or -- if that breaks -- without the clients
+        whose message alone breaks it (they get an error naming them; the others' step goes on)."""
+        try:
+            return self._attempt(step, phase, msgs, keep=True)
+        except Exception as e:  # noqa: BLE001 -- answered, logged; the server keeps serving
+            first = e
+        blamed: dict[int, Exception] = {}
+        if len(msgs) == 1:
+            blamed = {msgs[0].client: first}
+        elif phase == 1:  # which messages break the step on their own (the forward can be rerun)
+            for m in msgs:
+                try:
+                    self._attempt(step, phase, [m], keep=False)
+                except Exception as e:  # noqa: BLE001
+                    blamed[m.client] = e
+        if not blamed:  # the step breaks, but no single message does: it fails for all
+            return {m.client: self._failure(step, m.client, first, alone=False) for m in msgs}
+        replies: dict[int, Parts | ServiceError] = {c: self._failure(step, c, e, alone=True)
+                                                    for c, e in blamed.items()}
+        good = [m for m in msgs if m.client not in blamed]
+        if good:
+            try:
+                replies.update(self._attempt(step, phase, good, keep=True))
+            except Exception as e:  # noqa: BLE001
+                replies.update({m.client: self._failure(step, m.client, e, alone=False) for m in good})
+        return replies
+
+    def _failure(self, step: int, cid: int, e: Exception, alone: bool) -> ServiceError:
+        """The error for client ``cid`` of a failed step, logged. ``alone``: its own input breaks the step."""
+        ours = isinstance(e, (FloatingPointError, ValueError))  # non-finite loss/gradients, no targets
+        reason = f"{type(e).__name__}: {e}" if ours else f"{type(e).__name__} (see the server log)"
+        self._note(f"step {step}: client {cid}'s contribution dropped: {type(e).__name__}: {e}")
+        if ours and alone:
+            return ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"step {step}: the message of client {cid} breaks the server's step "
+                                f"({reason.splitlines()[0]}); it was left out", step)
+        return ServiceError(grpc.StatusCode.INTERNAL, f"step {step} failed on the server ({reason.splitlines()[0]})",
+                            step)
+
+    def _attempt(self, step: int, phase: int, msgs: list[Message], keep: bool) -> dict[int, Parts]:
+        """:meth:`_compute`, checked: its gradients must be finite and within ``max_abs``, else (or on any
+        error, or with ``keep=False``) the gradients are put back as they were."""
+        saved = [p.grad.clone() if p.grad is not None else None for p in self.params]
+        done = False
+        try:
+            replies = self._compute(step, phase, msgs)
+            bad = self._unbounded(p.grad for p in self.params)
+            if bad:
+                raise StepRejected(f"server gradients {bad}")
+            done = True
+            return replies
+        finally:
+            if not (done and keep):
+                for p, g in zip(self.params, saved):
+                    p.grad = g
+
+    def _unbounded(self, tensors) -> str | None:
+        """'non-finite' or 'beyond max_abs' for the first offending tensor, else None."""
+        for t in tensors:
+            if t is not None and not bounded(t.detach(), self.limits.max_abs):
+                return "non-finite" if not torch.isfinite(t).all() else f"beyond {self.limits.max_abs:g}"
+        return None
 
     def _compute(self, step: int, phase: int, msgs: list[Message]) -> dict[int, Parts]:
         wire = self.cfg.wire_dtype
         s = self.server
+
+        def encoded(m: Message, t: torch.Tensor) -> Parts:
+            bad = self._unbounded([t])
+            if bad:
+                raise StepRejected(f"the reply to client {m.client} came out {bad}")
+            return encode_parts(m, wire)[0]
+
         if phase == 2:
-            out = s.backward_middle(msgs)
-            grads = {g.client: g for g in out}
-            return {m.client: encode_parts(grads.get(m.client) or ActivationGrad(m.client, step, torch.empty(0)), wire)[0]
-                    for m in msgs}
+            grads = {g.client: g for g in s.backward_middle(msgs)}
+            replies = {}
+            for m in msgs:
+                g = grads.get(m.client) or ActivationGrad(m.client, step, torch.empty(0))
+                replies[m.client] = encoded(g, g.grad)
+            return replies
         if self.cfg.label_privacy:
-            return {t.client: encode_parts(t, wire)[0] for t in s.forward_middle(msgs)}
+            return {t.client: encoded(t, t.base.hidden) for t in s.forward_middle(msgs)}
         grads, parts = s.forward_backward(msgs, send_grads=self.cfg.client_trainable)
         by_client = {g.client: g for g in grads}
         out = {}
         for m, p in zip(msgs, parts):
             loss = {"loss": p.loss.item(), "n_samples": p.n_samples, "n_tokens": p.n_tokens, **p.stats}
             g = by_client.get(m.client) or ActivationGrad(m.client, step, torch.empty(0))
-            out[m.client] = encode_parts(ActivationGrad(m.client, step, g.grad, loss), wire)[0]
+            out[m.client] = encoded(ActivationGrad(m.client, step, g.grad, loss), g.grad)
         return out
 
     def _close_step(self) -> None:
         self.step += 1
-        self.phase, self.batch, self.deadline = 1, [], None
+        self.phase, self.batch, self.shapes, self.deadline = 1, [], {}, None
         if self.step % self.cfg.grad_accum == 0:
-            self.server.step()
+            self._apply_update()
             if self.out is not None:
                 self._save(self.out)
+
+    def _apply_update(self) -> None:
+        """The round's optimizer step, only when its gradients and the new adapter are finite and within
+        ``max_abs``; else the last good adapter and AdamW state stay (logged)."""
+        s, r = self.server, self.step // self.cfg.grad_accum
+        contributed, self.contributed = self.contributed, False
+        if s.optimizer is None or not contributed:
+            if s.optimizer is not None:
+                s.optimizer.zero_grad(set_to_none=True)
+            return
+        bad = self._unbounded(p.grad for p in self.params)
+        if bad is None:
+            before = [p.detach().clone() for p in self.params], copy.deepcopy(s.optimizer.state_dict())
+            s.step()
+            bad = self._unbounded(self.params)
+            if bad:
+                with torch.no_grad():
+                    for p, v in zip(self.params, before[0]):
+                        p.copy_(v)
+                s.optimizer.load_state_dict(before[1])
+                bad = f"the new adapter came out {bad}"
+        else:
+            s.optimizer.zero_grad(set_to_none=True)
+            bad = f"the round's gradients are {bad}"
+        if bad:
+            self.counts["rounds_rejected"] += 1
+            self._note(f"round {r}: update not applied ({bad}); the adapter stays as it was")
+        else:
+            self.counts["rounds_applied"] += 1
 
     def _out(self, reply: Parts | ServiceError) -> Parts:
         if isinstance(reply, ServiceError):
@@ -240,26 +440,48 @@ class SplitService:
 
     def _validate(self, cid: int, msg: Message) -> None:
         bad = grpc.StatusCode.INVALID_ARGUMENT
+        if not isinstance(msg, (Activations, ActivationGrad)):
+            raise ServiceError(bad, f"rejected message from client {cid}: unexpected message kind {msg.kind!r}")
         if msg.client != cid:
             raise ServiceError(grpc.StatusCode.PERMISSION_DENIED,
                                f"client {cid} sent a message as client {msg.client}")
         try:
+            if type(msg.step) is not int or not 0 <= msg.step < 1 << 53:
+                raise ValueError(f"step {msg.step!r} is not a non-negative integer")
+            lp = self.cfg.label_privacy
             if isinstance(msg, Activations):
-                lp = self.cfg.label_privacy
                 _check_path(msg.base, "base", self.hidden, self.vocab, self.limits, labels=not lp)
                 if (self.cfg.paths == "dual") != (msg.reference is not None):
                     raise ValueError(f"reference path {'missing' if msg.reference is None else 'not expected'} "
                                      f"(server paths={self.cfg.paths})")
                 if msg.reference is not None:
                     _check_path(msg.reference, "reference", self.hidden, self.vocab, self.limits, labels=not lp)
-            elif isinstance(msg, ActivationGrad) and self.cfg.label_privacy:
+                if not lp and not (msg.base.labels[:, 1:] != -100).any():
+                    raise ValueError("base.labels: no target tokens (every label is -100)")
+                rows = msg.batch_rows
+                if lp and (type(rows) is not int or not 0 <= rows <= msg.base.hidden.shape[0]):
+                    raise ValueError(f"batch_rows {rows!r}: expected an integer in [0, {msg.base.hidden.shape[0]}] "
+                                     "(its rows with targets)")
+                if not lp and rows is not None:
+                    raise ValueError("batch_rows is only sent in label-private mode")
+            elif isinstance(msg, ActivationGrad) and lp:
                 g = msg.grad
-                if g.dim() != 3 or g.shape[2] != self.hidden or not torch.isfinite(g).all():
-                    raise ValueError(f"grad: expected a finite [B, T, {self.hidden}] tensor, got {list(g.shape)}")
+                if g.dim() != 3 or g.shape[2] != self.hidden or not g.is_floating_point():
+                    raise ValueError(f"grad: expected a float [B, T, {self.hidden}] tensor, got {g.dtype} "
+                                     f"{list(g.shape)}")
+                if not bounded(g, self.limits.max_abs):
+                    raise ValueError(f"grad: NaN, infinite, or beyond the magnitude limit {self.limits.max_abs:g}")
+                if msg.loss is not None:
+                    raise ValueError("grad: a client sends no loss")
             else:
                 raise ValueError(f"unexpected message kind {msg.kind!r}")
         except ValueError as e:
             raise ServiceError(bad, f"rejected message from client {cid} at step {msg.step}: {e}") from None
+
+    def refused(self, cid: int | None, err: ServiceError) -> None:
+        """The server's log line for one refused call."""
+        step = "-" if err.step is None else err.step
+        self._note(f"refused client {'?' if cid is None else cid} step {step}: {err.code.name}: {err}")
 
     def _note(self, line: str) -> None:
         self.log.append(line)
@@ -269,10 +491,10 @@ class SplitService:
 
     def summary(self) -> dict[str, Any]:
         s = self.server
-        return {"step": self.step, "rounds_done": self.step // self.cfg.grad_accum,
+        return {"step": self.step, "rounds_done": self.counts["rounds_applied"], **self.counts,
                 "comm_bytes": self.meter.totals(), "comm_detail": self.meter.to_dict(),
                 "server_busy_s": s.meter.seconds, "server_peak_transient_mb": s.meter.peak_transient / (1 << 20),
-                "wall_s": time.perf_counter() - self.started, "log": self.log[-50:]}
+                "wall_s": time.perf_counter() - self.started, "log": list(self.log)[-50:]}
 
     def _save(self, out: Path) -> None:
         """Checkpoint: server LoRA, AdamW, step, meters, and the replies of the step just closed (a client
@@ -285,31 +507,22 @@ class SplitService:
             if not isinstance(reply, ServiceError):
                 tensors[f"reply.{cid}"] = torch.frombuffer(bytearray(b"".join(reply)), dtype=torch.uint8)
                 replies[str(cid)] = [step, phase]
-        tmp, final = out / "server_checkpoint.tmp", out / "server_checkpoint"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": self.step, "optimizer": opt, "meter": s.meter.state(),
-                                                    "bytes": self.meter.to_dict(), "replies": replies}))
-        old = out / "server_checkpoint.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        write_checkpoint(out / "server_checkpoint", tensors, {
+            "step": self.step, "optimizer": opt, "meter": s.meter.state(), "bytes": self.meter.to_dict(),
+            "replies": replies, "counts": self.counts})
         (out / "server_summary.json").write_text(json.dumps(self.summary(), indent=2))
         if self.layout is not None:  # the server's part as a peft adapter (merge with a client's: lesft merge)
             k, layers_path = self.layout
             export_adapter([(lora_state(s.top), k)], layers_path, self.cfg.lora, out / "adapter", self.cfg.model)
 
     def _load(self, path: Path) -> None:
-        state = json.loads((path / "state.json").read_text())
-        tensors = load_file(str(path / "tensors.safetensors"))
+        path, state, tensors = open_checkpoint(path)  # verified; falls back to .old, and says so
         load_lora_state(self.server.top, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
         _load_optimizer(self.server.optimizer, state["optimizer"], "opt", tensors)
         self.server.meter.load(state["meter"])
         self.meter.load(state["bytes"])
         self.step = state["step"]
+        self.counts.update(state.get("counts", {}))
         for cid, (step, phase) in state.get("replies", {}).items():
             data = tensors[f"reply.{cid}"].numpy().tobytes()
             n = 8 + int.from_bytes(data[:8], "little")
@@ -317,39 +530,96 @@ class SplitService:
         self._note(f"resumed from {path} at step {self.step} (round {self.step // self.cfg.grad_accum})")
 
 
+def _expire(context: grpc.ServicerContext, reason: str) -> None:
+    """End a call with DEADLINE_EXCEEDED (from a timer thread). grpcio's public ``cancel()`` can only
+    say CANCELLED; the call object under it takes a status and a reason."""
+    call = getattr(getattr(context, "_rpc_event", None), "call", None)
+    try:
+        call.cancel(grpc.StatusCode.DEADLINE_EXCEEDED.value[0], reason)
+    except Exception:  # noqa: BLE001 -- another grpcio: cancel without a status
+        context.cancel()
+
+
+@contextlib.contextmanager
+def _deadline(context: grpc.ServicerContext, seconds: float, reason: str) -> Iterator[threading.Event]:
+    """End the call with DEADLINE_EXCEEDED ``reason`` if the block is still running after ``seconds``;
+    yields the event that tells whether it did."""
+    fired = threading.Event()
+    timer = threading.Timer(seconds, lambda: (fired.set(), _expire(context, reason)))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield fired
+    finally:
+        timer.cancel()
+
+
 def serve(service: SplitService, address: str, net: NetArgs, tokens: dict[str, int],
           workers: int | None = None, handlers: tuple = ()) -> tuple[grpc.Server, int]:
     """Start the gRPC server on ``address`` (``HOST:PORT``, port 0 = any free one); returns (server, port).
     ``handlers``: more services on the same port (``lesft.deploy.generation.generation_handler``)."""
+    check_tokens(tokens)
+    admission = service.admission = Admission(net.max_streams, int(net.max_inflight_mb * MB))  # (tests read it)
 
-    def who(context: grpc.ServicerContext) -> int:
-        auth = dict(context.invocation_metadata()).get("authorization", "")
-        cid = tokens.get(auth.removeprefix("Bearer "))
-        if cid is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or missing client token")
-        return cid
-
-    def guarded(context: grpc.ServicerContext, fn):
+    def call(context: grpc.ServicerContext, fn: Callable[[int, Callable[[int], None]], Any]) -> Any:
+        """``fn(client id, take)`` for an authenticated caller within its caps; every refusal is answered
+        with a status code and a one-line reason, and logged."""
+        cid = bearer(context.invocation_metadata(), tokens)
         try:
-            return fn()
-        except MessageTooLarge as e:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            if cid is None:
+                raise ServiceError(grpc.StatusCode.UNAUTHENTICATED,
+                                   "unknown or missing client token (expected authorization: Bearer <token>)")
+            with admission.enter(cid) as take:
+                return fn(cid, take)
         except ServiceError as e:
-            context.abort(e.code, str(e))
+            err = e
+        except MessageTooLarge as e:
+            err = ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except ValueError as e:  # join's own words: truncated or overlong messages
+            err = ServiceError(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except grpc.RpcError:  # the call ended while receiving (its deadline, or the peer went away)
+            err = ServiceError(grpc.StatusCode.CANCELLED, f"client {cid}: the call ended before its message did")
+        except Exception as e:  # noqa: BLE001 -- the details go to the log, never to the peer
+            service.refused(cid, ServiceError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"))
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}; see the server log)")
+        service.refused(cid, err)
+        context.abort(err.code, str(err))
+
+    def receive(chunks_in, context: grpc.ServicerContext, take: Callable[[int], None]) -> bytearray:
+        """A message within ``--recv_timeout_s`` (else the call ends with DEADLINE_EXCEEDED)."""
+        reason = f"message not received in full within {net.recv_timeout_s:g} s (--recv_timeout_s)"
+        with _deadline(context, net.recv_timeout_s, reason) as fired:
+            try:
+                return join(chunks_in, net.max_message_mb, take)
+            except (grpc.RpcError, ValueError):
+                if fired.is_set():
+                    raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, reason) from None
+                raise
+
+    def send(reply: Parts, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """The reply's chunks; a peer that does not take them within ``--recv_timeout_s`` loses the call."""
+        if sum(memoryview(p).nbytes for p in reply) <= net.chunk_mb * MB:  # one chunk: gRPC buffers it
+            yield from chunks(reply, net.chunk_mb)
+            return
+        with _deadline(context, net.recv_timeout_s, f"reply not taken within {net.recv_timeout_s:g} s"):
+            yield from chunks(reply, net.chunk_mb)
 
     def hello(request: bytes, context: grpc.ServicerContext) -> bytes:
-        cid = who(context)
-        return guarded(context, lambda: json.dumps(service.hello(cid, json.loads(request or b"{}"))).encode())
+        def fn(cid: int, take) -> bytes:
+            try:
+                info = json.loads(request or b"{}")
+            except (ValueError, UnicodeDecodeError):
+                raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "hello is not JSON") from None
+            return json.dumps(service.hello(cid, info)).encode()
+        return call(context, fn)
 
     def exchange(request_iterator, context: grpc.ServicerContext):
-        cid = who(context)
-        reply = guarded(context, lambda: service.exchange(cid, join(request_iterator, net.max_message_mb)))
-        yield from chunks(reply, net.chunk_mb)
+        reply = call(context, lambda cid, take: service.exchange(cid, receive(request_iterator, context, take)))
+        yield from send(reply, context)
 
     def exchange_one(request: bytes, context: grpc.ServicerContext):
-        cid = who(context)
-        reply = guarded(context, lambda: service.exchange(cid, join([request], net.max_message_mb)))
-        yield from chunks(reply, net.chunk_mb)
+        reply = call(context, lambda cid, take: service.exchange(cid, join([request], net.max_message_mb, take)))
+        yield from send(reply, context)
 
     handler = grpc.method_handlers_generic_handler("lesft.SplitServer", {
         "Hello": grpc.unary_unary_rpc_method_handler(hello),
@@ -357,8 +627,9 @@ def serve(service: SplitService, address: str, net: NetArgs, tokens: dict[str, i
         "ExchangeOne": grpc.unary_stream_rpc_method_handler(exchange_one),
     })
     assert HELLO.endswith("/Hello") and EXCHANGE.endswith("/Exchange") and EXCHANGE_ONE.endswith("/ExchangeOne")
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers or 2 * len(service.known) + 4),
-                         options=net.grpc_options())
+    # every client may hold max_streams workers; 4 more for callers that are refused at once
+    pool = workers or net.max_streams * max(len(service.known), 1) + 4
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=pool), options=net.grpc_options())
     server.add_generic_rpc_handlers((handler, *handlers))
     creds = server_credentials(address, net)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)

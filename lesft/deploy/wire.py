@@ -9,12 +9,16 @@ was started with ``--insecure``.
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import json
+import os
 import secrets
+import stat
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import grpc
 
@@ -49,6 +53,12 @@ class NetArgs:
     tls_key: str | None = _help("Server: PEM private key.", default=None)
     tls_ca: str | None = _help("Client: PEM CA certificate that signed the server's. Server: with it, require "
                                "client certificates signed by this CA (mTLS).", default=None)
+    recv_timeout_s: float = _help("Server: longest time one incoming message may take to arrive in full "
+                                  "(DEADLINE_EXCEEDED after it).", default=120.0)
+    max_streams: int = _help("Server: calls one client may have open at once (RESOURCE_EXHAUSTED beyond).",
+                             default=2)
+    max_inflight_mb: float = _help("Server: MiB one client's open calls may hold while receiving "
+                                   "(RESOURCE_EXHAUSTED beyond).", default=2048.0)
     insecure: bool = _help("Allow plaintext on a non-loopback address (never do this across a real network).",
                            default=False)
 
@@ -85,32 +95,27 @@ def chunks(parts: bytes | bytearray | list, chunk_mb: float) -> Iterator[bytes]:
         yield b"".join(pending)
 
 
-def join(parts: Iterable[bytes], max_message_mb: float) -> bytearray:
-    """Assemble a chunk stream into one buffer (allocated once, from the size the header announces),
-    refusing a message over ``max_message_mb`` as soon as its header says so."""
+def join(parts: Iterable[bytes], max_message_mb: float, take: Callable[[int], None] | None = None) -> bytearray:
+    """Assemble a chunk stream into one buffer that grows as bytes arrive (never allocated from the size
+    the header announces), refusing a message over ``max_message_mb`` as soon as its header says so.
+    ``take(n)`` is called before ``n`` more bytes are kept (the server's per-client byte budget)."""
     limit = int(max_message_mb * MB)
-    head = bytearray()
-    out: bytearray | None = None
-    pos = 0
+    out = bytearray()
+    total: int | None = None
     for p in parts:
-        if out is None:
-            head += p
-            total = message_size(head)
-            if total is None:
-                if len(head) > limit:
-                    raise MessageTooLarge(_too_large(max_message_mb))
-                continue
-            if total > limit:
+        if take is not None:
+            take(len(p))
+        out += p
+        if total is None:
+            total = message_size(out)
+            if total is not None and total > limit:
                 raise MessageTooLarge(_too_large(max_message_mb, total))
-            out = bytearray(total)
-            p, pos = head, 0
-        if pos + len(p) > len(out):
-            raise ValueError(f"message longer than its header announces ({len(out)} bytes)")
-        out[pos:pos + len(p)] = p
-        pos += len(p)
-    if out is None or pos != len(out):
-        raise ValueError(f"message truncated: got {pos if out is not None else len(head)} bytes"
-                         + (f" of {len(out)}" if out is not None else ""))
+        if len(out) > (limit if total is None else total):
+            if total is None:
+                raise MessageTooLarge(_too_large(max_message_mb))
+            raise ValueError(f"message longer than its header announces ({total} bytes)")
+    if total is None or len(out) != total:
+        raise ValueError(f"message truncated: got {len(out)} bytes" + (f" of {total}" if total is not None else ""))
     return out
 
 
@@ -165,16 +170,38 @@ def channel(address: str, net: NetArgs) -> grpc.Channel:
     return grpc.insecure_channel(address, options=net.grpc_options())
 
 
+MIN_TOKEN_CHARS = 22  # 16 random bytes in URL-safe base64 (``secrets.token_urlsafe(16)``)
+
+
+def check_tokens(tokens: dict[str, int], where: str = "tokens") -> None:
+    """Refuse empty, short (< ``MIN_TOKEN_CHARS``) or non-printable-ASCII tokens."""
+    for tok, cid in tokens.items():
+        if len(tok) < MIN_TOKEN_CHARS or not tok.isascii() or not tok.isprintable() or " " in tok:
+            raise ValueError(f"{where}: the token of client {cid} is empty, shorter than {MIN_TOKEN_CHARS} "
+                             "characters or not printable ASCII; use secrets.token_urlsafe(24) or delete the "
+                             "file and pass --clients N to create one")
+
+
 def load_tokens(path: str | Path, clients: int | None = None) -> dict[str, int]:
     """``{token: client id}`` from a JSON file ``{"0": "token", ...}``; with ``clients`` and no file yet,
-    create one with a random token per client (mode 0600) first."""
+    create one with a random token per client first (created 0600, written in full, then renamed into
+    place). A file that group or others may read is refused; so are short or shared tokens."""
     p = Path(path)
     if not p.is_file():
         if not clients:
             raise FileNotFoundError(f"token file {p} not found (pass --clients N to create one)")
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps({str(i): secrets.token_urlsafe(24) for i in range(clients)}, indent=2))
-        p.chmod(0o600)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({str(i): secrets.token_urlsafe(24) for i in range(clients)}, indent=2))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    mode = stat.S_IMODE(p.stat().st_mode)
+    if mode & 0o077 and sys.platform != "win32":
+        raise ValueError(f"token file {p} has mode {mode:04o}: others may read the secrets in it; "
+                         f"run `chmod 600 {p}`")
     try:
         data = json.loads(p.read_text())
         tokens = {str(tok): int(cid) for cid, tok in data.items()}
@@ -182,7 +209,22 @@ def load_tokens(path: str | Path, clients: int | None = None) -> dict[str, int]:
         raise ValueError(f"token file {p} must be a JSON object {{client id: token}}: {e}") from e
     if len(tokens) != len(data):
         raise ValueError(f"token file {p}: two clients share a token")
+    check_tokens(tokens, f"token file {p}")
     return tokens
+
+
+def bearer(metadata: Iterable[tuple[str, str]] | None, tokens: dict[str, int]) -> int | None:
+    """The client id whose token is in ``authorization: Bearer <token>`` metadata (compared in constant
+    time), or None."""
+    auth = dict(metadata or ()).get("authorization", "")
+    if not isinstance(auth, str) or not auth.startswith("Bearer "):
+        return None
+    given = auth[len("Bearer "):].encode()
+    found = None
+    for tok, cid in tokens.items():
+        if hmac.compare_digest(tok.encode(), given):
+            found = cid
+    return found
 
 
 def client_token(client_id: int, token: str | None = None, token_file: str | None = None) -> str:

