@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{p['clients']:>8} {p['sampled']:>8} {p['peak_rss_mb']:>12.0f} {p['client_part_mb']:>15.1f}")
     base = mem[0]
     for p in mem[1:]:
-        print(f"N={p['clients']}: peak RSS {p['peak_rss_mb'] / base['peak_rss_mb']:.2f} x that of N={base['clients']}")
+        ratio = p["peak_rss_mb"] / base["peak_rss_mb"]
+        print(f"N={p['clients']}: peak RSS {ratio:.2f} x that of N={base['clients']} "
+              f"({'PASS' if ratio <= 1.5 else 'FAIL'}: target <= 1.5 x, before the per-client adapters)")
     print(f"\n{'sampled m':>10} {'s/round (median of rounds 2-3)':>32}")
     med = {}
     for p in times:

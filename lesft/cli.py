@@ -26,12 +26,13 @@ def _config(args: argparse.Namespace, skip: tuple[str, ...] = ("command", "confi
     return from_dict(TrainConfig, apply_overrides(data, overrides))
 
 
+PLUGIN_HELP = ("--plugin FILE_OR_MODULE (anywhere on the line, repeatable; also $LESFT_PLUGINS): import a .py file "
+               "or module that registers a loss or an aggregation strategy first (docs/extending.md).")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lesft", description=__doc__,
+    parser = argparse.ArgumentParser(prog="lesft", description=__doc__, epilog=PLUGIN_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plugin", action="append", default=[], metavar="FILE_OR_MODULE",
-                        help="import this first: a .py file or module that registers a loss or an aggregation "
-                             "strategy (repeatable; also $LESFT_PLUGINS; see docs/extending.md)")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train one method; writes config, metrics, summary and adapter to --out")
     train.add_argument("--config", help="YAML file of TrainConfig fields")
@@ -75,10 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)  # --plugin first: its registrations are names other flags use
+    pre.add_argument("--plugin", action="append", default=[])
+    plugins, argv = pre.parse_known_args(argv)
     args = build_parser().parse_args(argv)
     try:
-        load_plugins(args.plugin)
-        del args.plugin
+        load_plugins(plugins.plugin)
         if args.command == "train":
             from lesft.train import train
 

@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCrite
 
 from lesft.data.contamination import problem_keys
 from lesft.data.prompts import render_prompt
+from lesft.data.registry import BENCHMARKS, answer_kind, get_benchmark
 from lesft.stats import wilson_ci
 
 __all__ = [
@@ -51,8 +52,8 @@ __all__ = [
 DEFAULT_STOP: tuple[str, ...] = ("\n\n\n", "<|im_end|>", "<|im_start|>", "<|endoftext|>", "</s>", "\nQuestion:")
 
 #: Datasets with lettered options (the only ones ``mode="loglik"`` accepts).
-MC_DATASETS = ("commonsenseqa", "aqua_rat")
-KNOWN_DATASETS = ("gsm8k", "commonsenseqa", "aqua_rat", "synthetic")
+MC_DATASETS = tuple(n for n, b in BENCHMARKS.items() if b.answer_kind == "choice")  # the built-in ones
+KNOWN_DATASETS = BENCHMARKS  # every registered benchmark (lesft.data.registry)
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -390,7 +391,7 @@ def evaluate_rows(
             records.append({"id": r.get("id"), "prompt": r["prompt"], "completion": c, "extracted": pred,
                             "gold": str(r["answer"]), "correct": ok, "keys": problem_keys(r)})
     elif cfg.mode == "loglik":
-        if dataset not in MC_DATASETS:
+        if answer_kind(dataset) != "choice":
             raise ValueError(f"mode 'loglik' needs a multiple-choice dataset ({', '.join(MC_DATASETS)}), got {dataset!r}")
         letters = [option_letters(r) for r in rows]
         ctx, cont, owner = [], [], []
@@ -501,11 +502,11 @@ def run_eval(
             cfg.out = str(rd / "eval")
     if cfg.dataset is None:
         cfg.dataset = "synthetic"
-    if cfg.dataset == "commonsenseqa" and cfg.split == defaults.split:
-        cfg.split = "validation"  # CSQA's public test split has no answer keys; dev is the evaluation split
+    if cfg.split == defaults.split:  # e.g. CSQA: the public test split has no answer keys; validation is used
+        cfg.split = get_benchmark(cfg.dataset).eval_split
     if not model:
         raise ValueError("no model: pass one, or a run directory whose config.yaml names it")
-    if cfg.mode == "loglik" and cfg.dataset not in MC_DATASETS:
+    if cfg.mode == "loglik" and answer_kind(cfg.dataset) != "choice":
         raise ValueError(f"mode 'loglik' needs a multiple-choice dataset ({', '.join(MC_DATASETS)}), got {cfg.dataset!r}")
 
     rows = _load_rows(cfg, run_conf)

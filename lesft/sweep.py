@@ -105,6 +105,7 @@ from typing import Any, Sequence
 import yaml
 
 from lesft.config import TrainConfig, _base_type, apply_overrides, from_dict, load_yaml, to_dict
+from lesft.data.registry import BENCHMARKS
 from lesft.plugins import load_plugins
 from lesft.provenance import git_commit
 from lesft.report import flatten
@@ -118,7 +119,6 @@ FREE_FIELDS = ("out", "resume", "overwrite", "progress")
 #: For ``method: base`` (no training), the only keys that can change the evaluation.
 BASE_KEYS = ("method", "model", "data", "data_dir", "rationale", "chat_template")
 BASE_PREFIXES = ("synthetic.",)
-KNOWN_EVAL_DATASETS = ("gsm8k", "commonsenseqa", "aqua_rat", "synthetic")
 RUNNABLE = ("pending", "interrupted", "failed", "needs-eval")
 MAX_NAME = 150
 
@@ -476,7 +476,7 @@ def _free_memory() -> None:
 def _evaluate(d: Path, cfg: TrainConfig, spec: dict[str, Any]) -> dict[str, Any]:
     from lesft import evaluate as ev  # lazily: only sweeps that evaluate import it
 
-    known = getattr(ev, "KNOWN_DATASETS", KNOWN_EVAL_DATASETS)
+    known = BENCHMARKS
     kw = dict(spec)
     if "dataset" not in kw:
         if cfg.data not in known:

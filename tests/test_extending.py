@@ -1,5 +1,5 @@
-"""docs/extending.md as written: its extension file registers a loss and a strategy from outside the
-package, and they train (CLI, --plugin), evaluate and report end to end."""
+"""docs/extending.md as written: its extension file registers a loss, a strategy and a benchmark from
+outside the package, and they train (CLI, --plugin), evaluate and report end to end."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lesft.cli import main
+from lesft.data.registry import BENCHMARKS
 from lesft.objectives import OBJECTIVES
 from lesft.strategies import STRATEGIES
 
@@ -25,13 +26,14 @@ def extension_file(tmp_path):
     yield path
     OBJECTIVES.pop("focal", None)
     STRATEGIES.pop("trimmed-mean", None)
+    BENCHMARKS.pop("sums", None)
 
 
 def test_the_documented_extensions_train_evaluate_and_report(extension_file, assets, tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("LESFT_PLUGINS", raising=False)
     out = tmp_path / "runs" / "focal"
     args = ["--plugin", str(extension_file), "train", "--model", str(assets / "model"), "--data",
-            str(assets / "rows.jsonl"), "--samples", "0", "--method", "splitlora", "--loss", "focal",
+            "sums", "--samples", "0", "--method", "splitlora", "--loss", "focal",
             "--aggregation", "trimmed-mean", "--clients", "3", "--rounds", "2", "--aggregate_every", "1",
             "--grad_accum", "1", "--client_layers", "1", "--max_length", "384", "--progress", "false",
             "--device", "cpu", "--out", str(out)]
@@ -40,9 +42,13 @@ def test_the_documented_extensions_train_evaluate_and_report(extension_file, ass
     assert all(0 < m["token_classes"]["mean_p"] < 1 for m in metrics)  # the focal loss's own statistic
     assert all(m["aggregated"] for m in metrics)
     assert "trimmed-mean" in STRATEGIES and "focal" in OBJECTIVES
-    assert main(["eval", "--run", str(out), "--limit", "2", "--max_new_tokens", "4"]) == 0
+    assert json.loads((out / "train_keys.json").read_text())["rows"] == 15  # the benchmark's train split
+    assert main(["eval", "--run", str(out), "--limit", "0", "--max_new_tokens", "4"]) == 0
+    ev = json.loads((out / "eval" / "eval.json").read_text())
+    assert (ev["dataset"], ev["split"], ev["n"]) == ("sums", "test", 12)
     assert main(["report", str(out.parent)]) == 0
-    assert "splitlora" in (out.parent / "report.md").read_text()
+    report = (out.parent / "report.md").read_text()
+    assert "splitlora" in report and "**no overlap**" in report
 
 
 def test_trimmed_mean_drops_the_extremes(extension_file) -> None:

@@ -240,7 +240,7 @@ def test_extract_then_compare():
     lambda: is_correct("gsm8k_hard", "1", "1"),
 ])
 def test_unknown_dataset(call):
-    with pytest.raises(ValueError, match="known datasets: gsm8k, commonsenseqa, aqua_rat, synthetic"):
+    with pytest.raises(ValueError, match="unknown benchmark .*known: gsm8k, commonsenseqa, aqua_rat, synthetic"):
         call()
 
 

@@ -62,7 +62,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from lesft.data.prompts import ANSWER_KINDS, answer_sentence, format_question
+from lesft.data.prompts import answer_sentence, format_question
+from lesft.data.registry import BENCHMARKS, answer_kind, get_benchmark
 from lesft.data.rows import DataError, read_json_lines
 from lesft.data.synthetic import ArithmeticSpec, iter_arithmetic, solution_key, solution_split
 
@@ -75,7 +76,6 @@ __all__ = [
     "load_benchmark",
 ]
 
-BENCHMARKS = ("gsm8k", "commonsenseqa", "aqua_rat", "synthetic")
 HUB = {
     "gsm8k": ("openai/gsm8k", "main"),
     "commonsenseqa": ("tau/commonsense_qa", None),
@@ -376,7 +376,7 @@ def _load_teacher(path: Path) -> dict[str, str]:
 
 def _teacher_rows(name: str, rows: list[dict[str, str]], path: Path) -> list[dict[str, str]]:
     completions = _load_teacher(path)
-    end = _CANONICAL_END[ANSWER_KINDS[name]]
+    end = _CANONICAL_END[answer_kind(name)]
     out = []
     for row in rows:
         completion = completions.get(row["id"], "").strip()
@@ -433,19 +433,22 @@ def load_benchmark(
     (naming file and line) for a malformed row, ``FileNotFoundError`` when neither a local file nor the
     hub has the split.
     """
-    if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    bench = get_benchmark(name)
     split = _SPLIT_ALIASES.get(split, split)
     if name == "commonsenseqa" and split == "test":
         raise ValueError(
             "commonsenseqa: the public test split has no answer keys (leaderboard only); evaluate on 'validation'"
         )
-    if split not in SPLITS[name]:
-        raise ValueError(f"{name} has no split {split!r}; known: {', '.join(SPLITS[name])}")
+    if split not in bench.splits:
+        raise ValueError(f"{name} has no split {split!r}; known: {', '.join(bench.splits)}")
     if target != "dataset" and not (target.startswith("teacher:") and target[len("teacher:"):].strip()):
         raise ValueError(f"target must be 'dataset' or 'teacher:PATH', got {target!r}")
 
-    if name == "synthetic":
+    if bench.load is not None:  # a registered benchmark: its own loader
+        rows = bench.load(split, data_dir, seed)
+        if not rows:
+            raise DataError(f"{name} split {split!r}: its loader returned no rows")
+    elif name == "synthetic":
         if file is not None:
             raise ValueError("synthetic rows are generated; file= does not apply")
         rows = _synthetic(split, n, seed, spec)

@@ -76,16 +76,16 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["DATASETS", "NUMERIC_DATASETS", "CHOICE_DATASETS", "extract_answer", "is_correct", "normalize_number"]
+from lesft.data.registry import BENCHMARKS, answer_kind
 
-DATASETS = ("gsm8k", "commonsenseqa", "aqua_rat", "synthetic")
-NUMERIC_DATASETS = frozenset({"gsm8k", "synthetic"})
-CHOICE_DATASETS = frozenset({"commonsenseqa", "aqua_rat"})
+__all__ = ["DATASETS", "extract_answer", "is_correct", "normalize_number"]
+
+DATASETS = tuple(BENCHMARKS)  # the built-in four; a registered benchmark is known by lesft.data.registry
 
 
-def _check_dataset(dataset: str) -> None:
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+def _numeric(dataset: str) -> bool:
+    """Whether ``dataset`` has numeric answers (else option letters); refuses an unknown name."""
+    return answer_kind(dataset) == "numeric"
 
 
 # --------------------------------------------------------------------------------------------
@@ -415,10 +415,10 @@ def extract_answer(dataset: str, completion: str) -> str | None:
     """The answer ``completion`` commits to for ``dataset`` (see the module docstring for the rules):
     a canonical number string for gsm8k/synthetic, an uppercase letter A-E for commonsenseqa/aqua_rat,
     ``None`` when nothing is found. Raises ``ValueError`` for an unknown dataset."""
-    _check_dataset(dataset)
+    numeric = _numeric(dataset)
     if not completion:
         return None
-    core = _numeric_core if dataset in NUMERIC_DATASETS else _choice_core
+    core = _numeric_core if numeric else _choice_core
     text = _prep(completion)
     for i, m in enumerate(_NEW_QUESTION.finditer(text)):
         if i >= _MAX_CUTS:
@@ -443,10 +443,10 @@ def is_correct(dataset: str, predicted: str | None, gold: str) -> bool:
     run through :func:`extract_answer` first. ``None`` (or anything unextractable) is never correct.
     Raises ``ValueError`` for an unknown dataset.
     """
-    _check_dataset(dataset)
+    numeric = _numeric(dataset)
     if predicted is None or gold is None:
         return False
-    canon = normalize_number if dataset in NUMERIC_DATASETS else _letter
+    canon = normalize_number if numeric else _letter
 
     def value(text: str) -> str | None:
         text = str(text)

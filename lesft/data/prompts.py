@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from lesft.data.registry import answer_kind
+
 REFERENCE_TEMPLATE = "{prompt}\n\nA worked solution, for reference:\n{reference}"
 
 
@@ -45,24 +47,12 @@ INSTRUCTION_CHOICE = (
     'Reason step by step, then end with the sentence "The answer is (X)." where X is the letter of the '
     "correct option."
 )
-#: Answer kind of each benchmark: ``"numeric"`` (a number) or ``"choice"`` (an option letter).
-ANSWER_KINDS: dict[str, str] = {
-    "gsm8k": "numeric",
-    "synthetic": "numeric",
-    "commonsenseqa": "choice",
-    "aqua_rat": "choice",
-}
-#: Instruction line of each benchmark.
-INSTRUCTIONS: dict[str, str] = {
-    name: INSTRUCTION_NUMERIC if kind == "numeric" else INSTRUCTION_CHOICE for name, kind in ANSWER_KINDS.items()
-}
+#: Instruction line of each answer kind (a benchmark's kind is in :mod:`lesft.data.registry`).
+INSTRUCTIONS: dict[str, str] = {"numeric": INSTRUCTION_NUMERIC, "choice": INSTRUCTION_CHOICE}
 
 
 def _answer_kind(dataset: str) -> str:
-    try:
-        return ANSWER_KINDS[dataset]
-    except KeyError:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(ANSWER_KINDS)}") from None
+    return answer_kind(dataset)
 
 
 def format_question(dataset: str, question: str, options: list[tuple[str, str]] | None = None) -> str:
@@ -75,7 +65,7 @@ def format_question(dataset: str, question: str, options: list[tuple[str, str]] 
         raise ValueError(f"{dataset} has numeric answers: options must be None")
     lines = [question.strip()]
     lines += [f"({label}) {text.strip()}" for label, text in options or ()]
-    lines.append(INSTRUCTIONS[dataset])
+    lines.append(INSTRUCTIONS[kind])
     return "\n".join(lines)
 
 
