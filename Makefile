@@ -25,6 +25,7 @@ bench: setup               ## speed/size targets, printed as measured ratios
 	$(PY) bench/bench_eval.py
 	$(PY) bench/bench_transport.py
 	$(PY) bench/bench_clients.py
+	$(PY) bench/bench_generate.py
 
 clean:
 	rm -rf runs .pytest_cache

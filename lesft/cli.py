@@ -1,4 +1,5 @@
-"""Command line: ``lesft train | eval | distill | sweep | report | demo | server | client | join | export | audit``.
+"""Command line: ``lesft train | eval | generate | distill | sweep | report | demo | server | client | join | export |
+audit``.
 
 Configuration = defaults <- YAML file (``--config``) <- command-line flags, e.g.::
 
@@ -88,6 +89,31 @@ def _eval(args: argparse.Namespace) -> int:
     lo, hi = r["ci95"]
     print(f"{r['dataset']}/{r['split']} ({r['mode']}): accuracy {r['accuracy']:.1%} "
           f"[95% CI {lo:.1%}, {hi:.1%}] on {r['n']} questions -> {r['out']}")
+    return 0
+
+
+# ---------------------------------------------------------------- generate
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    from lesft.config import _parse_bool
+    from lesft.generation import GenerateConfig
+
+    p.add_argument("--run", required=True, help="a `lesft train` output directory (model, split, adapter)")
+    p.add_argument("--adapter", help="peft adapter directory; default: RUN/adapter")
+    add_dataclass_args(p, GenerateConfig)
+    for flag, what in (("label_privacy", "U-shaped: the client holds the final norm and head and picks the tokens"),
+                       ("chat_template", "wrap prompts in the tokenizer's chat template")):
+        p.add_argument(f"--{flag}", dest=flag, type=_parse_bool, nargs="?", const=True, default=None,
+                       metavar="BOOL", help=f"{what} (default: as the run trained)")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from lesft.generation import GenerateConfig, run_generate
+
+    own = ("run", "adapter", "label_privacy", "chat_template")
+    run_generate(from_dict(GenerateConfig, _overrides(args, own), source="command line"), args.run, args.adapter,
+                 args.label_privacy, args.chat_template)
     return 0
 
 
@@ -231,6 +257,8 @@ def _audit(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "train": Command("train one method; writes config, metrics, summary and adapter to --out", _train_args, _train),
     "eval": Command("accuracy of a base model + adapter (or a training run) on a benchmark", _eval_args, _eval),
+    "generate": Command("complete prompts through the split, as deployed: the client part and the server part "
+                        "of a run in this process, each with its own KV cache", _generate_args, _generate),
     "distill": Command("teacher chain-of-thought targets, kept where the answer is correct", _distill_args, _distill),
     "sweep": Command("grid of trainings (+ evaluations) from a YAML spec; resumable", _sweep_args, _sweep),
     "report": Command("tables + figures of a sweep directory -> DIR/report.md, runs.csv, figures/",

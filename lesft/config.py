@@ -245,6 +245,12 @@ class EvalConfig:
         default="The answer is ({letter}).",
     )
     seed: int = _help("Seed of the question sample (when --limit is smaller than the split).", default=0)
+    split_inference: bool = _help(
+        "Generate through the split, as deployed (needs a run directory): the client part with its LoRA and the "
+        "server part with the server LoRA, each with its own KV cache, linked by a counting loopback; eval.json "
+        "gets the measured cost under 'inference'. Label-private runs pick the tokens on the client.",
+        default=False,
+    )
     progress: bool = _help("Show a progress bar over the questions.", default=True)
     out: str | None = _help(
         "Folder for predictions.jsonl and eval.json (None: RUN_DIR/eval with a run directory, else nothing "
@@ -264,6 +270,8 @@ class EvalConfig:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]
+        if self.split_inference and self.mode != "generate":
+            raise ValueError("split_inference runs mode 'generate' only")
         if "{letter}" not in self.choice_template:
             raise ValueError(f"choice_template must contain '{{letter}}', got {self.choice_template!r}")
 

@@ -128,6 +128,7 @@ def generate(
     progress: bool = False,
 ) -> list[str]:
     """Completions of ``prompts`` (greedy when ``temperature`` is 0, else sampled) (full model inputs, e.g. from :func:`render_prompt`), in order.
+    ``model`` is an HF causal LM or a :class:`lesft.generation.SplitGenerator` (the same ``generate`` call).
 
     Prompts are sorted by token length (longest first) and batched, left-padded with an attention mask
     (``tokenizer.padding_side`` is set to ``"left"`` for the call and restored), and generated with the
@@ -302,7 +303,8 @@ def evaluate_rows(
     """Evaluate ``model`` on every row (``id, prompt, answer``); write ``cfg.out`` files when set.
 
     Returns ``{"dataset", "split", "mode", "n", "correct", "accuracy", "ci95", "questions_per_s",
-    "wall_s"}`` (``wall_s``: generation/scoring plus extraction, model loading excluded). ``meta`` is
+    "wall_s"}`` (``wall_s``: generation/scoring plus extraction, model loading excluded), and ``"inference"`` (its
+    measured bytes and times) when ``model`` is a :class:`lesft.generation.SplitGenerator`. ``meta`` is
     added to ``eval.json`` only. ``cfg.limit`` is not applied here (the caller picks the rows).
     """
     extract_answer, is_correct = _extract(dataset)
@@ -342,6 +344,7 @@ def evaluate_rows(
     else:
         raise ValueError(f"mode must be 'generate' or 'loglik', got {cfg.mode!r}")
     wall = time.perf_counter() - t0
+    inference = model.inference_stats() if hasattr(model, "inference_stats") else None  # split generation
 
     n = len(records)
     correct = sum(r["correct"] for r in records)
@@ -356,6 +359,7 @@ def evaluate_rows(
         "ci95": [lo, hi],
         "questions_per_s": n / wall if wall > 0 else 0.0,
         "wall_s": wall,
+        **({"inference": inference} if inference is not None else {}),
     }
     if cfg.out:
         out = Path(cfg.out)
@@ -455,8 +459,15 @@ def run_eval(
     CommonsenseQA with ``split`` left at ``test`` (unlabelled) is evaluated on ``validation``.
     """
     cfg, model, adapter, rows = prepare_eval(cfg, model, adapter, run_dir)
-    lm, tokenizer = load_for_eval(model, adapter)
-    meta = {"model": model, "adapter": adapter, "run_dir": run_dir}
+    if cfg.split_inference:
+        if run_dir is None:
+            raise ValueError("split_inference needs a run directory (--run): its config says where the model is cut")
+        from lesft.generation import in_process
+
+        lm, tokenizer, _ = in_process(run_dir, adapter)
+    else:
+        lm, tokenizer = load_for_eval(model, adapter)
+    meta = {"model": model, "adapter": adapter, "run_dir": run_dir, "split_inference": cfg.split_inference}
     result = evaluate_rows(lm, tokenizer, rows, cfg.dataset, cfg, meta=meta)
     return dict(result, **meta, out=cfg.out)
 

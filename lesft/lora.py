@@ -7,6 +7,7 @@ renumbers them to the full model's layers so ``PeftModel.from_pretrained(base, o
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -155,6 +156,53 @@ def check_target_modules(model: nn.Module, layers_path: str, args: LoraArgs) -> 
         have = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise ValueError(f"lora.target_modules {unmatched} match no linear module of this model's decoder layers; "
                          f"its linear modules are {have}: set e.g. --lora.target_modules {' '.join(have[:3])}")
+
+
+
+def adapter_args(adapter_dir: str | Path) -> tuple[LoraArgs, dict[str, torch.Tensor]]:
+    """The :class:`LoraArgs` and tensors (peft's file keys) of a peft adapter directory."""
+    d = Path(adapter_dir)
+    f, c = d / "adapter_model.safetensors", d / "adapter_config.json"
+    if not f.is_file() or not c.is_file():
+        raise FileNotFoundError(f"{d} is not an adapter directory (adapter_model.safetensors + adapter_config.json)")
+    conf = json.loads(c.read_text())
+    args = LoraArgs(r=int(conf["r"]), alpha=int(conf["lora_alpha"]), dropout=0.0,
+                    target_modules=sorted(conf["target_modules"]))
+    return args, load_file(str(f))
+
+
+def part_state(tensors: dict[str, torch.Tensor], first_layer: int, n_layers: int, layers_path: str
+               ) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`full_model_keys` for one part: the tensors of layers ``[first, first + n)``, keyed
+    ``layers.{local index}.rest``; tensors of other layers are left out (a side reads only its own)."""
+    out = {}
+    pattern = re.compile(rf"base_model\.model\.{re.escape(layers_path)}\.(\d+)\.(.+)$")
+    for k, v in tensors.items():
+        m = pattern.match(k)
+        if m is not None and first_layer <= int(m.group(1)) < first_layer + n_layers:
+            out[f"layers.{int(m.group(1)) - first_layer}.{m.group(2)}"] = v
+    return out
+
+
+@torch.no_grad()
+def merge_lora(part: nn.Module, state: dict[str, torch.Tensor], args: LoraArgs) -> nn.Module:
+    """Fold ``state`` (``lora_state`` keys) into ``part``'s weights, in place, as peft's ``merge_and_unload``
+    does (the same merge, so the same weights): adapters are injected, loaded, merged and removed again.
+    Nothing to merge (an empty state) leaves the part as it is."""
+    if not state:
+        return part
+    add_lora(part, args)
+    load_lora_state(part, state)
+    from peft.tuners.lora import LoraLayer
+
+    for name, m in list(part.named_modules()):
+        if isinstance(m, LoraLayer):
+            m.merge()
+            parent, _, leaf = name.rpartition(".")
+            setattr(part.get_submodule(parent) if parent else part, leaf, m.get_base_layer())
+    for p in part.parameters():
+        p.requires_grad_(False)
+    return part
 
 
 merge_adapters = join_adapters  # the name before `lesft merge` became `lesft join`

@@ -82,8 +82,34 @@ class AdapterBroadcast:
     tensors: dict[str, torch.Tensor]
 
 
-Message = Activations | ActivationGrad | AdapterUpload | AdapterBroadcast
-_KINDS = {c.kind: c for c in (Activations, ActivationGrad, AdapterUpload, AdapterBroadcast)}
+@dataclass
+class GenStep:
+    """client -> server, split generation: the cut-layer hidden states of one step of session ``session``.
+    Step 0 (prefill): the whole left-padded prompt [B, T, H] and its ``attention_mask`` [B, T] (bool: True = token,
+    so that no integer tensor ever reaches the server); every later
+    step: [B, 1, H] for the token just picked, nothing else (the server extends mask and positions itself)."""
+
+    kind: ClassVar[str] = "gen_step"
+    session: str
+    step: int
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+
+
+@dataclass
+class GenReply:
+    """server -> client, split generation: the next token id of every row, ``tokens`` [B] (int64), or in
+    label-private mode the last position's last-layer hidden states, ``hidden`` [B, 1, H], and no token."""
+
+    kind: ClassVar[str] = "gen_reply"
+    session: str
+    step: int
+    tokens: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
+Message = Activations | ActivationGrad | AdapterUpload | AdapterBroadcast | GenStep | GenReply
+_KINDS = {c.kind: c for c in (Activations, ActivationGrad, AdapterUpload, AdapterBroadcast, GenStep, GenReply)}
 # Floating tensors of these fields travel at the wire dtype; adapters always travel as they are.
 _WIRE_CAST = {"hidden", "grad"}
 

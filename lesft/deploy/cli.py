@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lesft.config import TrainConfig, add_dataclass_args, apply_overrides, from_dict, load_yaml
+from lesft.deploy import generation
 from lesft.deploy.wire import NetArgs
 
 _OWN = ("command", "config", "listen", "tokens", "server", "token", "token_file", "client_id", "take_share",
@@ -47,6 +48,7 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop after this many finished rounds (0: serve until interrupted)")
     add_dataclass_args(p, TrainConfig)
     add_dataclass_args(p, NetArgs)
+    generation.add_server_arguments(p)
 
 
 def add_client_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +62,7 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
                         "(experiments on one machine); default: every row of --data is this device's")
     add_dataclass_args(p, TrainConfig)
     add_dataclass_args(p, NetArgs)
+    generation.add_client_arguments(p)
 
 
 def build_service(cfg: TrainConfig, net: NetArgs, clients: list[int], out: Path | None):
@@ -86,13 +89,18 @@ def run_server(args: argparse.Namespace) -> int:
     from lesft.deploy.service import serve
     from lesft.deploy.wire import load_tokens, server_credentials
 
+    mode, adapter, limits = generation.pop_server_args(args)
     cfg, net = _split_args(args)
     server_credentials(args.listen, net)  # refuse plaintext on a public address before loading anything
     tokens = load_tokens(args.tokens, cfg.clients)
+    if mode == "only":
+        return generation.run_generation_only(cfg, net, tokens, args.listen, adapter, limits)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     service = build_service(cfg, net, sorted(set(tokens.values())), out)
-    server, port = serve(service, args.listen, net, tokens)
+    gen = generation.build_generation(cfg, generation.server_adapter(adapter, cfg.out), limits) if mode == "on" else None
+    handlers = (generation.generation_handler(gen, tokens, net, cfg.wire_dtype),) if gen is not None else ()
+    server, port = serve(service, args.listen, net, tokens, handlers=handlers)
     host = args.listen.rsplit(":", 1)[0]
     print(f"lesft server: serving {cfg.method} ({len(tokens)} clients) on {host}:{port}, state in {out}", flush=True)
     stop = threading.Event()
@@ -133,6 +141,9 @@ def run_client(args: argparse.Namespace) -> int:
     from lesft import methods
     from lesft.deploy.wire import channel, client_token
 
+    action, flags = generation.pop_client_action(args)
+    if action == "generate":
+        return generation.run_client_generate(args, flags)
     cfg, net = _split_args(args)
     cfg = methods.resolve(cfg)
     channel(args.server, net).close()  # refuse plaintext to a public address before loading anything

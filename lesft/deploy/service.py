@@ -555,8 +555,9 @@ def _deadline(context: grpc.ServicerContext, seconds: float, reason: str) -> Ite
 
 
 def serve(service: SplitService, address: str, net: NetArgs, tokens: dict[str, int],
-          workers: int | None = None) -> tuple[grpc.Server, int]:
-    """Start the gRPC server on ``address`` (``HOST:PORT``, port 0 = any free one); returns (server, port)."""
+          workers: int | None = None, handlers: tuple = ()) -> tuple[grpc.Server, int]:
+    """Start the gRPC server on ``address`` (``HOST:PORT``, port 0 = any free one); returns (server, port).
+    ``handlers``: more services on the same port (``lesft.deploy.generation.generation_handler``)."""
     check_tokens(tokens)
     admission = service.admission = Admission(net.max_streams, int(net.max_inflight_mb * MB))  # (tests read it)
 
@@ -629,7 +630,7 @@ def serve(service: SplitService, address: str, net: NetArgs, tokens: dict[str, i
     # every client may hold max_streams workers; 4 more for callers that are refused at once
     pool = workers or net.max_streams * max(len(service.known), 1) + 4
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=pool), options=net.grpc_options())
-    server.add_generic_rpc_handlers((handler,))
+    server.add_generic_rpc_handlers((handler, *handlers))
     creds = server_credentials(address, net)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:

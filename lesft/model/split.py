@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 _MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
@@ -100,16 +100,19 @@ def _run_layers(
     hidden: torch.Tensor,
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
+    cache: Cache | None = None,
 ) -> torch.Tensor:
-    """Apply ``layers`` (global indices ``first..``) the way the model's own forward does."""
+    """Apply ``layers`` (global indices ``first..``) the way the model's own forward does. With ``cache`` (a
+    ``DynamicCache(config=...)`` indexed by global layer), keys and values are appended to it and the masks are
+    sized against this part's own layers of each kind (the model's forward sizes them against its first)."""
     if len(layers) == 0:
         return hidden
-    kinds = {layer_types[first + i] for i in range(len(layers))}
-    mask_kwargs = dict(
-        config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
-        position_ids=position_ids,
-    )
-    masks = {kind: _MASKS[kind](**mask_kwargs) for kind in kinds}
+    first_of = {}
+    for i in range(first, first + len(layers)):
+        first_of.setdefault(layer_types[i], i)
+    masks = {kind: _MASKS[kind](config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache,
+                                position_ids=position_ids, layer_idx=idx if cache is not None else None)
+             for kind, idx in first_of.items()}
     pos_emb = rotary(hidden, position_ids)
     for i, layer in enumerate(layers):
         hidden = layer(
@@ -117,8 +120,8 @@ def _run_layers(
             attention_mask=masks[layer_types[first + i]],
             position_embeddings=pos_emb,
             position_ids=position_ids,
-            cache=None,
-            use_cache=False,
+            cache=cache,
+            use_cache=cache is not None,
         )
     return hidden
 
@@ -135,13 +138,17 @@ class ClientPart(nn.Module):
         self.layer_types = layout.layer_types
         self.first_layer = 0
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``input_ids``/``attention_mask`` [B, T] -> (hidden [B, T, H], position_ids [B, T])."""
-        # Same positions as the unsplit model's default (0..T-1, batches are right-padded).
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None = None, cache: Cache | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids`` [B, T], ``attention_mask`` [B, T(+cached)] -> (hidden [B, T, H], position_ids [B, T]).
+        Positions default to the unsplit model's 0..T-1 (training batches are right-padded); generation passes
+        its own, with a KV ``cache``."""
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         hidden = self.embed_tokens(input_ids)
         hidden = _run_layers(self.layers, 0, self.layer_types, self.rotary_emb, self.config, hidden,
-                             attention_mask, position_ids)
+                             attention_mask, position_ids, cache)
         return hidden, position_ids
 
 
@@ -183,10 +190,12 @@ class ServerPart(nn.Module):
         self.layer_types = layout.layer_types
         self.first_layer = k
 
-    def middle(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """hidden [B, T, H] at the cut -> hidden [B, T, H] after the last decoder layer (before the norm)."""
+    def middle(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+               cache: Cache | None = None) -> torch.Tensor:
+        """hidden [B, T, H] at the cut -> hidden [B, T, H] after the last decoder layer (before the norm);
+        with a KV ``cache`` (generation) the keys and values are appended to it."""
         return _run_layers(self.layers, self.first_layer, self.layer_types, self.rotary_emb, self.config,
-                           hidden, attention_mask, position_ids)
+                           hidden, attention_mask, position_ids, cache)
 
     def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
