@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import self_signed
 from safetensors.torch import load_file
 
 from lesft import methods
@@ -369,26 +370,7 @@ def test_label_private_server_refuses_labels(live) -> None:
 
 def test_tls_on_loopback_with_a_self_signed_certificate(live, tmp_path, assets, server_model) -> None:
     """A TLS server (certificate for localhost) accepts a client that trusts its CA and refuses one that does not."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                         serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()))
+    self_signed(tmp_path)
     _, cfg, _, service = live
     tls = NetArgs(tls_cert=str(tmp_path / "cert.pem"), tls_key=str(tmp_path / "key.pem"), retries=0, timeout_s=5)
     server, port = serve(service, "localhost:0", tls, {T0: 0})

@@ -20,7 +20,6 @@ import argparse
 import json
 import threading
 import time
-from concurrent import futures
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import grpc
 
 from lesft.config import add_dataclass_args, from_dict
 from lesft.deploy.wire import (MB, MessageTooLarge, NetArgs, bearer, channel, check_tokens, chunks, join, metadata,
-                              server_credentials)
+                              start_server)
 from lesft.generation import GenerateConfig, GenerationServer, SessionError, SessionLimits, cut
 from lesft.messages import GenReply, GenStep, decode, encode_parts, payload_size
 from lesft.transport import Meter
@@ -105,14 +104,7 @@ def generation_handler(gen: GenerationServer, tokens: dict[str, int], net: NetAr
 def serve_generation(gen: GenerationServer, address: str, net: NetArgs, tokens: dict[str, int],
                      wire_dtype: str = "fp32", workers: int = 16) -> tuple[grpc.Server, int]:
     """A gRPC server with the generation service only, started on ``address``; returns (server, port)."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=net.grpc_options())
-    server.add_generic_rpc_handlers((generation_handler(gen, tokens, net, wire_dtype),))
-    creds = server_credentials(address, net)
-    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not listen on {address}")
-    server.start()
-    return server, port
+    return start_server((generation_handler(gen, tokens, net, wire_dtype),), address, net, workers)
 
 
 def build_generation(cfg: Any, adapter: str | None, limits: SessionLimits) -> GenerationServer:

@@ -28,7 +28,6 @@ import json
 import threading
 import time
 from collections import defaultdict, deque
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -39,7 +38,7 @@ import torch
 from lesft.checkpoint import _load_optimizer, _optimizer_state, open_checkpoint, write_checkpoint
 from lesft.config import TrainConfig, to_dict
 from lesft.deploy.wire import (EXCHANGE, EXCHANGE_ONE, HELLO, MB, MessageTooLarge, NetArgs, bearer, check_tokens,
-                               chunks, join, server_credentials)
+                               chunks, join, start_server)
 from lesft.lora import export_adapter, load_lora_state, lora_state
 from lesft.messages import Activations, ActivationGrad, Message, PathBatch, decode, encode_parts, payload_size
 from lesft.roles import SplitServer
@@ -629,11 +628,4 @@ def serve(service: SplitService, address: str, net: NetArgs, tokens: dict[str, i
     assert HELLO.endswith("/Hello") and EXCHANGE.endswith("/Exchange") and EXCHANGE_ONE.endswith("/ExchangeOne")
     # every client may hold max_streams workers; 4 more for callers that are refused at once
     pool = workers or net.max_streams * max(len(service.known), 1) + 4
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=pool), options=net.grpc_options())
-    server.add_generic_rpc_handlers((handler, *handlers))
-    creds = server_credentials(address, net)
-    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not listen on {address}")
-    server.start()
-    return server, port
+    return start_server((handler, *handlers), address, net, pool)

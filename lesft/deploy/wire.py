@@ -16,6 +16,7 @@ import os
 import secrets
 import stat
 import sys
+from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -157,6 +158,20 @@ def server_credentials(address: str, net: NetArgs) -> grpc.ServerCredentials | N
         raise ValueError(f"refusing to serve {address} without TLS: give --tls_cert and --tls_key, or --insecure "
                          "to accept plaintext (only on a network you trust)")
     return None
+
+
+def start_server(handlers: Iterable[grpc.GenericRpcHandler], address: str, net: NetArgs, workers: int
+                 ) -> tuple[grpc.Server, int]:
+    """A gRPC server with ``handlers`` and ``workers`` threads, listening on ``address`` (TLS unless plaintext
+    is allowed there) and started; returns (server, port)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=net.grpc_options())
+    server.add_generic_rpc_handlers(tuple(handlers))
+    creds = server_credentials(address, net)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not listen on {address}")
+    server.start()
+    return server, port
 
 
 def channel(address: str, net: NetArgs) -> grpc.Channel:
