@@ -35,22 +35,28 @@ def make_run(root: Path, tokenizer, arch: str = "llama", k: int = 2, label_priva
     if not mdir.exists():
         model.save_pretrained(mdir)
         tokenizer.save_pretrained(mdir)
-    bottom, top, layout = split_model(copy.deepcopy(model), k)
     args = LoraArgs(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
-    torch.manual_seed(1)
+    run = root / f"run-{arch}-{k}-{label_privacy}-{tie}"
+    write_random_lora_run(copy.deepcopy(model), k, args, 1, 0.3, run, str(mdir), str(k), label_privacy)
+    return run
+
+
+def write_random_lora_run(model, k: int, args: LoraArgs, seed: int, std: float, run: Path, base: str,
+                          client_layers: str, label_privacy: bool) -> None:
+    """``run``: config.yaml + adapter/ of ``model`` cut at ``k`` with a seeded N(0, std) LoRA on both parts
+    (``model`` is consumed)."""
+    bottom, top, layout = split_model(model, k)
+    torch.manual_seed(seed)
     add_lora(bottom, args)
     add_lora(top, args)
     with torch.no_grad():
         for part in (bottom, top):
             for n, p in part.named_parameters():
                 if "lora_" in n:
-                    p.normal_(0, 0.3)
-    run = root / f"run-{arch}-{k}-{label_privacy}-{tie}"
-    export_adapter([(lora_state(bottom), 0), (lora_state(top), k)], layout.layers_path, args, run / "adapter",
-                   str(mdir))
-    save_yaml(methods.resolve(TrainConfig(method="sl", model=str(mdir), client_layers=str(k),
+                    p.normal_(0, std)
+    export_adapter([(lora_state(bottom), 0), (lora_state(top), k)], layout.layers_path, args, run / "adapter", base)
+    save_yaml(methods.resolve(TrainConfig(method="sl", model=base, client_layers=client_layers,
                                           label_privacy=label_privacy, lora=args)), run / "config.yaml")
-    return run
 
 
 def merged(run: Path):
@@ -251,23 +257,9 @@ def test_smollm2_split_generation_equals_the_merged_model(tmp_path, lp):
     from lesft.model.load import load_model
 
     model, tok = load_model("smollm2-135m")
-    k = 7
-    bottom, top, layout = split_model(model, k)
-    args = LoraArgs(r=4, alpha=8, dropout=0.0)
-    torch.manual_seed(0)
-    add_lora(bottom, args)
-    add_lora(top, args)
-    with torch.no_grad():
-        for part in (bottom, top):
-            for n, p in part.named_parameters():
-                if "lora_" in n:
-                    p.normal_(0, 0.02)
     run = tmp_path / "run"
-    export_adapter([(lora_state(bottom), 0), (lora_state(top), k)], layout.layers_path, args, run / "adapter",
-                   "smollm2-135m")
-    save_yaml(methods.resolve(TrainConfig(method="sl", model="smollm2-135m", client_layers="1/4",
-                                          label_privacy=lp, lora=args)), run / "config.yaml")
-    del model, bottom, top
+    write_random_lora_run(model, 7, LoraArgs(r=4, alpha=8, dropout=0.0), 0, 0.02, run, "smollm2-135m", "1/4", lp)
+    del model
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
                for q in ("What is 12 + 7?", "Name a colour.", "Tom has 3 apples and buys 4 more. How many now?")]
     ref = merged(run)
