@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import threading
-import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ from typing import Any
 import grpc
 
 from lesft.config import add_dataclass_args, from_dict
-from lesft.deploy.wire import (MB, MessageTooLarge, NetArgs, bearer, channel, check_tokens, chunks, join, metadata,
-                              start_server)
+from lesft.deploy.wire import (MB, MessageTooLarge, NetArgs, bearer, call_with_retries, channel, check_tokens, chunks,
+                              join, metadata, start_server)
 from lesft.generation import GenerateConfig, GenerationServer, SessionError, SessionLimits, cut
 from lesft.messages import GenReply, GenStep, decode, encode_parts, payload_size
 from lesft.transport import Meter
@@ -190,18 +189,11 @@ class RemoteGen:
         self._stream = self.channel.stream_stream(f"/{SERVICE}/StepStream")
 
     def _call(self, what: str, fn):
-        delay = self.net.backoff_s
-        for attempt in range(self.net.retries + 1):
-            try:
-                return fn()
-            except grpc.RpcError as e:
-                if e.code() in RETRY and attempt < self.net.retries:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 30.0)
-                    continue
-                raise RemoteError(f"generation server {self.address} refused {what}: {e.code().name}: "
-                                  f"{e.details()}") from None
-        raise AssertionError("unreachable")
+        try:
+            return call_with_retries(fn, self.net, RETRY)
+        except grpc.RpcError as e:
+            raise RemoteError(f"generation server {self.address} refused {what}: {e.code().name}: "
+                              f"{e.details()}") from None
 
     def open(self, params: dict[str, Any]) -> str:
         reply = self._call("open", lambda: self._open(json.dumps(params).encode(), metadata=self.metadata,

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from typing import Any
 
 import grpc
 import torch
 
 from lesft.config import TrainConfig, to_dict
-from lesft.deploy.wire import EXCHANGE, EXCHANGE_ONE, HELLO, MB, NetArgs, channel, chunks, join, metadata
+from lesft.deploy.wire import (EXCHANGE, EXCHANGE_ONE, HELLO, MB, NetArgs, call_with_retries, channel, chunks, join,
+                              metadata)
 from lesft.exchange import Resync
 from lesft.messages import Message, decode, encode_parts, payload_size
 from lesft.roles import Client, SliceLoss
@@ -47,25 +47,18 @@ class RemoteSplit:
     # ------------------------------------------------------------------ calls with retries
 
     def _retry(self, what: str, fn):
-        delay = self.net.backoff_s
-        for attempt in range(self.net.retries + 1):
-            try:
-                return fn()
-            except grpc.RpcError as e:
-                code = e.code()
-                if code in RETRY and attempt < self.net.retries:
-                    time.sleep(delay)
-                    delay = min(delay * 2, 30.0)
-                    continue
-                if code == grpc.StatusCode.FAILED_PRECONDITION and "resync" in (e.details() or ""):
-                    raise Resync(self.join()) from None
-                if code == grpc.StatusCode.INTERNAL and "failed on the server" in (e.details() or ""):
-                    # the step failed for a reason no client's message explains: the server went on without
-                    # it, so does this client (the round is recorded as skipped)
-                    print(f"lesft client: {e.details()}; continuing at the next round", flush=True)
-                    raise Resync(self.join()) from None
-                raise RemoteError(f"split server {self.address} refused {what}: {code.name}: {e.details()}") from None
-        raise AssertionError("unreachable")
+        try:
+            return call_with_retries(fn, self.net, RETRY)
+        except grpc.RpcError as e:
+            code = e.code()
+            if code == grpc.StatusCode.FAILED_PRECONDITION and "resync" in (e.details() or ""):
+                raise Resync(self.join()) from None
+            if code == grpc.StatusCode.INTERNAL and "failed on the server" in (e.details() or ""):
+                # the step failed for a reason no client's message explains: the server went on without
+                # it, so does this client (the round is recorded as skipped)
+                print(f"lesft client: {e.details()}; continuing at the next round", flush=True)
+                raise Resync(self.join()) from None
+            raise RemoteError(f"split server {self.address} refused {what}: {code.name}: {e.details()}") from None
 
     def hello(self, leaving: bool = False) -> dict[str, Any]:
         info = json.dumps({"config": to_dict(self.cfg), "leaving": leaving}).encode()

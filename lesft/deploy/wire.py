@@ -16,6 +16,7 @@ import os
 import secrets
 import stat
 import sys
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,20 @@ def start_server(handlers: Iterable[grpc.GenericRpcHandler], address: str, net: 
         raise OSError(f"could not listen on {address}")
     server.start()
     return server, port
+
+
+def call_with_retries(fn: Callable[[], object], net: NetArgs, retryable: set[grpc.StatusCode]):
+    """``fn()``, retried ``net.retries`` times on the ``retryable`` status codes with exponential backoff
+    (``net.backoff_s``, doubling, at most 30 s); any other error, or the last one, is raised."""
+    delay = net.backoff_s
+    for attempt in range(net.retries + 1):
+        try:
+            return fn()
+        except grpc.RpcError as e:
+            if e.code() not in retryable or attempt == net.retries:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 def channel(address: str, net: NetArgs) -> grpc.Channel:
