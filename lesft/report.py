@@ -39,6 +39,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -115,8 +116,10 @@ class Run:
         return e["accuracy"], e["ci95"][0], e["ci95"][1], e["n"]
 
 
+    @cached_property
     def predictions(self) -> dict[str, tuple[bool, list[str]]]:
-        """``{question id: (correct, problem keys)}`` from ``eval/predictions.jsonl`` (empty without one)."""
+        """``{question id: (correct, problem keys)}`` from ``eval/predictions.jsonl`` (empty without one), read
+        once per report (the paired comparison and the contamination check both use it)."""
         p = self.dir / "eval" / "predictions.jsonl"
         if not p.is_file():
             return {}
@@ -523,7 +526,7 @@ class ReportError(ValueError):
 
 def _aligned(run: Run, base: Run) -> tuple[list[bool], list[bool]]:
     """Per-question correctness of ``run`` and ``base`` in one question order; refuses different questions."""
-    a, b = run.predictions(), base.predictions()
+    a, b = run.predictions, base.predictions
     if not a or not b:
         missing = run if not a else base
         raise ReportError(f"`{missing.name}` has no eval/predictions.jsonl: evaluate it (lesft sweep ... again) "
@@ -582,7 +585,7 @@ def _contamination(runs: list[Run], problems: list[str]) -> list[str]:
     evaluated: dict[str, list[str]] = {}
     without_keys = 0
     for r in runs:
-        for qid, (_, keys) in r.predictions().items():
+        for qid, (_, keys) in r.predictions.items():
             evaluated.setdefault(qid, keys)
             without_keys += not keys
     if not evaluated:
