@@ -20,6 +20,8 @@ Tables:
   the config is missing).
 * **LESFT token classes**: the share and mean weight of salient / sub-salient / irrelevant target
   tokens in the last round (metrics.jsonl ``token_classes``), averaged over runs.
+* **Answers**: per cell, the shares of correct answers, arithmetic slips, reasoning errors and answers
+  without an equation (:mod:`lesft.errors`), with the answers' length and shape.
 
 Figures (when the key varies): accuracy vs split point (client_layers), vs samples per client
 (per_client), vs number of clients (clients); ablation bars for ``paths`` and ``lesft.weighting``;
@@ -47,6 +49,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 
 from lesft.data.contamination import TRAIN_KEYS_FILE, overlap, read_train_keys
+from lesft.errors import ERROR_KINDS, describe
 from lesft.stats import paired_bootstrap, paired_comparison, seed_spread, wilson_ci
 
 __all__ = ["write_report", "add_arguments", "command", "main"]
@@ -117,18 +120,17 @@ class Run:
 
 
     @cached_property
-    def predictions(self) -> dict[str, tuple[bool, list[str]]]:
-        """``{question id: (correct, problem keys)}`` from ``eval/predictions.jsonl`` (empty without one), read
-        once per report (the paired comparison and the contamination check both use it)."""
+    def records(self) -> list[dict[str, Any]]:
+        """The lines of ``eval/predictions.jsonl`` (empty without one), read once per report."""
         p = self.dir / "eval" / "predictions.jsonl"
         if not p.is_file():
-            return {}
-        out = {}
-        for line in p.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                out[str(rec["id"])] = (bool(rec["correct"]), list(rec.get("keys") or []))
-        return out
+            return []
+        return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    @cached_property
+    def predictions(self) -> dict[str, tuple[bool, list[str]]]:
+        """``{question id: (correct, problem keys)}`` (the paired comparison and the contamination check)."""
+        return {str(rec["id"]): (bool(rec["correct"]), list(rec.get("keys") or [])) for rec in self.records}
 
     @property
     def seed_key(self) -> tuple[Any, Any]:
@@ -647,6 +649,29 @@ def _token_table(runs: list[Run], lay: Layout) -> list[str]:
     return _md_table(head, body)
 
 
+def _answers_table(runs: list[Run], lay: Layout) -> list[str]:
+    """Per cell, what the answers got wrong (:func:`lesft.errors.error_kind`) and their shape, pooled over the
+    cell's runs (generated answers only)."""
+    body = []
+    for row in lay.rows:
+        for col in lay.cols:
+            recs = [rec for r in _members(runs, lay, row, col) for rec in r.records if "completion" in rec]
+            if not recs:
+                continue
+            d = [describe(str(rec["completion"]), bool(rec["correct"])) for rec in recs]
+            n = len(d)
+            line = [row] + ([_col_header(lay, col)] if lay.col_keys else []) + [str(n)]
+            line += [f"{100 * sum(x['kind'] == k for x in d) / n:.1f}" for k in ERROR_KINDS]
+            line += [f"{sum(x['chars'] for x in d) / n:.0f}", f"{sum(x['equations'] for x in d) / n:.2f}",
+                     f"{100 * sum(x['restates'] for x in d) / n:.0f}"]
+            body.append(line)
+    if not body:
+        return []
+    head = ["method"] + ([" · ".join(lay.col_keys)] if lay.col_keys else []) + ["answers"]
+    head += [f"{k} %" for k in ERROR_KINDS] + ["mean chars", "equations / answer", "restates first %"]
+    return _md_table(head, body)
+
+
 # ----------------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------------
@@ -934,6 +959,7 @@ def write_report(sweep_dir: str, baseline: str | None = None) -> Path:
     contamination = _contamination(runs, problems)
     over = _overhead_table(runs, lay)
     tok = _token_table(runs, lay)
+    answers = _answers_table(runs, lay)
     figs = _figures(runs, lay, root / "figures", problems)
 
     n_sum = sum(r.summary is not None for r in runs)
@@ -982,6 +1008,13 @@ def write_report(sweep_dir: str, baseline: str | None = None) -> Path:
         md += ["## LESFT token classes", "",
                "Share of target tokens (%) and their mean weight per class, last round of each run "
                "(metrics.jsonl `token_classes`), mean over runs.", ""] + tok + [""]
+    if answers:
+        md += ["## Answers", "",
+               "What the generated answers got wrong, read from their own equations (`lesft.errors`): *slip*, a "
+               "stated `a op b = c` is false; *reasoning*, every stated equation is true but the answer is wrong "
+               "(a wrong operation, operand or step); *no equation*. Shares of all answers of the cell (seeds "
+               "pooled), with the answers' mean length, equations per answer, and how often the first sentence "
+               "restates the problem (holds no equation).", ""] + answers + [""]
     md += ["## Figures", ""]
     if figs:
         for fname, title in figs:
