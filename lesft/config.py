@@ -361,6 +361,10 @@ class TrainConfig:
         "Inputs used: 'base' (x), 'dual' (x and the forward-only reference x~ = x + solution) or 'reference' (train on x~).",
         default=None,
     )
+    reference: str = _help(
+        "What the reference input x~ adds to the prompt: 'solution' (the row's reference solution; for synthetic "
+        "rows bare equations, phrased unlike the target) or 'target' (the target text itself, so every target "
+        "token can be copied on the reference path).", default="solution")
     loss: str | None = _help(
         "Loss: 'ce' (token-mean cross-entropy), 'lesft' (token-weighted, needs paths=dual) or a name registered "
         "with lesft.objectives.register_objective.", default=None)
@@ -426,6 +430,8 @@ class TrainConfig:
             raise ValueError(f"per_client must be >= 0, got {self.per_client}")
         if self.wire_dtype not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"wire_dtype must be fp32, bf16 or fp16, got {self.wire_dtype!r}")
+        if self.reference not in ("solution", "target"):
+            raise ValueError(f"reference must be 'solution' or 'target', got {self.reference!r}")
         if self.cut_noise < 0:
             raise ValueError(f"cut_noise must be >= 0, got {self.cut_noise}")
         if self.dtype not in ("fp32", "bf16"):

@@ -109,7 +109,8 @@ class Run:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.k, bottom, top, head, self.layers_path = build_parts(cfg, model)
-        samples = [build_sample(tokenizer, r, cfg.paths, cfg.max_length, cfg.chat_template) for r in rows]
+        ref_rows = rows if cfg.reference == "solution" else [{**r, "reference": r["target"]} for r in rows]
+        samples = [build_sample(tokenizer, r, cfg.paths, cfg.max_length, cfg.chat_template) for r in ref_rows]
         parts = split_clients(cfg, rows) if link is None else [list(range(len(rows)))]
         ids = range(len(parts)) if link is None else [client_id or 0]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -299,3 +299,18 @@ def test_per_client_and_dirichlet_partitions_reach_the_clients(tokenizer, tmp_pa
     assert sum(c.n_samples for c in run.clients) == 12 and all(c.n_samples >= 1 for c in run.clients)
     with pytest.raises(ValueError, match="dirichlet:ALPHA"):
         TrainConfig(partition="dirichlet")
+
+
+def test_reference_target_puts_the_target_itself_in_the_reference_input(tokenizer, tmp_path) -> None:
+    from lesft.data.prompts import reference_text, render_prompt
+
+    solution, target = (make_run("lesft", tokenizer, tmp_path / x, reference=x) for x in ("solution", "target"))
+    row = rows(8)[0]
+    for run, text in ((solution, row["reference"]), (target, row["target"])):
+        s = run.clients[0].stream.samples + run.clients[1].stream.samples
+        want = tokenizer(render_prompt(tokenizer, reference_text(row["prompt"], text), True))["input_ids"]
+        assert any(x.ref_ids[:len(want)] == want for x in s)
+        assert all(x.base_ids == y.base_ids for x, y in zip(s, solution.clients[0].stream.samples
+                                                            + solution.clients[1].stream.samples))
+    with pytest.raises(ValueError, match="reference must be 'solution' or 'target'"):
+        cfg_for("lesft", tmp_path, reference="answer")
