@@ -1,6 +1,6 @@
 """Which target tokens LESFT up- and down-weights, by the part of the worked answer they belong to.
 
-For synthetic training rows, runs the untuned model (round 0 of a run) on the reference path x~ and reports,
+For synthetic training rows, runs the untuned model (round 0 of a run; or, with ``--adapter``, a trained one) on the reference path x~ and reports,
 per part of the target (the opening that restates the start, the words of each step, the equations
 ``a op b = c``, the closing "The answer is N."): the number of tokens, the mean reference probability p~, the
 share that is salient (p~ > 0.95) and the mean LESFT weight if no token were sub-salient (irrelevant exponent
@@ -21,7 +21,7 @@ import torch
 from lesft.data.benchmarks import load_benchmark
 from lesft.data.prompts import reference_text, render_prompt, render_target
 from lesft.loss import token_weights
-from lesft.model.load import load_model
+from lesft.evaluate import load_for_eval
 
 PARTS = ("opening", "step words", "equations", "closing")
 _EQUATION = re.compile(r"\d+ [-+*/] \d+ = \d+")
@@ -47,9 +47,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--data_seed", type=int, default=0)
+    ap.add_argument("--adapter", default=None, help="a run's adapter directory: the weights at the end of training")
     args = ap.parse_args()
-    model, tok = load_model(args.model)
-    model.eval()
+    model, tok = load_for_eval(args.model, args.adapter)
     rows = load_benchmark("synthetic", "train", n=args.rows, seed=args.data_seed)
     per: dict[str, list[float]] = {p: [] for p in PARTS}
     for row in rows:
@@ -66,7 +66,8 @@ def main() -> None:
             part = next((name for a, b, name in spans if a <= s < b), None)
             if part is not None and e > s:
                 per[part].append(prob)
-    print(f"{len(rows)} training rows of data_seed {args.data_seed}, untuned {args.model}, reference path\n")
+    who = f"{args.model} + {args.adapter}" if args.adapter else f"untuned {args.model}"
+    print(f"{len(rows)} training rows of data_seed {args.data_seed}, {who}, reference path\n")
     print("| part of the target | tokens | mean p~ | salient % | mean weight (0.6) | mean weight (0.3) |")
     print("|---|---|---|---|---|---|")
     total = sum(len(v) for v in per.values())
