@@ -17,12 +17,13 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["ERROR_KINDS", "equations", "error_kind", "describe"]
+__all__ = ["ERROR_KINDS", "EQUATION", "equations", "error_kind", "describe"]
 
 ERROR_KINDS = ("correct", "slip", "reasoning", "no equation")
 
 _NUMBER = r"(-?\d[\d,]*(?:\.\d+)?)"
-_EQUATION = re.compile(_NUMBER + r"\s*([-+*/×x÷])\s*" + _NUMBER + r"\s*=\s*\$?" + _NUMBER)
+#: One stated ``a op b = c`` (groups: a, op, b, c), anywhere in a text.
+EQUATION = re.compile(_NUMBER + r"\s*([-+*/×x÷])\s*" + _NUMBER + r"\s*=\s*\$?" + _NUMBER)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -34,7 +35,7 @@ def equations(text: str) -> list[tuple[Fraction, str, Fraction, Fraction, bool]]
     """Every ``a op b = c`` in ``text`` as ``(a, op, b, c, true?)``; ``op`` one of ``+ - * /`` (``×``/``x`` read
     as ``*``, ``÷`` as ``/``). A division by zero is false."""
     out = []
-    for m in _EQUATION.finditer(text):
+    for m in EQUATION.finditer(text):
         a, op, b, c = _num(m[1]), m[2], _num(m[3]), _num(m[4])
         op = {"×": "*", "x": "*", "÷": "/"}.get(op, op)
         value = {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b,
@@ -43,14 +44,17 @@ def equations(text: str) -> list[tuple[Fraction, str, Fraction, Fraction, bool]]
     return out
 
 
-def error_kind(completion: str, correct: bool) -> str:
-    """One of :data:`ERROR_KINDS` for an answer whose correctness the evaluation already decided."""
+def _kind(eqs: list[tuple[Fraction, str, Fraction, Fraction, bool]], correct: bool) -> str:
     if correct:
         return "correct"
-    eqs = equations(completion)
     if not eqs:
         return "no equation"
     return "slip" if not all(ok for *_, ok in eqs) else "reasoning"
+
+
+def error_kind(completion: str, correct: bool) -> str:
+    """One of :data:`ERROR_KINDS` for an answer whose correctness the evaluation already decided."""
+    return _kind(equations(completion), correct)
 
 
 def describe(completion: str, correct: bool) -> dict[str, float | str]:
@@ -59,6 +63,6 @@ def describe(completion: str, correct: bool) -> dict[str, float | str]:
     problem before computing)."""
     text = completion.strip()
     first = _SENTENCE_END.split(text, maxsplit=1)[0] if text else ""
-    n_eqs = len(equations(text))
-    return {"kind": error_kind(text, correct), "chars": float(len(text)), "equations": float(n_eqs),
-            "restates": float(n_eqs > 0 and not _EQUATION.search(first))}
+    eqs = equations(text)
+    return {"kind": _kind(eqs, correct), "chars": float(len(text)), "equations": float(len(eqs)),
+            "restates": float(bool(eqs) and not EQUATION.search(first))}

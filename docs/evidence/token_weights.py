@@ -14,17 +14,18 @@ About 1 s per row on one CPU thread with SmolLM2-135M. Quoted in docs/evidence.m
 from __future__ import annotations
 
 import argparse
-import re
 
 import torch
 
 from lesft.data.benchmarks import load_benchmark
-from lesft.data.prompts import reference_text, render_prompt, render_target
-from lesft.loss import token_weights
+from lesft.data.prompts import render_target
+from lesft.data.samples import IGNORE_INDEX, build_sample
+from lesft.errors import EQUATION
 from lesft.evaluate import load_for_eval
+from lesft.loss import token_weights
 
 PARTS = ("opening", "step words", "equations", "closing")
-_EQUATION = re.compile(r"\d+ [-+*/] \d+ = \d+")
+MAX_LENGTH = 512  # long enough that no synthetic row is cut
 
 
 def parts_of(target: str) -> list[tuple[int, int, str]]:
@@ -33,7 +34,7 @@ def parts_of(target: str) -> list[tuple[int, int, str]]:
     first_end = target.index(".") + 1
     closing = target.rindex("The answer is")
     spans = [(0, first_end, "opening"), (closing, len(target), "closing")]
-    eqs = [(m.start(), m.end(), "equations") for m in _EQUATION.finditer(target, first_end, closing)]
+    eqs = [(m.start(), m.end(), "equations") for m in EQUATION.finditer(target, first_end, closing)]
     cut = first_end
     for s, e, _ in eqs:
         spans.append((cut, s, "step words"))
@@ -53,14 +54,15 @@ def main() -> None:
     rows = load_benchmark("synthetic", "train", n=args.rows, seed=args.data_seed)
     per: dict[str, list[float]] = {p: [] for p in PARTS}
     for row in rows:
-        text = render_target(tok, row["target"])
-        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-        target, offsets = enc["input_ids"], enc["offset_mapping"]
-        prompt = tok(render_prompt(tok, reference_text(row["prompt"], row["reference"]), True))["input_ids"]
-        ids = torch.tensor([prompt + target])
+        sample = build_sample(tok, row, "dual", MAX_LENGTH, True)  # the reference path exactly as trained
+        target = [t for t in sample.ref_labels if t != IGNORE_INDEX]
+        enc = tok(render_target(tok, row["target"]), add_special_tokens=False, return_offsets_mapping=True)
+        assert enc["input_ids"] == target, "the target was cut: raise MAX_LENGTH"
+        start = len(sample.ref_ids) - len(target)
         with torch.no_grad():
-            logp = model(ids).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+            logp = model(torch.tensor([sample.ref_ids])).logits[0, start - 1:-1].float().log_softmax(-1)
         p = logp.gather(-1, torch.tensor(target)[:, None])[:, 0].exp()
+        offsets = enc["offset_mapping"]
         spans = parts_of(row["target"])
         for (s, e), prob in zip(offsets, p.tolist()):
             part = next((name for a, b, name in spans if a <= s < b), None)
