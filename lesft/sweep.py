@@ -91,6 +91,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -501,6 +502,19 @@ def _evaluate(d: Path, cfg: TrainConfig, spec: dict[str, Any]) -> dict[str, Any]
     return ev.run_eval(ecfg, model=cfg.model, adapter=None)
 
 
+def _signal_cause(signum: int) -> str:
+    """Why a child killed by signal ``signum`` died, in words (SIGKILL is what the out-of-memory killer sends)."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        return f"killed by signal {signum}"
+    if signum == getattr(signal, "SIGKILL", None):
+        return f"killed by {name}: out of memory, or killed by hand"
+    if signum in (signal.SIGINT, signal.SIGTERM):
+        return f"stopped by {name} before it could checkpoint; the next sweep retries it"
+    return f"killed by {name}"
+
+
 def _spawn(p: Point, threads: int) -> dict[str, Any]:
     """Run one prepared point in a child process (``--jobs``)."""
     t0 = time.perf_counter()
@@ -521,7 +535,7 @@ def _spawn(p: Point, threads: int) -> dict[str, Any]:
                 "error": {"stage": "interrupted", "type": "KeyboardInterrupt", "message": "resumes from its checkpoint"}}
     if err is None:  # killed before it could write one (out of memory, signal)
         tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
-        why = " (killed by a signal: out of memory?)" if rc < 0 else ""
+        why = f" ({_signal_cause(-rc)})" if rc < 0 else ""
         err = {"type": "ChildProcessError", "message": f"exit code {rc}{why}; see {log}", "stage": "process",
                "traceback": tail, "attempts": 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _write_json(p.dir / "error.json", err)

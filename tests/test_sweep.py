@@ -206,3 +206,12 @@ def test_a_field_added_since_a_run_does_not_make_it_stale() -> None:
     old = {k: v for k, v in now.items() if k != "label_privacy"}  # a run made before the field existed
     assert _config_diff(old, now) == []
     assert _config_diff(old, {**now, "label_privacy": True}) == ["label_privacy"]
+
+
+def test_a_killed_child_names_its_signal() -> None:
+    """A Ctrl-C during evaluation (exit -2) is not reported as running out of memory; SIGKILL may be."""
+    from lesft.sweep import _signal_cause
+    assert "SIGINT" in _signal_cause(2) and "memory" not in _signal_cause(2)
+    assert "SIGTERM" in _signal_cause(15) and "retries" in _signal_cause(15)
+    assert "out of memory" in _signal_cause(9)
+    assert _signal_cause(11) == "killed by SIGSEGV"
