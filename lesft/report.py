@@ -91,6 +91,7 @@ class Run:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     eval: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
+    eval_dir: str = "eval"  # the sub-directory its evaluation is read from (``lesft report --eval``)
     # filled by the analysis
     method: str = "?"
     row: str = "?"
@@ -121,8 +122,8 @@ class Run:
 
     @cached_property
     def records(self) -> list[dict[str, Any]]:
-        """The lines of ``eval/predictions.jsonl`` (empty without one), read once per report."""
-        p = self.dir / "eval" / "predictions.jsonl"
+        """The lines of ``EVAL_DIR/predictions.jsonl`` (empty without one), read once per report."""
+        p = self.dir / self.eval_dir / "predictions.jsonl"
         if not p.is_file():
             return []
         return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -253,17 +254,17 @@ def _read_run(run: Run, problems: list[str], want_eval: bool) -> None:
                 bad += 1
         if bad:
             problems.append(f"`{run.name}`: {bad} malformed line(s) in metrics.jsonl (skipped)")
-    ep = d / "eval" / "eval.json"
+    ep = d / run.eval_dir / "eval.json"
     if ep.is_file():
         try:
             e, why = _check_eval(_load_json(ep))
         except ValueError as ex:
             e, why = None, f"not valid JSON ({ex})"
         if why:
-            problems.append(f"`{run.name}`: malformed eval/eval.json: {why}")
+            problems.append(f"`{run.name}`: malformed {run.eval_dir}/eval.json: {why}")
         run.eval = e
     elif want_eval and (run.summary is not None or run.method == "base"):
-        problems.append(f"`{run.name}`: eval/eval.json missing" + _why_missing(run))
+        problems.append(f"`{run.name}`: {run.eval_dir}/eval.json missing" + _why_missing(run))
 
 
 def _why_missing(run: Run) -> str:
@@ -278,7 +279,7 @@ def _why_missing(run: Run) -> str:
     return ""
 
 
-def _collect(root: Path, problems: list[str]) -> tuple[dict[str, Any] | None, list[Run]]:
+def _collect(root: Path, problems: list[str], eval_dir: str = "eval") -> tuple[dict[str, Any] | None, list[Run]]:
     sweep = None
     sp = root / "sweep.json"
     if sp.is_file():
@@ -296,12 +297,13 @@ def _collect(root: Path, problems: list[str]) -> tuple[dict[str, Any] | None, li
                 problems.append(f"sweep.json: a run entry without a name: {str(r)[:100]}")
                 continue
             ov = r.get("overrides") if isinstance(r.get("overrides"), dict) else None
-            runs.append(Run(r["name"], root / r["name"], ov, r.get("status")))
+            runs.append(Run(r["name"], root / r["name"], ov, r.get("status"), eval_dir=eval_dir))
     else:
-        for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "figures"):
+        for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("figures")):
             if any((d / f).exists() for f in RUN_FILES):
-                runs.append(Run(d.name, d, None))
-    want_eval = bool(sweep and isinstance(sweep.get("spec"), dict) and sweep["spec"].get("eval") is not None)
+                runs.append(Run(d.name, d, None, eval_dir=eval_dir))
+    want_eval = eval_dir == "eval" and bool(sweep and isinstance(sweep.get("spec"), dict)
+                                            and sweep["spec"].get("eval") is not None)
     for run in runs:
         try:
             _read_run(run, problems, want_eval)
@@ -933,17 +935,29 @@ def _repro(sweep: dict[str, Any] | None, runs: list[Run]) -> list[str]:
     return lines
 
 
-def write_report(sweep_dir: str, baseline: str | None = None) -> Path:
+def write_report(sweep_dir: str, baseline: str | None = None, eval_dir: str = "eval") -> Path:
     """Write ``sweep_dir/report.md``, ``runs.csv`` and ``figures/*.png``; return the report's path.
     Problems with individual runs are listed in the report (and on stderr), never raised. ``baseline``: a
     row (method) to compare every other row with, paired by seed and question (:class:`ReportError` when
-    the runs answered different questions)."""
+    the runs answered different questions). ``eval_dir``: each run's sub-directory holding the evaluation
+    to report (another than ``eval``, e.g. ``eval-validation``, writes ``report-eval-validation.md``,
+    ``runs-eval-validation.csv`` and ``figures-eval-validation/``, so the test report stays)."""
     root = Path(sweep_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"sweep directory not found: {root}")
+    if not eval_dir or Path(eval_dir).name != eval_dir or eval_dir in (".", ".."):
+        raise ReportError(f"--eval {eval_dir!r}: give the name of each run's evaluation sub-directory "
+                          "(e.g. eval-validation, as written by `lesft eval --run RUN --out RUN/eval-validation`)")
+    suffix = "" if eval_dir == "eval" else f"-{eval_dir}"
     t0 = time.perf_counter()
     problems: list[str] = []
-    sweep, runs = _collect(root, problems)
+    sweep, runs = _collect(root, problems, eval_dir)
+    if suffix:  # a report of one extra evaluation: the runs that have it
+        left = [r.name for r in runs if r.eval is None]
+        runs = [r for r in runs if r.eval is not None]
+        if left:
+            problems.append(f"{len(left)} run(s) without {eval_dir}/eval.json left out: {', '.join(left[:8])}"
+                            + (" …" if len(left) > 8 else ""))
     if not any(r.summary is not None or r.eval is not None for r in runs):  # refuse before writing anything
         single = any((root / f).exists() for f in RUN_FILES)
         raise ReportError(
@@ -951,7 +965,7 @@ def write_report(sweep_dir: str, baseline: str | None = None) -> Path:
                 f"it is one run's directory; point lesft report at the folder holding the runs ({root.parent})"
                 if single else
                 f"{len(runs)} run director{'y' if len(runs) == 1 else 'ies'}, none finished (no summary.json or "
-                "eval/eval.json); run `lesft sweep SPEC --out DIR` first, then `lesft report DIR`"))
+                f"{eval_dir}/eval.json); run `lesft sweep SPEC --out DIR` first, then `lesft report DIR`"))
     lay = _layout(sweep, runs)
     name = (sweep or {}).get("name") or root.name
     acc_lines, cells = _accuracy_table(runs, lay)
@@ -960,11 +974,11 @@ def write_report(sweep_dir: str, baseline: str | None = None) -> Path:
     over = _overhead_table(runs, lay)
     tok = _token_table(runs, lay)
     answers = _answers_table(runs, lay)
-    figs = _figures(runs, lay, root / "figures", problems)
+    figs = _figures(runs, lay, root / f"figures{suffix}", problems)
 
     n_sum = sum(r.summary is not None for r in runs)
     n_eval = sum(r.eval is not None for r in runs)
-    md = [f"# Report: {name}", ""]
+    md = [f"# Report: {name}" + (f" ({eval_dir})" if suffix else ""), ""]
     desc = ((sweep or {}).get("spec") or {}).get("description") if isinstance((sweep or {}).get("spec"), dict) else None
     if desc:
         md += [str(desc).strip(), ""]
@@ -1018,16 +1032,16 @@ def write_report(sweep_dir: str, baseline: str | None = None) -> Path:
     md += ["## Figures", ""]
     if figs:
         for fname, title in figs:
-            md += [f"### {title}", "", f"![{title}](figures/{fname})", ""]
+            md += [f"### {title}", "", f"![{title}](figures{suffix}/{fname})", ""]
     else:
         md += ["No figure (nothing to plot).", ""]
     md += ["## Problems", ""]
     md += [f"- {p}" for p in problems] if problems else ["None."]
     md += ["", "## Reproducibility", ""] + _repro(sweep, runs)
     md += ["", f"_Report generated in {time.perf_counter() - t0:.1f} s._", ""]
-    out = root / "report.md"
+    out = root / f"report{suffix}.md"
     out.write_text("\n".join(md))
-    _write_csv(runs, root / "runs.csv")
+    _write_csv(runs, root / f"runs{suffix}.csv")
     for p in problems:
         print(f"lesft report: {p.replace('`', '')}", file=sys.stderr)
     return out
@@ -1044,11 +1058,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", default=None, metavar="METHOD",
                         help="compare every method with this one (a row of the accuracy table, e.g. splitlora): "
                              "paired bootstrap interval of the accuracy difference and exact McNemar test")
+    parser.add_argument("--eval", default="eval", metavar="NAME", dest="eval_dir",
+                        help="each run's evaluation sub-directory to report (default eval, the sweep's own); e.g. "
+                             "eval-validation after `lesft eval --run RUN --split validation --out RUN/eval-validation`"
+                             ": writes report-NAME.md beside report.md")
 
 
 def command(args: argparse.Namespace) -> int:
-    path = write_report(args.dir, baseline=args.baseline)
-    print(f"report -> {path} (figures in {path.parent / 'figures'})")
+    path = write_report(args.dir, baseline=args.baseline, eval_dir=args.eval_dir)
+    suffix = "" if args.eval_dir == "eval" else f"-{args.eval_dir}"
+    print(f"report -> {path} (figures in {path.parent / ('figures' + suffix)})")
     return 0
 
 

@@ -66,16 +66,17 @@ def test_seed_spread() -> None:
 # ------------------------------------------------------------------- the report's paired section
 
 
-def _run(root: Path, method: str, seed: int, correct: list[bool], ids: list[str] | None = None) -> str:
+def _run(root: Path, method: str, seed: int, correct: list[bool], ids: list[str] | None = None,
+         eval_dir: str = "eval", split: str = "test") -> str:
     name = f"method={method}__seed={seed}"
     d = root / name
-    (d / "eval").mkdir(parents=True)
+    (d / eval_dir).mkdir(parents=True)
     (d / "config.yaml").write_text(json.dumps({"method": method, "seed": seed, "data_seed": seed}))
     n, k = len(correct), sum(correct)
-    (d / "eval" / "eval.json").write_text(json.dumps(
-        {"dataset": "synthetic", "split": "test", "mode": "generate", "n": n, "correct": k, "accuracy": k / n}))
+    (d / eval_dir / "eval.json").write_text(json.dumps(
+        {"dataset": "synthetic", "split": split, "mode": "generate", "n": n, "correct": k, "accuracy": k / n}))
     ids = ids or [f"q{i}" for i in range(n)]
-    (d / "eval" / "predictions.jsonl").write_text("".join(
+    (d / eval_dir / "predictions.jsonl").write_text("".join(
         json.dumps({"id": q, "correct": c, "keys": [f"p:{q}"]}) + "\n" for q, c in zip(ids, correct)))
     return name
 
@@ -116,3 +117,28 @@ def test_report_refuses_runs_that_answered_different_questions(tmp_path: Path) -
         write_report(str(tmp_path), baseline="splitlora")
     with pytest.raises(ReportError, match="not a row"):
         write_report(str(tmp_path), baseline="sl")
+
+
+def test_report_of_another_evaluation_directory(tmp_path: Path) -> None:
+    """``--eval eval-validation`` reports each run's validation evaluation beside the test report, leaving
+    report.md alone and leaving out the runs that have no such evaluation."""
+    T, F = True, False
+    names = [(_run(tmp_path, "splitlora", 0, [T, F, F, F]), {"method": "splitlora", "seed": 0}),
+             (_run(tmp_path, "lesft", 0, [F, F, F, F]), {"method": "lesft", "seed": 0}),
+             (_run(tmp_path, "lesft", 1, [T, T]), {"method": "lesft", "seed": 1})]
+    _sweep(tmp_path, names)
+    for (m, s), c in {("splitlora", 0): [T, T, F, F, F], ("lesft", 0): [T, T, T, T, F]}.items():
+        _run(tmp_path, m, s, c, eval_dir="eval-validation", split="validation")  # into the same run directory
+    test_md = write_report(str(tmp_path), baseline="splitlora").read_text()
+    out = write_report(str(tmp_path), baseline="splitlora", eval_dir="eval-validation")
+    assert out.name == "report-eval-validation.md" and (tmp_path / "runs-eval-validation.csv").is_file()
+    assert (tmp_path / "report.md").read_text() == test_md
+    text = out.read_text()
+    assert "synthetic/validation" in text and "synthetic/test" not in text
+    line = next(ln for ln in text.split("## Paired comparison", 1)[1].splitlines() if ln.startswith("| lesft |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[5].startswith("+40.0 [")  # 4/5 - 2/5
+    assert cells[7] == "2 / 0"              # q2, q3 only lesft
+    assert "1 run(s) without eval-validation/eval.json left out: method=lesft__seed=1" in text
+    with pytest.raises(ReportError, match="name of each run's evaluation sub-directory"):
+        write_report(str(tmp_path), eval_dir="../x")
