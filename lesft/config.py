@@ -68,8 +68,13 @@ class LoraArgs:
 _CLUSTER_ON_CHOICES = ("hidden",)
 
 
+#: The named weighting measured to do better than the paper's: its salient up-weighting only, every other token at
+#: weight 1 (= ``uniform=1``). docs/evidence.md: +26 points over ``adaptive`` on SmolLM2-135M (test and validation).
+BOOST = "boost"
+
+
 def _parse_weighting(value: str) -> float | None:
-    """Parse ``LossConfig.weighting``: ``"adaptive"`` -> ``None``; ``"uniform=c"`` -> ``c``.
+    """Parse ``LossConfig.weighting``: ``"adaptive"`` -> ``None``; ``"uniform=c"`` -> ``c``; ``"boost"`` -> 1.
 
     Raises ``ValueError`` (naming the field) for anything else, or for ``c`` not finite / < 0.
     """
@@ -78,18 +83,20 @@ def _parse_weighting(value: str) -> float | None:
     v = value.strip().lower()
     if v == "adaptive":
         return None
+    if v == BOOST:
+        return 1.0
     if v.startswith("uniform="):
         try:
             c = float(v[len("uniform="):])
         except ValueError:
             raise ValueError(
                 f"LossConfig.weighting: cannot parse the constant in {value!r} "
-                "(expected 'adaptive' or 'uniform=c' with c a float, e.g. 'uniform=0.5')"
+                "(expected 'adaptive', 'boost' or 'uniform=c' with c a float, e.g. 'uniform=0.5')"
             ) from None
         if not math.isfinite(c) or c < 0:
             raise ValueError(f"LossConfig.weighting: uniform weight must be finite and >= 0, got {value!r}")
         return c
-    raise ValueError(f"LossConfig.weighting must be 'adaptive' or 'uniform=c' (c a float), got {value!r}")
+    raise ValueError(f"LossConfig.weighting must be 'adaptive', 'boost' or 'uniform=c' (c a float), got {value!r}")
 
 
 @dataclass
@@ -104,7 +111,10 @@ class LossConfig:
                 "irrelevant tokens get their adaptive weights. 'uniform=c' (c a float >= 0; the "
                 "paper's Table 3 ablation, c in {0, 0.25, 0.5, 0.75, 1, 1.5, 2}): salient tokens "
                 "keep their adaptive weight 1 + ((p~ - p_sal)/(1 - p_sal))^gamma_salient and every "
-                "NON-salient target token (sub-salient or irrelevant) gets the constant weight c."
+                "NON-salient target token (sub-salient or irrelevant) gets the constant weight c. "
+                "'boost' (= uniform=1): the salient up-weighting alone, no token below weight 1; on "
+                "SmolLM2-135M / synthetic it answered 26 points more problems than 'adaptive' and as many "
+                "as plain cross-entropy, on the test and the validation split (docs/evidence.md)."
             )
         },
     )

@@ -955,6 +955,7 @@ def write_report(sweep_dir: str, baseline: str | None = None, eval_dir: str = "e
     if suffix:  # a report of one extra evaluation: the runs that have it
         left = [r.name for r in runs if r.eval is None]
         runs = [r for r in runs if r.eval is not None]
+        problems[:] = [p for p in problems if not any(p.startswith(f"`{n}`") for n in left)]
         if left:
             problems.append(f"{len(left)} run(s) without {eval_dir}/eval.json left out: {', '.join(left[:8])}"
                             + (" …" if len(left) > 8 else ""))

@@ -479,3 +479,20 @@ def test_config_defaults_and_help():
 def test_config_validation_names_field(field_name, value):
     with pytest.raises(ValueError, match=field_name):
         LossConfig(**{field_name: value})
+
+
+def test_boost_is_the_salient_up_weighting_with_every_other_token_at_one():
+    """The named variant ``boost`` gives the same loss and weights as ``uniform=1``, which differ from the
+    paper's ``adaptive`` exactly on the non-salient tokens (weight 1 instead of (p~/0.95)^gamma < 1)."""
+    bl, blab, rl, rlab, bh = _random_batch(seed=3)
+    rl = rl.clone()
+    rl[0, :, 0] += 40.0  # make some tokens salient (token 0 predicted with p~ ~ 1 on row 0)
+    blab[0, blab[0] >= 0] = 0
+    rlab[0, rlab[0] >= 0] = 0
+    boost, s_boost = lesft_loss(bl, blab, rl, rlab, bh, LossConfig(weighting="boost"))
+    one, s_one = lesft_loss(bl, blab, rl, rlab, bh, LossConfig(weighting="uniform=1"))
+    adaptive, s_ad = lesft_loss(bl, blab, rl, rlab, bh, LossConfig())
+    assert LossConfig(weighting="Boost").uniform_weight == 1.0
+    assert torch.equal(boost, one) and s_boost == s_one
+    assert 0 < s_boost["frac_salient"] < 1 and s_boost["mean_weight_irrelevant"] == pytest.approx(1.0)
+    assert s_ad["mean_weight_irrelevant"] < 1.0 and not torch.equal(boost, adaptive)
