@@ -551,12 +551,17 @@ def _paired_table(runs: list[Run], lay: Layout, baseline: str) -> list[str]:
     body = []
     for col in lay.cols:
         bases = {r.seed_key: r for r in _members(runs, lay, baseline, col) if r.eval}
+        one_base = next(iter(bases.values())) if len(bases) == 1 and next(iter(bases.values())).is_base else None
         for row in lay.rows:
             if row == baseline:
                 continue
             ms = [r for r in _members(runs, lay, row, col) if r.eval]
-            pairs = ([(ms[0], b) for b in bases.values()] if len(ms) == 1 and ms[0].is_base  # one untuned model
-                     else [(r, bases[r.seed_key]) for r in ms if r.seed_key in bases])
+            if len(ms) == 1 and ms[0].is_base:  # one untuned model: paired with every seed of the baseline
+                pairs = [(ms[0], b) for b in bases.values()]
+            elif one_base is not None:  # the untuned model as the baseline: every seed of the method against it
+                pairs = [(r, one_base) for r in ms]
+            else:
+                pairs = [(r, bases[r.seed_key]) for r in ms if r.seed_key in bases]
             if not pairs:
                 continue
             aligned = [_aligned(r, b) for r, b in pairs]

@@ -142,3 +142,19 @@ def test_report_of_another_evaluation_directory(tmp_path: Path) -> None:
     assert "1 run(s) without eval-validation/eval.json left out: method=lesft__seed=1" in text
     with pytest.raises(ReportError, match="name of each run's evaluation sub-directory"):
         write_report(str(tmp_path), eval_dir="../x")
+
+
+def test_the_untuned_model_as_baseline_pairs_with_every_seed(tmp_path: Path) -> None:
+    """``--baseline base``: the one untuned model is the baseline of each seed of every method."""
+    T, F = True, False
+    names = [(_run(tmp_path, "base", 0, [F, F, F, F, F]), {"method": "base"}),
+             (_run(tmp_path, "lesft", 0, [T, F, F, F, F]), {"method": "lesft", "seed": 0}),
+             (_run(tmp_path, "lesft", 1, [T, T, F, F, F]), {"method": "lesft", "seed": 1})]
+    _sweep(tmp_path, names)
+    text = write_report(str(tmp_path), baseline="base").read_text()
+    line = next(ln for ln in text.split("## Paired comparison", 1)[1].splitlines() if ln.startswith("| lesft |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] == "2"                      # both seeds paired, not only seed 0
+    assert cells[5].startswith("+30.0 [")       # (+20 + +40) / 2
+    assert cells[6] == "+20.0, +40.0"
+    assert cells[7] == "3 / 0" and cells[8] == "0.25"  # exact McNemar: 2 * (1/2)^3
