@@ -302,14 +302,25 @@ def _collect(root: Path, problems: list[str], eval_dir: str = "eval") -> tuple[d
         for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("figures")):
             if any((d / f).exists() for f in RUN_FILES):
                 runs.append(Run(d.name, d, None, eval_dir=eval_dir))
-    want_eval = eval_dir == "eval" and bool(sweep and isinstance(sweep.get("spec"), dict)
-                                            and sweep["spec"].get("eval") is not None)
+    extra = eval_dir != "eval"  # a report of one extra evaluation: only the runs that have it
+    want_eval = not extra and bool(sweep and isinstance(sweep.get("spec"), dict)
+                                   and sweep["spec"].get("eval") is not None)
+    kept, left = [], []
     for run in runs:
+        mine: list[str] = []
         try:
-            _read_run(run, problems, want_eval)
+            _read_run(run, mine, want_eval)
         except Exception as e:  # never crash on one run's files
-            problems.append(f"`{run.name}`: unreadable ({type(e).__name__}: {e})")
-    return sweep, runs
+            mine.append(f"`{run.name}`: unreadable ({type(e).__name__}: {e})")
+        if extra and run.eval is None:
+            left.append(run.name)
+        else:
+            kept.append(run)
+            problems += mine
+    if left:
+        problems.append(f"{len(left)} run(s) without {eval_dir}/eval.json left out: {', '.join(left[:8])}"
+                        + (" …" if len(left) > 8 else ""))
+    return sweep, kept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,7 +562,8 @@ def _paired_table(runs: list[Run], lay: Layout, baseline: str) -> list[str]:
     body = []
     for col in lay.cols:
         bases = {r.seed_key: r for r in _members(runs, lay, baseline, col) if r.eval}
-        one_base = next(iter(bases.values())) if len(bases) == 1 and next(iter(bases.values())).is_base else None
+        only = list(bases.values())
+        one_base = only[0] if len(only) == 1 and only[0].is_base else None
         for row in lay.rows:
             if row == baseline:
                 continue
@@ -940,6 +952,11 @@ def _repro(sweep: dict[str, Any] | None, runs: list[Run]) -> list[str]:
     return lines
 
 
+def _suffix(eval_dir: str) -> str:
+    """What the names of the report's files get for ``eval_dir``: nothing for the sweep's own ``eval``."""
+    return "" if eval_dir == "eval" else f"-{eval_dir}"
+
+
 def write_report(sweep_dir: str, baseline: str | None = None, eval_dir: str = "eval") -> Path:
     """Write ``sweep_dir/report.md``, ``runs.csv`` and ``figures/*.png``; return the report's path.
     Problems with individual runs are listed in the report (and on stderr), never raised. ``baseline``: a
@@ -953,17 +970,10 @@ def write_report(sweep_dir: str, baseline: str | None = None, eval_dir: str = "e
     if not eval_dir or Path(eval_dir).name != eval_dir or eval_dir in (".", ".."):
         raise ReportError(f"--eval {eval_dir!r}: give the name of each run's evaluation sub-directory "
                           "(e.g. eval-validation, as written by `lesft eval --run RUN --out RUN/eval-validation`)")
-    suffix = "" if eval_dir == "eval" else f"-{eval_dir}"
+    suffix = _suffix(eval_dir)
     t0 = time.perf_counter()
     problems: list[str] = []
     sweep, runs = _collect(root, problems, eval_dir)
-    if suffix:  # a report of one extra evaluation: the runs that have it
-        left = [r.name for r in runs if r.eval is None]
-        runs = [r for r in runs if r.eval is not None]
-        problems[:] = [p for p in problems if not any(p.startswith(f"`{n}`") for n in left)]
-        if left:
-            problems.append(f"{len(left)} run(s) without {eval_dir}/eval.json left out: {', '.join(left[:8])}"
-                            + (" …" if len(left) > 8 else ""))
     if not any(r.summary is not None or r.eval is not None for r in runs):  # refuse before writing anything
         single = any((root / f).exists() for f in RUN_FILES)
         raise ReportError(
@@ -1072,8 +1082,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace) -> int:
     path = write_report(args.dir, baseline=args.baseline, eval_dir=args.eval_dir)
-    suffix = "" if args.eval_dir == "eval" else f"-{args.eval_dir}"
-    print(f"report -> {path} (figures in {path.parent / ('figures' + suffix)})")
+    print(f"report -> {path} (figures in {path.parent / ('figures' + _suffix(args.eval_dir))})")
     return 0
 
 
