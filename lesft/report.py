@@ -23,8 +23,10 @@ Tables:
 * **Answers**: per cell, the shares of correct answers, arithmetic slips, reasoning errors and answers
   without an equation (:mod:`lesft.errors`), with the answers' length and shape.
 
-Figures (when the key varies): accuracy vs split point (client_layers), vs samples per client
-(per_client), vs number of clients (clients); ablation bars for ``paths`` and ``lesft.weighting``;
+Figures (when the key varies): with ``--baseline``, a forest plot of each row's paired difference to
+it (interval, seeds, p); accuracy vs split point (client_layers), vs samples per client (per_client),
+vs number of clients (clients); ablation bars for ``paths`` and ``lesft.weighting`` (each bar holds
+only runs that differ in that key: a run that also sets another key is its own bar group);
 training-loss curves per method; accuracy vs total bytes communicated.
 
 Malformed or missing files are listed in a "Problems" section (and on stderr); the report is still
@@ -50,7 +52,7 @@ import yaml
 
 from lesft.data.contamination import TRAIN_KEYS_FILE, overlap, read_train_keys
 from lesft.errors import ERROR_KINDS, describe
-from lesft.stats import paired_bootstrap, paired_comparison, seed_spread, wilson_ci
+from lesft.stats import Paired, paired_bootstrap, paired_comparison, seed_spread, wilson_ci
 
 __all__ = ["write_report", "add_arguments", "command", "main"]
 
@@ -61,6 +63,7 @@ IGNORED_KEYS = ("out", "resume", "overwrite", "progress")
 FIGURE_KEYS = (("client_layers", "split point (client layers)"), ("per_client", "samples per client"),
                ("clients", "number of clients"))
 ABLATION_KEYS = ("paths", "lesft.weighting")
+ABLATION_IMPLIES = {"paths": ("loss",)}  # keys an ablation must change with it: the LESFT loss needs paths=dual
 SUMMARY_REQUIRED = {"method": str, "rounds": int, "comm_bytes": dict, "peak_memory_mb": dict, "latency_s": dict}
 MEMORY_SIDES = ("client", "server", "simulation")  # summary.json peak_memory_mb keys; simulation = the process RSS
 DIRECTIONS = ("client_to_server", "server_to_client", "client_to_aggregator", "aggregator_to_client")
@@ -555,11 +558,21 @@ def _aligned(run: Run, base: Run) -> tuple[list[bool], list[bool]]:
     return [a[q][0] for q in ids], [b[q][0] for q in ids]
 
 
-def _paired_table(runs: list[Run], lay: Layout, baseline: str) -> list[str]:
+@dataclass
+class PairedRow:
+    """One row (and column) of the paired comparison with the baseline."""
+    row: str
+    col: tuple
+    pc: Paired
+    accs: list[float]  # the method's accuracy per seed (fractions)
+    per_seed: list[float]  # the difference to the baseline per seed (fractions)
+
+
+def _paired_rows(runs: list[Run], lay: Layout, baseline: str) -> list[PairedRow]:
     """Each row against ``baseline`` per column, paired by (seed, data_seed) and question."""
     if baseline not in lay.rows:
         raise ReportError(f"--baseline {baseline!r} is not a row of this report; rows: {', '.join(lay.rows)}")
-    body = []
+    out: list[PairedRow] = []
     for col in lay.cols:
         bases = {r.seed_key: r for r in _members(runs, lay, baseline, col) if r.eval}
         only = list(bases.values())
@@ -578,16 +591,22 @@ def _paired_table(runs: list[Run], lay: Layout, baseline: str) -> list[str]:
                 continue
             aligned = [_aligned(r, b) for r, b in pairs]
             pc = paired_comparison([x for x, _ in aligned], [y for _, y in aligned])
-            accs = [sum(x) / len(x) for x, _ in aligned]
-            mean, sd = seed_spread(accs)
-            per_seed = [paired_bootstrap([x], [y])[0] for x, y in aligned]
-            body.append([
-                row, _col_header(lay, col) if lay.col_keys else "", str(pc.seeds), str(pc.questions),
-                f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else ""),
-                f"{100 * pc.diff:+.1f} [{100 * pc.low:+.1f}, {100 * pc.high:+.1f}]",
-                ", ".join(f"{100 * d:+.1f}" for d in per_seed),
-                f"{pc.only_method} / {pc.only_baseline}", f"{pc.p_value:.2g}",
-            ])
+            out.append(PairedRow(row, col, pc, [sum(x) / len(x) for x, _ in aligned],
+                                 [paired_bootstrap([x], [y])[0] for x, y in aligned]))
+    return out
+
+
+def _paired_table(rows: list[PairedRow], lay: Layout, baseline: str) -> list[str]:
+    body = []
+    for p in rows:
+        mean, sd = seed_spread(p.accs)
+        body.append([
+            p.row, _col_header(lay, p.col) if lay.col_keys else "", str(p.pc.seeds), str(p.pc.questions),
+            f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else ""),
+            f"{100 * p.pc.diff:+.1f} [{100 * p.pc.low:+.1f}, {100 * p.pc.high:+.1f}]",
+            ", ".join(f"{100 * d:+.1f}" for d in p.per_seed),
+            f"{p.pc.only_method} / {p.pc.only_baseline}", f"{p.pc.p_value:.2g}",
+        ])
     if not body:
         return []
     head = ["method", "column", "seeds", "questions", "accuracy % (mean ± sd over seeds)",
@@ -696,6 +715,11 @@ def _answers_table(runs: list[Run], lay: Layout) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+def _file_stem(label: str) -> str:
+    """A row label as a file name: ``lesft (paths=base)`` -> ``lesft_paths-base``."""
+    return "_".join("".join(ch if ch.isalnum() or ch in ".-" else ("-" if ch == "=" else " ") for ch in label).split())
+
+
 def _fig(w: float = 6.4, h: float = 4.2):
     from matplotlib.figure import Figure  # object API, Agg canvas: no pyplot state, no display needed
 
@@ -752,19 +776,36 @@ def _fig_accuracy_vs(runs: list[Run], lay: Layout, key: str, label: str, path: P
     return True
 
 
-def _fig_ablation(runs: list[Run], lay: Layout, key: str, path: Path) -> bool:
-    groups: dict[Any, dict[str, list[Run]]] = {}
-    hue_keys = [k for k in lay.col_keys if k != key]
-    by_method: dict[str, set] = {}
+def _ablation_hue(r: Run, lay: Layout, key: str) -> str:
+    """The group whose runs differ in ``key`` alone: the method, the other columns' values, and the other
+    keys the run sets explicitly (as in its row label)."""
+    skip = (key, *ABLATION_IMPLIES.get(key, ()))
+    cols = [_fmt_value(r.value(k)) for k in lay.col_keys if k not in skip and r.value(k) is not None]
+    mods = [f"{k}={_fmt_value(r.overrides[k])}" for k in lay.mod_keys
+            if k not in skip and r.overrides and k in r.overrides]
+    return " · ".join([r.method, *cols, *mods])
+
+
+def _ablation_groups(runs: list[Run], lay: Layout, key: str) -> dict[Any, dict[str, list[Run]]]:
+    """{value of ``key``: {hue: runs}} over the hues within which ``key`` takes two values or more.
+
+    A run that also sets another key (NLFT mode, a reference form, a sample count) is its own hue, so it
+    never pools with the runs it does not ablate."""
+    by_hue: dict[str, dict[Any, list[Run]]] = {}
     for r in runs:
-        if r.accuracy is not None and not r.is_base and r.value(key, resolved=True) is not None:
-            by_method.setdefault(r.method, set()).add(_hashable(r.value(key, resolved=True)))
-    for r in runs:  # only the methods the key varies within
         v = r.value(key, resolved=True)
-        if r.accuracy is None or v is None or r.is_base or len(by_method.get(r.method, ())) < 2:
-            continue
-        hue = r.method + "".join(f" · {_fmt_value(r.value(k))}" for k in hue_keys if r.value(k) is not None)
-        groups.setdefault(_hashable(v), {}).setdefault(hue, []).append(r)
+        if r.accuracy is not None and v is not None and not r.is_base:
+            by_hue.setdefault(_ablation_hue(r, lay, key), {}).setdefault(_hashable(v), []).append(r)
+    groups: dict[Any, dict[str, list[Run]]] = {}
+    for hue, by_value in by_hue.items():
+        if len(by_value) >= 2:
+            for v, ms in by_value.items():
+                groups.setdefault(v, {})[hue] = ms
+    return groups
+
+
+def _fig_ablation(runs: list[Run], lay: Layout, key: str, path: Path) -> bool:
+    groups = _ablation_groups(runs, lay, key)
     if len(groups) < 2:
         return False
     xs = [x for x in lay.order.get(key, sorted(groups, key=_sort_key)) if x in groups]
@@ -790,6 +831,32 @@ def _fig_ablation(runs: list[Run], lay: Layout, key: str, path: Path) -> bool:
     ax.set_title(f"Ablation: {key}")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small")
+    _save(fig, path)
+    return True
+
+
+def _fig_paired(rows: list[PairedRow], lay: Layout, baseline: str, path: Path) -> bool:
+    """Forest plot: each row's difference to the baseline, points, with its paired-bootstrap interval
+    (bar), each seed's difference (dots) and the McNemar p (right)."""
+    if not rows:
+        return False
+    labels = [p.row + (f" · {_col_header(lay, p.col)}" if lay.col_keys else "") for p in rows]
+    fig = _fig(7.2, 1.2 + 0.42 * len(rows))
+    ax = fig.add_subplot()
+    for i, p in enumerate(rows):
+        y = len(rows) - 1 - i
+        c = _colour(lay, p.row)
+        ax.errorbar([100 * p.pc.diff], [y], xerr=[[100 * (p.pc.diff - p.pc.low)], [100 * (p.pc.high - p.pc.diff)]],
+                    fmt="D", color=c, capsize=3)
+        ax.plot([100 * d for d in p.per_seed], [y] * len(p.per_seed), "o", color=c, alpha=0.45, ms=4)
+        ax.annotate(f"p={p.pc.p_value:.2g}  n={p.pc.seeds}×{p.pc.questions}", (1.01, y),
+                    xycoords=("axes fraction", "data"), va="center", fontsize="x-small")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(rows)), labels[::-1], fontsize="small")
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel(f"accuracy − {baseline}'s, points (◆ mean over seeds, 95% paired bootstrap; ● seeds)")
+    ax.set_title(f"Paired difference to {baseline} on the same questions", fontsize="medium")
+    ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
     return True
 
@@ -857,23 +924,22 @@ def _fig_bytes(runs: list[Run], lay: Layout, path: Path) -> bool:
     return True
 
 
-def _figures(runs: list[Run], lay: Layout, fig_dir: Path, problems: list[str]) -> list[tuple[str, str]]:
+def _figures(runs: list[Run], lay: Layout, fig_dir: Path, problems: list[str], paired: Sequence[PairedRow] = (),
+             baseline: str | None = None) -> list[tuple[str, str]]:
     fig_dir.mkdir(parents=True, exist_ok=True)
     for old in fig_dir.glob("*.png"):  # figures of a previous report that no longer apply
         old.unlink()
     made: list[tuple[str, str]] = []
     jobs: list[tuple[str, str, Any]] = []
+    if paired and baseline:
+        jobs.append((f"paired_vs_{_file_stem(baseline)}.png", f"Paired difference to {baseline}",
+                     lambda p: _fig_paired(list(paired), lay, baseline, p)))
     for key, label in FIGURE_KEYS:
         if key in lay.col_keys:
             jobs.append((f"accuracy_vs_{key}.png", f"Accuracy vs {label}",
                          lambda p, k=key, lab=label: _fig_accuracy_vs(runs, lay, k, lab, p)))
     for key in ABLATION_KEYS:  # when the key varies within a method (not just with it: that is the table)
-        by_method: dict[str, set] = {}
-        for r in runs:
-            v = r.value(key, resolved=True)
-            if not r.is_base and r.accuracy is not None and v is not None:
-                by_method.setdefault(r.method, set()).add(_hashable(v))
-        if any(len(v) > 1 for v in by_method.values()):
+        if _ablation_groups(runs, lay, key):
             jobs.append((f"ablation_{key.replace('.', '_')}.png", f"Ablation: {key}",
                          lambda p, k=key: _fig_ablation(runs, lay, k, p)))
     jobs.append(("loss_curves.png", "Training loss per round", lambda p: _fig_loss(runs, lay, p)))
@@ -985,12 +1051,13 @@ def write_report(sweep_dir: str, baseline: str | None = None, eval_dir: str = "e
     lay = _layout(sweep, runs)
     name = (sweep or {}).get("name") or root.name
     acc_lines, cells = _accuracy_table(runs, lay)
-    paired = _paired_table(runs, lay, baseline) if baseline else []
+    paired_rows = _paired_rows(runs, lay, baseline) if baseline else []
+    paired = _paired_table(paired_rows, lay, baseline)
     contamination = _contamination(runs, problems)
     over = _overhead_table(runs, lay)
     tok = _token_table(runs, lay)
     answers = _answers_table(runs, lay)
-    figs = _figures(runs, lay, root / f"figures{suffix}", problems)
+    figs = _figures(runs, lay, root / f"figures{suffix}", problems, paired_rows, baseline)
 
     n_sum = sum(r.summary is not None for r in runs)
     n_eval = sum(r.eval is not None for r in runs)

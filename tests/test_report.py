@@ -184,3 +184,31 @@ def test_hundred_runs_fast(tmp_path: Path) -> None:
     assert elapsed < 30, f"report of 100 runs took {elapsed:.1f} s (target < 10 s)"
     assert md.count("5 seeds") == 20 and "## Problems\n\nNone." in md
     print(f"report of 100 runs: {elapsed:.2f} s")
+
+
+def test_ablation_figure_pools_only_runs_that_differ_in_the_key(tmp_path: Path) -> None:
+    """Seen in the evidence study: NLFT mode (lesft.nlft_lambda=0.5, weighting adaptive) was pooled into the
+    `adaptive` bar beside plain lesft. Each bar must hold only the runs that differ in the ablated key."""
+    from lesft.report import _ablation_groups, _collect, _layout
+
+    root = tmp_path / "sweep"
+    grid = {"seed": [0, 1], "method": ["lesft"]}
+    pts = [(f"seed={s}__method=lesft", {"seed": s, "method": "lesft"}) for s in (0, 1)]
+    boost = ("method=lesft__lesft.weighting=uniform-1__seed=0",
+             {"method": "lesft", "lesft.weighting": "uniform=1", "seed": 0})
+    nlft = ("method=lesft__lesft.nlft_lambda=0.5__seed=0", {"method": "lesft", "lesft.nlft_lambda": 0.5, "seed": 0})
+    write_sweep(root, grid, pts + [boost, nlft], eval_spec={"limit": 100},
+                run_keys=["method", "lesft.weighting", "seed", "lesft.nlft_lambda"])
+    write_run(root, pts[0][0], "lesft", "1/4", 0, acc=(10, 100, 0.05, 0.18))
+    write_run(root, pts[1][0], "lesft", "1/4", 1, acc=(14, 100, 0.08, 0.22))
+    write_run(root, nlft[0], "lesft", "1/4", 0, acc=(35, 100, 0.26, 0.45))
+    d = write_run(root, boost[0], "lesft", "1/4", 0, acc=(38, 100, 0.29, 0.48))
+    (d / "config.yaml").write_text((d / "config.yaml").read_text().replace("adaptive", "uniform=1"))
+    problems: list[str] = []
+    sweep, runs = _collect(root, problems, "eval")
+    groups = _ablation_groups(runs, _layout(sweep, runs), "lesft.weighting")
+    assert {v: {h: sorted(r.name for r in ms) for h, ms in g.items()} for v, g in groups.items()} == {
+        "adaptive": {"lesft": sorted(n for n, _ in pts)}, "uniform=1": {"lesft": [boost[0]]}}
+    # the figure is drawn from these groups: adaptive = (10 + 14) / 2 = 12 %, not (10 + 14 + 35) / 3
+    md = write_report(str(root)).read_text()
+    assert "](figures/ablation_lesft_weighting.png)" in md

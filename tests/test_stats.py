@@ -105,6 +105,9 @@ def test_report_paired_section_by_hand(tmp_path: Path) -> None:
     assert cells[6] == "-40.0, +20.0"
     assert cells[7] == "1 / 2"
     assert cells[8] == "1"
+    # the same numbers drawn: one forest plot of the differences, linked from the report
+    assert (tmp_path / "figures" / "paired_vs_splitlora.png").stat().st_size > 1024
+    assert "](figures/paired_vs_splitlora.png)" in text
     csv_lines = (tmp_path / "runs.csv").read_text().splitlines()
     assert len(csv_lines) == 5 and csv_lines[0].startswith("name,row,method,seed,data_seed")
 
