@@ -113,8 +113,8 @@ class LossConfig:
                 "keep their adaptive weight 1 + ((p~ - p_sal)/(1 - p_sal))^gamma_salient and every "
                 "NON-salient target token (sub-salient or irrelevant) gets the constant weight c. "
                 "'boost' (= uniform=1): the salient up-weighting alone, no token below weight 1; on "
-                "SmolLM2-135M / synthetic it answered 26 points more problems than 'adaptive' and as many "
-                "as plain cross-entropy, on the test and the validation split (docs/evidence.md)."
+                "SmolLM2-135M / synthetic it answered 24 points more problems than 'adaptive' and as many "
+                "as plain cross-entropy (3 seeds; docs/evidence.md)."
             )
         },
     )
