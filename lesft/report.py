@@ -353,6 +353,11 @@ def _fmt_value(v: Any) -> str:
     return str(v)
 
 
+def _set_keys(r: Run, keys: Sequence[str]) -> list[str]:
+    """``key=value`` for each of ``keys`` that the run sets explicitly (its row label's part)."""
+    return [f"{k}={_fmt_value(r.overrides[k])}" for k in keys if r.overrides and k in r.overrides]
+
+
 @dataclass
 class Layout:
     col_keys: list[str]
@@ -393,7 +398,7 @@ def _layout(sweep: dict[str, Any] | None, runs: list[Run]) -> Layout:
     col_keys = [k for k in varying if k not in ("method", "seed")]
     mod_keys = sorted(k for k in run_keys if k not in ("method", "seed"))
     for r in runs:
-        mods = [f"{k}={_fmt_value(r.overrides[k])}" for k in mod_keys if r.overrides and k in r.overrides]
+        mods = _set_keys(r, mod_keys)
         r.row = r.method + (f" ({', '.join(mods)})" if mods else "")
     cols: list[tuple] = []
     for r in runs:
@@ -715,11 +720,6 @@ def _answers_table(runs: list[Run], lay: Layout) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _file_stem(label: str) -> str:
-    """A row label as a file name: ``lesft (paths=base)`` -> ``lesft_paths-base``."""
-    return "_".join("".join(ch if ch.isalnum() or ch in ".-" else ("-" if ch == "=" else " ") for ch in label).split())
-
-
 def _fig(w: float = 6.4, h: float = 4.2):
     from matplotlib.figure import Figure  # object API, Agg canvas: no pyplot state, no display needed
 
@@ -781,8 +781,7 @@ def _ablation_hue(r: Run, lay: Layout, key: str) -> str:
     keys the run sets explicitly (as in its row label)."""
     skip = (key, *ABLATION_IMPLIES.get(key, ()))
     cols = [_fmt_value(r.value(k)) for k in lay.col_keys if k not in skip and r.value(k) is not None]
-    mods = [f"{k}={_fmt_value(r.overrides[k])}" for k in lay.mod_keys
-            if k not in skip and r.overrides and k in r.overrides]
+    mods = _set_keys(r, [k for k in lay.mod_keys if k not in skip])
     return " · ".join([r.method, *cols, *mods])
 
 
@@ -804,8 +803,8 @@ def _ablation_groups(runs: list[Run], lay: Layout, key: str) -> dict[Any, dict[s
     return groups
 
 
-def _fig_ablation(runs: list[Run], lay: Layout, key: str, path: Path) -> bool:
-    groups = _ablation_groups(runs, lay, key)
+def _fig_ablation(groups: dict[Any, dict[str, list[Run]]], lay: Layout, key: str, path: Path) -> bool:
+    """Bars of :func:`_ablation_groups`' groups: one x per value of ``key``, one bar per hue."""
     if len(groups) < 2:
         return False
     xs = [x for x in lay.order.get(key, sorted(groups, key=_sort_key)) if x in groups]
@@ -932,16 +931,18 @@ def _figures(runs: list[Run], lay: Layout, fig_dir: Path, problems: list[str], p
     made: list[tuple[str, str]] = []
     jobs: list[tuple[str, str, Any]] = []
     if paired and baseline:
-        jobs.append((f"paired_vs_{_file_stem(baseline)}.png", f"Paired difference to {baseline}",
+        from lesft.sweep import _slug  # the run directories' slug (lesft.sweep imports this module)
+
+        jobs.append((f"paired_vs_{_slug(baseline)}.png", f"Paired difference to {baseline}",
                      lambda p: _fig_paired(list(paired), lay, baseline, p)))
     for key, label in FIGURE_KEYS:
         if key in lay.col_keys:
             jobs.append((f"accuracy_vs_{key}.png", f"Accuracy vs {label}",
                          lambda p, k=key, lab=label: _fig_accuracy_vs(runs, lay, k, lab, p)))
     for key in ABLATION_KEYS:  # when the key varies within a method (not just with it: that is the table)
-        if _ablation_groups(runs, lay, key):
+        if groups := _ablation_groups(runs, lay, key):
             jobs.append((f"ablation_{key.replace('.', '_')}.png", f"Ablation: {key}",
-                         lambda p, k=key: _fig_ablation(runs, lay, k, p)))
+                         lambda p, k=key, g=groups: _fig_ablation(g, lay, k, p)))
     jobs.append(("loss_curves.png", "Training loss per round", lambda p: _fig_loss(runs, lay, p)))
     jobs.append(("accuracy_vs_bytes.png", "Accuracy vs total bytes communicated", lambda p: _fig_bytes(runs, lay, p)))
     for fname, title, fn in jobs:
