@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
@@ -82,6 +81,9 @@ def export_adapter(
     save_file({k: v.contiguous().float().cpu() for k, v in tensors.items()}, str(out / "adapter_model.safetensors"))
     config = args.peft_config()
     config.base_model_name_or_path = base_model
+    # only the layers that hold tensors (splitfrozen: the server's), so that peft wraps no other layer
+    # and does not warn of "missing adapter keys" for layers that were never adapted
+    config.layers_to_transform = sorted({first + int(k.split(".", 2)[1]) for state, first in parts for k in state})
     config.save_pretrained(str(out))
     return out
 
@@ -115,7 +117,11 @@ def join_adapters(dirs: list[str | Path], out_dir: str | Path, overwrite: bool =
         tensors.update(part)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "adapter_model.safetensors"))
-    shutil.copy(Path(dirs[0]) / "adapter_config.json", out / "adapter_config.json")
+    configs = [json.loads((Path(d) / "adapter_config.json").read_text()) for d in dirs]
+    layers = [c.get("layers_to_transform") for c in configs]
+    # the union of the parts' layers; None (every layer) if any part predates the field
+    configs[0]["layers_to_transform"] = None if None in layers else sorted({i for part in layers for i in part})
+    (out / "adapter_config.json").write_text(json.dumps(configs[0], indent=2))
     return out
 
 

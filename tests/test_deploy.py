@@ -131,6 +131,9 @@ def test_networked_run_equals_in_process_simulation(assets, server_model, tmp_pa
                                           tmp_path / "merged") / "adapter_model.safetensors"))
     want = load_file(str(tmp_path / "sim" / "client_adapters" / "client_1" / "adapter_model.safetensors"))
     assert merged.keys() == want.keys()
+    joined_cfg, want_cfg = (json.loads((d / "adapter_config.json").read_text())
+                            for d in (tmp_path / "merged", tmp_path / "sim" / "client_adapters" / "client_1"))
+    assert joined_cfg["layers_to_transform"] == want_cfg["layers_to_transform"]
     for k in want:
         torch.testing.assert_close(merged[k], want[k], atol=1e-5, rtol=1e-4)
     # identical tensor payloads: activations up (both paths), gradients down

@@ -4,6 +4,7 @@ and the exported adapter reproduces the split model inside a plain PeftModel."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -102,6 +103,47 @@ def test_exported_adapter_reproduces_split_model(tmp_path) -> None:
     with torch.no_grad(), peft_model.disable_adapter():
         plain = peft_model(input_ids=ids, attention_mask=mask).logits
     assert (plain[valid] - got[valid]).abs().max() > 1e-3
+
+
+def test_server_only_adapter_wraps_only_its_layers_and_joins_back(tmp_path) -> None:
+    """splitfrozen exports the server's LoRA alone: the adapter names only the server's layers, so peft
+    loads it without "missing adapter keys" and adds nothing to the client's layers; joining a client
+    part and a server part gives the same config and logits as one export of both."""
+    import warnings
+
+    from lesft.lora import join_adapters
+
+    base = make_model("qwen2", layers=4, tie=False)
+    bottom, top, layout = split_model(copy.deepcopy(base), 1)
+    add_lora(bottom, LORA)
+    add_lora(top, LORA)
+    _randomize_lora(bottom, 7)
+    _randomize_lora(top, 8)
+    server = export_adapter([(lora_state(top), 1)], layout.layers_path, LORA, tmp_path / "server", "tiny")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing adapter keys")  # the old export warned so
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(server)).eval()
+    wrapped = {int(n.split("layers.")[1].split(".")[0]) for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert wrapped == {1, 2, 3}
+    ids, mask = _batch(base.config.vocab_size)
+    plain_bottom, _, _ = split_model(copy.deepcopy(base), 1)
+    with torch.no_grad():
+        h = plain_bottom(ids, mask)
+        expect = top(h[0], mask, h[1])[0]
+        got = peft_model(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], expect[valid], atol=1e-5, rtol=1e-5)
+
+    client = export_adapter([(lora_state(bottom), 0)], layout.layers_path, LORA, tmp_path / "client", "tiny")
+    both = export_adapter([(lora_state(bottom), 0), (lora_state(top), 1)], layout.layers_path, LORA,
+                          tmp_path / "both", "tiny")
+    joined = join_adapters([client, server], tmp_path / "joined")
+    read = lambda d: json.loads((d / "adapter_config.json").read_text())  # noqa: E731
+    assert read(joined)["layers_to_transform"] == read(both)["layers_to_transform"] == [0, 1, 2, 3]
+    with torch.no_grad():
+        a = PeftModel.from_pretrained(copy.deepcopy(base), str(joined)).eval()(input_ids=ids, attention_mask=mask).logits
+        b = PeftModel.from_pretrained(copy.deepcopy(base), str(both)).eval()(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[valid], b[valid])
 
 
 @pytest.mark.parametrize("spec,layers,expect", [("1/4", 24, 6), ("1/5", 24, 4), ("1/4", 30, 7), ("1/3", 30, 10), ("1/2", 4, 2),
