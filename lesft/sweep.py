@@ -56,9 +56,11 @@ Status of a run, checked from its files on every call:
 
 * ``done``: summary.json (and, when ``eval`` is asked, eval/eval.json made with the same eval spec)
   exists: skipped.
-* ``pending``: nothing yet: trained, then evaluated.
+* ``pending``: nothing yet, or rounds logged before any checkpoint: trained from the start, then
+  evaluated.
 * ``interrupted``: a checkpoint but no summary: training continues from the checkpoint
-  (``resume=True``), ending exactly as an uninterrupted run would.
+  (``resume=True``), ending exactly as an uninterrupted run would. A run in progress reads the same;
+  the detail column says how far it got (the checkpoint's round, the rounds logged).
 * ``needs-eval``: trained, evaluation missing or made with another eval spec: evaluated only.
 * ``failed``: ``error.json`` (type, message, stage, traceback tail, attempts): retried on the next
   call, from its checkpoint when it has one.
@@ -385,9 +387,18 @@ def _status(p: Point) -> tuple[str, str]:
         return "needs-eval", ""
     from lesft.checkpoint import find_checkpoint
 
-    if find_checkpoint(d) is not None:
-        return "interrupted", ""
-    return "pending", ""
+    ckpt = find_checkpoint(d)
+    if ckpt is not None:  # interrupted, or running now: the dry run cannot tell
+        done = (_read_json(ckpt / "state.json") or {}).get("rounds_done", "?")
+        return "interrupted", f"checkpoint after round {done}, {_rounds_logged(d)} rounds logged"
+    logged = _rounds_logged(d)  # started but stopped (or still going) before its first checkpoint: restarts
+    return "pending", f"{logged} rounds logged, no checkpoint yet" if logged else ""
+
+
+def _rounds_logged(d: Path) -> int:
+    """Rounds in the run's metrics.jsonl (training progress, whether checkpointed or not)."""
+    f = d / "metrics.jsonl"
+    return sum(1 for line in f.read_text().splitlines() if line.strip()) if f.is_file() else 0
 
 
 # ----------------------------------------------------------------------------------------------

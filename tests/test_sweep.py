@@ -107,9 +107,15 @@ def test_sweep_runs_skips_and_redoes(assets, tmp_path, capsys) -> None:
 
     # an interrupted run (checkpoint, no summary) continues from its checkpoint
     (out / names[1] / "summary.json").unlink()
+    # and one stopped before its first checkpoint starts again
+    (out / names[3] / "summary.json").unlink()
+    for ckpt in ("checkpoint", "checkpoint.old"):
+        shutil.rmtree(out / names[3] / ckpt, ignore_errors=True)
     fourth = run_sweep(spec, str(out), dry_run=True)
     assert fourth[1]["status"] == "interrupted" and fourth[1]["action"] == "resume"
-    assert [r["action"] for r in run_sweep(spec, str(out))] == ["skip", "resume", "skip", "skip"]
+    assert fourth[1]["detail"] == "checkpoint after round 2, 2 rounds logged"  # how far it got
+    assert (fourth[3]["status"], fourth[3]["detail"]) == ("pending", "2 rounds logged, no checkpoint yet")
+    assert [r["action"] for r in run_sweep(spec, str(out))] == ["skip", "resume", "skip", "run"]
     assert json.loads((out / names[1] / "summary.json").read_text())["resumed_from_round"] == 2
 
     # the spec changed under a finished run: it is refused, not silently reused or overwritten
