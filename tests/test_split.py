@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from conftest import make_model
-from lesft.lora import LoraArgs, add_lora, export_adapter, full_model_keys, load_lora_state, lora_state
+from lesft.lora import LoraArgs, add_lora, export_adapter, full_model_keys, join_adapters, load_lora_state, lora_state
 from lesft.model.split import UnsupportedModelError, inspect_decoder, resolve_client_layers, split_model
 
 LORA = LoraArgs(r=4, alpha=8, dropout=0.0)
@@ -83,13 +84,19 @@ def test_tied_head_is_a_frozen_copy_on_the_server() -> None:
     assert not any("lm_head" in n or n.startswith("norm") for n, _ in bottom.named_parameters())
 
 
-def test_exported_adapter_reproduces_split_model(tmp_path) -> None:
+def _adapted_split():
+    """A 4-layer qwen2, and its split at k = 1 with random LoRA on both parts: (base, bottom, top, layout)."""
     base = make_model("qwen2", layers=4, tie=False)
     bottom, top, layout = split_model(copy.deepcopy(base), 1)
     add_lora(bottom, LORA)
     add_lora(top, LORA)
     _randomize_lora(bottom, 7)
     _randomize_lora(top, 8)
+    return base, bottom, top, layout
+
+
+def test_exported_adapter_reproduces_split_model(tmp_path) -> None:
+    base, bottom, top, layout = _adapted_split()
     out = export_adapter([(lora_state(bottom), 0), (lora_state(top), 1)], layout.layers_path, LORA,
                          tmp_path / "adapter", "tiny")
     peft_model = PeftModel.from_pretrained(base, str(out)).eval()
@@ -109,16 +116,7 @@ def test_server_only_adapter_wraps_only_its_layers_and_joins_back(tmp_path) -> N
     """splitfrozen exports the server's LoRA alone: the adapter names only the server's layers, so peft
     loads it without "missing adapter keys" and adds nothing to the client's layers; joining a client
     part and a server part gives the same config and logits as one export of both."""
-    import warnings
-
-    from lesft.lora import join_adapters
-
-    base = make_model("qwen2", layers=4, tie=False)
-    bottom, top, layout = split_model(copy.deepcopy(base), 1)
-    add_lora(bottom, LORA)
-    add_lora(top, LORA)
-    _randomize_lora(bottom, 7)
-    _randomize_lora(top, 8)
+    base, bottom, top, layout = _adapted_split()
     server = export_adapter([(lora_state(top), 1)], layout.layers_path, LORA, tmp_path / "server", "tiny")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*missing adapter keys")  # the old export warned so
@@ -140,10 +138,10 @@ def test_server_only_adapter_wraps_only_its_layers_and_joins_back(tmp_path) -> N
     joined = join_adapters([client, server], tmp_path / "joined")
     read = lambda d: json.loads((d / "adapter_config.json").read_text())  # noqa: E731
     assert read(joined)["layers_to_transform"] == read(both)["layers_to_transform"] == [0, 1, 2, 3]
+    a, b = (PeftModel.from_pretrained(copy.deepcopy(base), str(d)).eval() for d in (joined, both))
     with torch.no_grad():
-        a = PeftModel.from_pretrained(copy.deepcopy(base), str(joined)).eval()(input_ids=ids, attention_mask=mask).logits
-        b = PeftModel.from_pretrained(copy.deepcopy(base), str(both)).eval()(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(a[valid], b[valid])
+        torch.testing.assert_close(a(input_ids=ids, attention_mask=mask).logits[valid],
+                                   b(input_ids=ids, attention_mask=mask).logits[valid])
 
 
 @pytest.mark.parametrize("spec,layers,expect", [("1/4", 24, 6), ("1/5", 24, 4), ("1/4", 30, 7), ("1/3", 30, 10), ("1/2", 4, 2),
