@@ -17,7 +17,9 @@ Tables:
 * **Overhead** per method (and column): peak memory per side, total MB per direction over the whole
   run (MB = 2^20 bytes), client / server busy seconds per epoch, where epochs = rounds x batch_size x
   grad_accum / (largest client's samples), i.e. passes over the largest client's data (per round when
-  the config is missing).
+  the config is missing), and rows/step: the training rows one optimizer step of the LM head averages
+  (split methods: the server's, over every client of the round; so the same epochs are fewer, larger
+  steps than ``centralized``'s).
 * **LESFT token classes**: the share and mean weight of salient / sub-salient / irrelevant target
   tokens in the last round (metrics.jsonl ``token_classes``), averaged over runs.
 * **Answers**: per cell, the shares of correct answers, arithmetic slips, reasoning errors and answers
@@ -500,6 +502,17 @@ def _epochs(r: Run) -> float | None:
     return None
 
 
+def _rows_per_step(r: Run) -> int | None:
+    """Training rows behind one optimizer step of the LM head: batch_size × grad_accum, times the clients
+    training each round in split methods, where the server steps once per round on all of them."""
+    s, b, a = r.summary or {}, r.config.get("batch_size"), r.config.get("grad_accum")
+    split, clients = (s.get("switches") or {}).get("split"), s.get("clients")
+    if not (_num(b) and _num(a) and isinstance(split, bool) and _num(clients)):
+        return None
+    per_round = r.config.get("clients_per_round") or clients
+    return int(b * a * (per_round if split else 1))
+
+
 def _overhead_table(runs: list[Run], lay: Layout) -> list[str]:
     body = []
     per_round = False
@@ -525,18 +538,19 @@ def _overhead_table(runs: list[Run], lay: Layout) -> list[str]:
                 m = _mean(vals)
                 lat[side] = "–" if m is None else f"{m:.2f}{unit}"
             eps = _mean([_epochs(r) for r in ms])
+            rows = sorted({str(n) for n in map(_rows_per_step, ms) if n is not None}) or ["–"]
             line = [row] + ([_col_header(lay, col)] if lay.col_keys else [])
             line += ["–" if mem[s] is None else f"{mem[s]:.1f}" for s in MEMORY_SIDES]
             line += [f"{comm[d]:.2f}" for d in DIRECTIONS] + [f"{sum(comm.values()):.2f}"]
             line += [lat["client"], lat["server"], "–" if eps is None else f"{eps:.2f}",
-                     str(round(_mean([r.summary["rounds"] for r in ms]))), str(len(ms))]
+                     str(round(_mean([r.summary["rounds"] for r in ms]))), "/".join(rows), str(len(ms))]
             body.append(line)
     if not body:
         return []
     head = ["method"] + ([" · ".join(lay.col_keys)] if lay.col_keys else [])
     head += ["client peak MB", "server peak MB", "simulation peak MB"] + [f"{ARROWS[d]} MB" for d in DIRECTIONS]
     head += ["total MB"]
-    head += ["client s/epoch", "server s/epoch", "epochs", "rounds", "runs"]
+    head += ["client s/epoch", "server s/epoch", "epochs", "rounds", "rows/step", "runs"]
     out = _md_table(head, body)
     if per_round:
         out.append("\nValues marked /round are per round: those runs' configs do not say their epochs.")
@@ -1098,7 +1112,9 @@ def write_report(sweep_dir: str, baseline: str | None = None, eval_dir: str = "e
         md.append("Per method (mean over seeds). Memory: peak MB per side (the largest client's; server empty for "
                   "unsplit methods) and of the whole simulation process (every party, model loading included). Communication: MB per direction over the whole run (MB = 2^20 bytes). "
                   "Latency: busy seconds per epoch on the client (mean over clients) and on the server, where "
-                  "epochs = rounds × batch_size × grad_accum / largest client's samples.")
+                  "epochs = rounds × batch_size × grad_accum / largest client's samples. Every party steps "
+                  "its optimizer once per round; rows/step is how many training rows one step of the LM "
+                  "head's holder averages (split methods: the server's, over every client of the round).")
         md += [""] + over + [""]
     else:
         md += ["No training summary.", ""]

@@ -43,7 +43,7 @@ def write_run(root: Path, n: str, method: str, cl: str, seed: int, *, acc: tuple
     if summary == "default":
         summary = {
             "method": method, "model": "tiny", "dataset": "synthetic", "clients": 4, "client_layers": 1,
-            "rounds": rounds, "samples_per_client": [8, 8, 8, 8], "final_loss": 1.0,
+            "rounds": rounds, "samples_per_client": [8, 8, 8, 8], "final_loss": 1.0, "switches": {"split": True},
             "comm_bytes": {"client_to_server": 3 * MB, "server_to_client": 1.5 * MB,
                            "client_to_aggregator": 0.25 * MB, "aggregator_to_client": 0.25 * MB},
             "peak_memory_mb": {"client": 100.0, "server": 200.0},
@@ -115,10 +115,11 @@ def test_tables_figures_and_problems(toy: Path, capsys) -> None:
     # the explicit run: its own row, labelled by the keys it sets; its client_layers (1/4) from its config
     assert _row(md, "## Accuracy", "lesft (loss=ce, paths=base)")[1:] == ["", "35.0 [26.0, 45.0] (n=100)"]
 
-    # overhead: MB per direction (2^20 bytes), busy s per epoch = 8 s / (8 rounds x 1 x 2 / 8 samples = 2 epochs)
+    # overhead: MB per direction (2^20 bytes), busy s per epoch = 8 s / (8 rounds x 1 x 2 / 8 samples = 2 epochs);
+    # rows per server step = batch 1 x grad_accum 2 x 4 clients
     cells = _row(md, "## Overhead", "lesft")
     assert cells == ["lesft", "1/2", "100.0", "200.0", "–", "3.00", "1.50", "0.25", "0.25", "5.00", "4.00", "2.00",
-                     "2.00", "8", "2"]
+                     "2.00", "8", "8", "2"]
     # token classes of lesft's last round
     assert _row(md, "## LESFT token classes", "lesft")[2:9] == ["50.0", "20.0", "30.0", "1.500", "0.400", "0.100",
                                                                 "0.860"]
@@ -212,3 +213,17 @@ def test_ablation_figure_pools_only_runs_that_differ_in_the_key(tmp_path: Path) 
     # the figure is drawn from these groups: adaptive = (10 + 14) / 2 = 12 %, not (10 + 14 + 35) / 3
     md = write_report(str(root)).read_text()
     assert "](figures/ablation_lesft_weighting.png)" in md
+
+
+def test_rows_per_step_counts_the_rows_behind_one_step_of_the_head() -> None:
+    from lesft.report import Run, _rows_per_step
+
+    def run(split: bool, clients: int, **config) -> Run:
+        return Run("r", Path("."), None, config={"batch_size": 1, "grad_accum": 4, **config},
+                   summary={"switches": {"split": split}, "clients": clients})
+
+    assert _rows_per_step(run(True, 4)) == 16                         # the server: 4 clients x 1 x 4
+    assert _rows_per_step(run(True, 4, clients_per_round=2)) == 8     # only the round's clients
+    assert _rows_per_step(run(False, 1)) == 4                         # centralized: one party
+    assert _rows_per_step(run(False, 4, batch_size=2)) == 8           # fedavg: each client its own
+    assert _rows_per_step(Run("r", Path("."), None)) is None          # nothing to go on
