@@ -54,14 +54,20 @@ def load_lora_state(part: nn.Module, state: dict[str, torch.Tensor], partial: bo
         params[k].copy_(v.to(params[k].dtype))
 
 
+def _local_layer(key: str) -> tuple[int, str]:
+    """``layers.{i}.rest`` (a part's adapter key) -> ``(i, rest)``."""
+    m = re.match(r"layers\.(\d+)\.(.+)$", key)
+    if m is None:
+        raise ValueError(f"adapter tensor {key!r} is not inside a decoder layer")
+    return int(m.group(1)), m.group(2)
+
+
 def full_model_keys(state: dict[str, torch.Tensor], first_layer: int, layers_path: str) -> dict[str, torch.Tensor]:
     """``layers.{i}.rest`` of a part -> ``base_model.model.{layers_path}.{first_layer+i}.rest`` (peft's file keys)."""
     out = {}
     for k, v in state.items():
-        m = re.match(r"layers\.(\d+)\.(.+)$", k)
-        if m is None:
-            raise ValueError(f"adapter tensor {k!r} is not inside a decoder layer")
-        out[f"base_model.model.{layers_path}.{first_layer + int(m.group(1))}.{m.group(2)}"] = v
+        i, rest = _local_layer(k)
+        out[f"base_model.model.{layers_path}.{first_layer + i}.{rest}"] = v
     return out
 
 
@@ -83,7 +89,7 @@ def export_adapter(
     config.base_model_name_or_path = base_model
     # only the layers that hold tensors (splitfrozen: the server's), so that peft wraps no other layer
     # and does not warn of "missing adapter keys" for layers that were never adapted
-    config.layers_to_transform = sorted({first + int(k.split(".", 2)[1]) for state, first in parts for k in state})
+    config.layers_to_transform = sorted({first + _local_layer(k)[0] for state, first in parts for k in state})
     config.save_pretrained(str(out))
     return out
 

@@ -387,11 +387,11 @@ def _status(p: Point) -> tuple[str, str]:
         return "needs-eval", ""
     from lesft.checkpoint import find_checkpoint
 
-    ckpt = find_checkpoint(d)
+    ckpt, logged = find_checkpoint(d), _rounds_logged(d)
     if ckpt is not None:  # interrupted, or running now: the dry run cannot tell
         done = (_read_json(ckpt / "state.json") or {}).get("rounds_done", "?")
-        return "interrupted", f"checkpoint after round {done}, {_rounds_logged(d)} rounds logged"
-    logged = _rounds_logged(d)  # started but stopped (or still going) before its first checkpoint: restarts
+        return "interrupted", f"checkpoint after round {done}, {logged} rounds logged"
+    # started but stopped (or still going) before its first checkpoint: it restarts
     return "pending", f"{logged} rounds logged, no checkpoint yet" if logged else ""
 
 
