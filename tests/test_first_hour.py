@@ -352,3 +352,38 @@ def test_a_config_saved_before_type_checks_still_resumes(tmp_path) -> None:
     now = {"client_layers": "2", "lr": 2e-4, "lora": {"r": 8}}
     assert _config_diff(normalised(TrainConfig, old), now) == []
     assert normalised(TrainConfig, {"nope": 1}) == {"nope": 1}
+
+
+def test_two_runs_converting_the_gguf_at_once_both_get_the_model(tmp_path, monkeypatch) -> None:
+    """`lesft sweep --jobs 2` on a fresh machine: both runs convert the GGUF into the cache at once. Seen in the
+    evidence study: the first run's rename moved the directory the second was still writing into, and the
+    second failed with "No such file or directory". Here the second conversion happens inside the first's
+    tokenizer save (deterministic interleaving); both must return the same complete directory."""
+    from lesft.model import load
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setenv("LESFT_CACHE", str(tmp_path / "cache"))
+    calls: list[Path] = []
+    started: list[bool] = []
+
+    class FakeModel:
+        config = type("C", (), {})()
+
+        def save_pretrained(self, d) -> None:
+            (Path(d) / "config.json").write_text("{}")
+            (Path(d) / "model.safetensors").write_bytes(b"w")
+
+    class FakeTokenizer:
+        def save_pretrained(self, d) -> None:
+            if not started:  # the other run starts and finishes while this one is writing
+                started.append(True)
+                calls.append(load._convert_gguf(gguf))
+            (Path(d) / "tokenizer.json").write_text("{}")
+
+    monkeypatch.setattr(load.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: FakeModel())
+    monkeypatch.setattr(load.AutoTokenizer, "from_pretrained", lambda *a, **k: FakeTokenizer())
+    first = load._convert_gguf(gguf)
+    assert calls == [first]
+    assert sorted(p.name for p in first.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary directory left behind
