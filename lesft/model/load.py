@@ -50,12 +50,17 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
+def _converted(d: Path) -> bool:
+    """Whether ``d`` holds a finished conversion (a config and its weights)."""
+    return (d / "config.json").is_file() and any(d.glob("*.safetensors"))
+
+
 def _convert_gguf(gguf: Path) -> Path:
     """De-quantise ``gguf`` once into a safetensors model directory in the cache; return that directory."""
     st = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if _converted(target):
         return target
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -74,7 +79,7 @@ def _convert_gguf(gguf: Path) -> Path:
         try:
             tmp.rename(target)
         except OSError:  # another process's conversion got there first
-            if not (target / "config.json").is_file():
+            if not _converted(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
