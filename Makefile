@@ -26,6 +26,7 @@ bench: setup               ## speed/size targets, printed as measured ratios
 	$(PY) bench/bench_transport.py
 	$(PY) bench/bench_clients.py
 	$(PY) bench/bench_generate.py
+	$(PY) bench/bench_dtype.py
 
 clean:
 	rm -rf runs .pytest_cache
