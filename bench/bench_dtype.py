@@ -32,13 +32,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_split import make_run  # noqa: E402  (bench/ is on sys.path when run as a script)
+from bench_split import Rounds, make_run  # noqa: E402  (bench/ is on sys.path when run as a script)
 from lesft.config import TrainConfig  # noqa: E402
 from lesft.data.prompts import render_prompt  # noqa: E402
 from lesft.data.rows import load_rows  # noqa: E402
 from lesft.evaluate import DEFAULT_STOP, generate  # noqa: E402
 from lesft.model.load import load_model  # noqa: E402
-from timing import BUSY, disturbed, med, parse_with_timing_args, timed  # noqa: E402
+from timing import BUSY, disturbed, med, parse_with_timing_args, rotated, timed  # noqa: E402
 
 DTYPES = ("fp32", "bf16")
 
@@ -68,10 +68,8 @@ def time_generation(args: argparse.Namespace) -> dict:
     generate(model, tok, prompts[:2], 4, 2)  # warm-up (untimed)
     for _ in range(args.gen_reps):
         for d in DTYPES:
-            ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=d == "bf16")
-
-            def run(d: str = d, ctx=ctx) -> None:
-                with ctx:
+            def run(d: str = d) -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=d == "bf16"):
                     texts[d] = generate(model, tok, prompts, args.gen_tokens, args.gen_batch, list(DEFAULT_STOP))
 
             dt, fo, _, _ = timed(run, 0, quiet_wait=args.quiet_wait)
@@ -107,16 +105,7 @@ def main() -> None:
         args.dtype = d
         runs[m, d] = make_run(args, m, rows)
     first_loss = {k: runs[k].round(0)["loss"] for k in keys}  # same init, same batch: fp32 vs bf16
-    r_idx = {k: 1 for k in keys}
-
-    def one_round(k: tuple[str, str]) -> None:
-        runs[k].round(r_idx[k])
-        r_idx[k] += 1
-
-    def skip_aggregation(k: tuple[str, str]) -> None:
-        run = runs[k]
-        while run.aggregator is not None and (r_idx[k] + 1) % run.cfg.aggregate_every == 0:
-            one_round(k)
+    one_round = Rounds(runs, start=1)  # round 0 gave first_loss
 
     for k in keys:
         for _ in range(args.warmup):
@@ -127,9 +116,8 @@ def main() -> None:
     retried = 0
     deadline = t_start + args.retry_budget
     for rep in range(args.reps):
-        order = keys[rep % len(keys):] + keys[:rep % len(keys)]
-        for k in order:
-            dt, fo, tries, _ = timed(lambda k=k: one_round(k), args.retries, prepare=lambda k=k: skip_aggregation(k),
+        for k in rotated(keys, rep):
+            dt, fo, tries, _ = timed(lambda k=k: one_round(k), args.retries, prepare=lambda k=k: one_round.skip_aggregation(k),
                                      deadline=deadline, quiet_wait=args.quiet_wait)
             retried += tries
             wall[k].append(dt)

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import disturbed, med, parse_with_timing_args, timed  # noqa: E402
+from timing import disturbed, med, parse_with_timing_args, rotated, timed  # noqa: E402
 
 from lesft.data.prompts import render_prompt  # noqa: E402
 from lesft.data.synthetic import generate_arithmetic  # noqa: E402
@@ -112,8 +112,7 @@ def main() -> None:
     stats0 = {"split/1": None, "grpc/1": None}
     t_start = time.perf_counter()
     for rep in range(args.reps):
-        order = list(modes)[rep % len(modes):] + list(modes)[:rep % len(modes)]
-        for m in order:
+        for m in rotated(modes, rep):
             g = {"split/1": split, "grpc/1": remote}.get(m)
             if g is not None:
                 g.totals = dict.fromkeys(g.totals, 0)  # this call's numbers only

@@ -40,7 +40,7 @@ from lesft.train import Run  # noqa: E402
 
 SPLIT_TARGET = 1.05
 LESFT_TARGET = 1.5
-from timing import parse_with_timing_args, BUSY, disturbed, med, timed  # noqa: E402  (bench/ is on sys.path when run as a script)
+from timing import parse_with_timing_args, BUSY, disturbed, med, rotated, timed  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 def make_cfg(args: argparse.Namespace, method: str, **over) -> TrainConfig:
     kw = dict(
@@ -56,6 +56,26 @@ def make_cfg(args: argparse.Namespace, method: str, **over) -> TrainConfig:
 def make_run(args: argparse.Namespace, method: str, rows, **over) -> Run:
     model, tok = load_model(args.model)  # fresh: a Run consumes the model it is given
     return Run(make_cfg(args, method, **over), model, tok, rows)
+
+
+class Rounds:
+    """Steps each of several Runs (by key) through its rounds in order, and keeps the every-I-rounds adapter
+    aggregation out of the timed ones (it is timed on its own)."""
+
+    def __init__(self, runs: dict, start: int = 0):
+        self.runs = runs
+        self.next = dict.fromkeys(runs, start)
+
+    def __call__(self, k) -> None:
+        """Run the next round of run ``k``."""
+        self.runs[k].round(self.next[k])
+        self.next[k] += 1
+
+    def skip_aggregation(self, k) -> None:
+        """Run (untimed) the rounds of ``k`` that would aggregate, so that the next one does not."""
+        run = self.runs[k]
+        while run.aggregator is not None and (self.next[k] + 1) % run.cfg.aggregate_every == 0:
+            self(k)
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -84,11 +104,7 @@ def main() -> None:
     runs = {m: make_run(args, m, rows) for m in names}
     seq = {m: (runs[m].clients[0]._batch().ids.shape) for m in names}
     assert all(tuple(s) == (1, args.seq_len) for s in seq.values()), f"batch shapes differ: {seq}"
-    r_idx = {m: 0 for m in names}
-
-    def one_round(m: str) -> None:
-        runs[m].round(r_idx[m])
-        r_idx[m] += 1
+    one_round = Rounds(runs)
 
     for m in names:
         for _ in range(args.warmup):
@@ -101,19 +117,14 @@ def main() -> None:
     retried = 0
     deadline = t_start + args.retry_budget
     for rep in range(args.reps):
-        order = names[rep % 3:] + names[:rep % 3]
-        for m in order:
+        for m in rotated(names, rep):
             run = runs[m]
-
-            def skip_aggregation(m: str = m, run: Run = run) -> None:
-                # keep the every-I-rounds aggregation out of the timed rounds (it is timed on its own)
-                while run.aggregator is not None and (r_idx[m] + 1) % run.cfg.aggregate_every == 0:
-                    one_round(m)
 
             def snap(run: Run = run) -> tuple[float, float]:
                 return (run.server.meter.seconds if run.server else 0.0, run.clients[0].meter.seconds)
 
-            dt, fo, tries, (ds, dc) = timed(lambda: one_round(m), args.retries, prepare=skip_aggregation,
+            dt, fo, tries, (ds, dc) = timed(lambda: one_round(m), args.retries,
+                                            prepare=lambda: one_round.skip_aggregation(m),
                                             snap=snap, deadline=deadline, quiet_wait=args.quiet_wait)
             retried += tries
             wall[m].append(dt)

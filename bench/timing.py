@@ -77,6 +77,14 @@ def disturbed(foreign: list[float]) -> int:
     return sum(f > BUSY for f in foreign)
 
 
+def rotated(items, rep: int) -> list:
+    """``items`` rotated left by ``rep``: the order of repetition ``rep`` of an interleaved timing, so that
+    every item takes every position in turn (slow drift and a busy neighbour hit all alike)."""
+    items = list(items)
+    k = rep % len(items)
+    return items[k:] + items[:k]
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
