@@ -37,7 +37,7 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     if m == 0:
         return 1.0
     k = min(only_a, only_b)
-    tail = sum(math.comb(m, i) for i in range(k + 1)) / 2.0 ** m
+    tail = sum(math.comb(m, i) for i in range(k + 1)) / (1 << m)  # exact ints: 2.0 ** m overflows past m = 1023
     return min(1.0, 2.0 * tail)
 
 
