@@ -388,7 +388,18 @@ class TrainConfig:
         default=0.0,
     )
     # --- system ---
-    wire_dtype: str = _help("dtype of activations and gradients on the wire: fp32, bf16 or fp16.", default="fp32")
+    wire_dtype: str = _help(
+        "Format of activations and gradients on the wire: fp32, bf16, fp16 (casts), int8 or int4 (symmetric, one "
+        "fp32 scale per block of 64 values; lossy, see docs/deploy.md). --reference_wire and --grad_wire override it "
+        "for the reference path and the gradients.", default="fp32")
+    reference_wire: str = _help(
+        "Format of the reference path's activations (forward-only, so it may take fewer bits), e.g. int4; "
+        "'' = as --wire_dtype.", default="")
+    grad_wire: str = _help("Format of the gradients (both directions); '' = as --wire_dtype.", default="")
+    pack_ints: bool = _help(
+        "Send the batch's integer tensors packed, losslessly: attention masks as row lengths, position ids "
+        "0..T-1 as nothing, labels as each row's target span in the narrowest integer type (off: int64 tensors, "
+        "as before this option).", default=False)
     dtype: str = _help(
         "Compute precision: fp32, or bf16 (autocast; on CPU the weights stay fp32).", default="fp32"
     )
@@ -438,8 +449,12 @@ class TrainConfig:
                              f"got {self.clients_per_round}")
         if self.per_client < 0:
             raise ValueError(f"per_client must be >= 0, got {self.per_client}")
-        if self.wire_dtype not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"wire_dtype must be fp32, bf16 or fp16, got {self.wire_dtype!r}")
+        formats = ("fp32", "bf16", "fp16", "int8", "int4")
+        for name in ("wire_dtype", "reference_wire", "grad_wire"):
+            value = getattr(self, name)
+            if value not in formats and not (value == "" and name != "wire_dtype"):
+                raise ValueError(f"{name} must be one of {', '.join(formats)}"
+                                 f"{'' if name == 'wire_dtype' else ' or empty (as wire_dtype)'}, got {value!r}")
         if self.reference not in ("solution", "target"):
             raise ValueError(f"reference must be 'solution' or 'target', got {self.reference!r}")
         if self.cut_noise < 0:

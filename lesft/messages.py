@@ -6,7 +6,10 @@ Wire format (the same for the in-process and any network transport; never pickle
 
 The header names the message kind, its scalar fields, and for every tensor its name, dtype, shape
 and byte count. Payload bytes = sum of tensor ``numel * element_size`` at the wire dtype; header
-bytes = 8 + the JSON length.
+bytes = 8 + the JSON length. A tensor sent through a codec of :mod:`lesft.codecs` (8- or 4-bit
+activations and gradients, packed masks, positions and labels) also names its ``codec``: its shape and
+dtype are those it decodes to, and its byte count is the codec's (:func:`lesft.codecs.wire_bytes`).
+Which format each tensor takes is a :class:`WireFormat`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Any, ClassVar
 
 import torch
 
-WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from lesft import codecs
+
+WIRE_DTYPES = codecs.CASTS
 _DTYPES = {str(d).removeprefix("torch."): d for d in
            (torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool)}
 
@@ -108,10 +113,52 @@ class GenReply:
     hidden: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class WireFormat:
+    """The format of each floating tensor on the wire (fp32, bf16, fp16, int8 or int4; see :mod:`lesft.codecs`)
+    and whether the batch's integer tensors are packed. ``WireFormat()`` is today's plain fp32 wire."""
+
+    hidden: str = "fp32"     # activations: the base path's up, the label-private last layer's down, generation's
+    reference: str = ""      # the reference path's activations (forward-only); "" = as ``hidden``
+    grad: str = ""           # gradients, both directions; "" = as ``hidden``
+    pack_ints: bool = False  # masks as lengths, positions 0..T-1 as nothing, labels as target spans (lossless)
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "reference", "grad"):
+            value = getattr(self, name)
+            if value not in codecs.FLOAT_CODECS and not (value == "" and name != "hidden"):
+                raise ValueError(f"wire format for {name}: {value!r}; expected one of {list(codecs.FLOAT_CODECS)}")
+
+    @classmethod
+    def of(cls, cfg: Any) -> "WireFormat":
+        """The format a TrainConfig asks for (``wire_dtype``, ``reference_wire``, ``grad_wire``, ``pack_ints``)."""
+        return cls(cfg.wire_dtype, cfg.reference_wire, cfg.grad_wire, cfg.pack_ints)
+
+    def codec(self, name: str) -> str:
+        """The format of the floating tensor called ``name`` in a message ('reference.hidden', 'grad', ...)."""
+        if name.startswith("reference."):
+            return self.reference or self.hidden
+        if name.rsplit(".", 1)[-1] == "grad":
+            return self.grad or self.hidden
+        return self.hidden
+
+
+def wire_format(wire: "WireFormat | str") -> WireFormat:
+    """A :class:`WireFormat` from itself or from one format name for every floating tensor."""
+    return wire if isinstance(wire, WireFormat) else WireFormat(wire)
+
+
 Message = Activations | ActivationGrad | AdapterUpload | AdapterBroadcast | GenStep | GenReply
 _KINDS = {c.kind: c for c in (Activations, ActivationGrad, AdapterUpload, AdapterBroadcast, GenStep, GenReply)}
 # Floating tensors of these fields travel at the wire dtype; adapters always travel as they are.
 _WIRE_CAST = {"hidden", "grad"}
+# Integer tensors of a training batch that ``pack_ints`` packs (see lesft.codecs)
+_PACKED = {"attention_mask", "position_ids", "labels"}
+
+
+def codec_field(codec: str) -> str:
+    """The batch field that an integer codec packs."""
+    return {"lengths": "attention_mask", "arange": "position_ids", "spans": "labels"}[codec]
 
 
 def _flatten(msg: Message) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -133,20 +180,27 @@ def _flatten(msg: Message) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return scalars, tensors
 
 
-def encode_parts(msg: Message, wire_dtype: str = "fp32") -> tuple[list[bytes | memoryview], int]:
+def encode_parts(msg: Message, wire: WireFormat | str = "fp32") -> tuple[list[bytes | memoryview], int]:
     """The encoded message as pieces, without copying tensor data: ``[length + header, buffer, ...]``
     (their concatenation is :func:`encode`'s bytes), and the payload byte count. The header is padded
-    with spaces to a multiple of 8 bytes so that a receiver can view tensors in place."""
+    with spaces to a multiple of 8 bytes so that a receiver can view tensors in place. ``wire``: the
+    :class:`WireFormat`, or one format name for every activation and gradient."""
+    wire = wire_format(wire)
     scalars, tensors = _flatten(msg)
     specs, buffers = [], []
     for name, t in tensors.items():
-        t = t.detach()
-        if name.rsplit(".", 1)[-1] in _WIRE_CAST and t.is_floating_point():
-            t = t.to(WIRE_DTYPES[wire_dtype])
-        t = t.contiguous().cpu()
-        raw = t.view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
-        specs.append({"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
-                      "nbytes": raw.numel()})
+        field = name.rsplit(".", 1)[-1]
+        packed = codecs.encode_int(t, field) if wire.pack_ints and field in _PACKED and "." in name else None
+        if field in _WIRE_CAST and t.is_floating_point():
+            raw, keys = codecs.encode_float(t, wire.codec(name))
+        elif packed is not None:
+            raw, keys = packed[0], {"dtype": str(t.dtype).removeprefix("torch."), **packed[1]}
+        else:
+            t = t.detach().contiguous().cpu()
+            raw = t.view(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+            keys = {"dtype": str(t.dtype).removeprefix("torch.")}
+        spec = {"name": name, "dtype": keys.pop("dtype"), "shape": list(t.shape), "nbytes": raw.numel(), **keys}
+        specs.append(spec)
         buffers.append(memoryview(raw.numpy()))
     header = json.dumps({"kind": msg.kind, "fields": scalars, "tensors": specs}, separators=(",", ":")).encode()
     header += b" " * (-(8 + len(header)) % 8)
@@ -154,9 +208,9 @@ def encode_parts(msg: Message, wire_dtype: str = "fp32") -> tuple[list[bytes | m
     return [len(header).to_bytes(8, "little") + header, *buffers], payload
 
 
-def encode(msg: Message, wire_dtype: str = "fp32") -> tuple[bytes, int]:
-    """Serialise ``msg``; returns (bytes, payload byte count). Activations/gradients are cast to ``wire_dtype``."""
-    parts, payload = encode_parts(msg, wire_dtype)
+def encode(msg: Message, wire: WireFormat | str = "fp32") -> tuple[bytes, int]:
+    """Serialise ``msg``; returns (bytes, payload byte count). Activations/gradients take ``wire``'s formats."""
+    parts, payload = encode_parts(msg, wire)
     return b"".join(parts), payload
 
 
@@ -198,6 +252,16 @@ def _header(prefix: bytes | bytearray | memoryview) -> dict[str, Any] | None:
         numel = 1
         for d in shape:
             numel *= d
+        if "codec" in s:
+            field, codec = name.rsplit(".", 1)[-1], s["codec"]
+            if codec in codecs.INT_CODECS and (field != codec_field(codec) or _DTYPES[s["dtype"]].is_floating_point):
+                raise ValueError(f"tensor {name!r}: codec {codec!r} carries an integer {codec_field(codec)}")
+            if codec not in codecs.INT_CODECS and (field not in _WIRE_CAST or s["dtype"] != "float32"):
+                raise ValueError(f"tensor {name!r}: codec {codec!r} carries float32 activations or gradients")
+            want = codecs.wire_bytes(s)
+            if type(nbytes) is not int or nbytes != want:
+                raise ValueError(f"tensor {name!r}: {nbytes!r} bytes do not match codec {s['codec']!r} {shape}")
+            continue
         if type(nbytes) is not int or nbytes != numel * _DTYPES[s["dtype"]].itemsize:
             raise ValueError(f"tensor {name!r}: {nbytes!r} bytes do not match {s['dtype']} {shape}")
     return header
@@ -232,6 +296,14 @@ def decode(data: bytes | bytearray | memoryview, float_dtype: torch.dtype | None
             raise ValueError(f"tensor {s['name']!r}: dtype {s['dtype']}, expected a float")
         if offset + nbytes > len(buf):
             raise ValueError(f"message truncated in tensor {s['name']!r}")
+        if "codec" in s:
+            t = codecs.decode(torch.frombuffer(bytearray(buf[offset:offset + nbytes]), dtype=torch.uint8)
+                              if nbytes else torch.empty(0, dtype=torch.uint8), s)
+            offset += nbytes
+            if float_dtype is not None and s["name"].rsplit(".", 1)[-1] in _WIRE_CAST:
+                t = t.to(float_dtype)
+            tensors[s["name"]] = t
+            continue
         if not nbytes:
             t = torch.empty(0, dtype=torch.uint8)
         elif zero_copy and offset % dtype.itemsize == 0:  # a view into the received buffer: no copy

@@ -35,7 +35,7 @@ from lesft.data.rows import load_rows
 from lesft.data.samples import build_sample
 from lesft.interrupt import Interrupted, finish_round_on_sigint
 from lesft.lora import add_lora, check_target_modules, export_adapter, lora_state
-from lesft.messages import AdapterBroadcast
+from lesft.messages import AdapterBroadcast, WireFormat
 from lesft.meters import MB, module_bytes, peak_rss_mb
 from lesft.provenance import device_name, git_commit, versions
 from lesft.model.load import load_model, peft_base, resolve_device
@@ -127,7 +127,7 @@ class Run:
                           head=h.to(self.device) if h is not None else None)
 
         self.clients = [client(cid, idx) for cid, idx in zip(ids, parts)]
-        self.transport = transport or Loopback(cfg.wire_dtype)
+        self.transport = transport or Loopback(WireFormat.of(cfg))
         self.server = SplitServer(top.to(self.device), cfg, self.device) if cfg.split and link is None else None
         self.link = link or (LocalSplit(self.server, self.transport, cfg.label_privacy) if self.server else None)
         self.aggregator = Aggregator(get_strategy(cfg.aggregation)) if cfg.aggregate_every and link is None else None
@@ -290,7 +290,7 @@ def train(
         model, tokenizer = load_model(cfg.model, device="cpu")
     transport = None
     if link is not None:
-        transport = Loopback(cfg.wire_dtype)
+        transport = Loopback(WireFormat.of(cfg))
         transport.meter = link.meter
     run = Run(cfg, model, tokenizer, rows, transport=transport, link=link, client_id=client_id)
     del model

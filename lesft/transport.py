@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Protocol
 
-from lesft.messages import Message, decode, encode
+from lesft.messages import Message, WireFormat, decode, encode, wire_format
 
 DIRECTIONS = ("client_to_server", "server_to_client", "client_to_aggregator", "aggregator_to_client")
 
@@ -53,13 +53,14 @@ class Transport(Protocol):
 
 
 class Loopback:
-    """In-process transport: encode -> count -> decode. ``wire_dtype`` applies to activations and gradients."""
+    """In-process transport: encode -> count -> decode. ``wire``: the format of activations and gradients
+    (a :class:`~lesft.messages.WireFormat`, or one format name for all of them)."""
 
-    def __init__(self, wire_dtype: str = "fp32") -> None:
-        self.wire_dtype = wire_dtype
+    def __init__(self, wire: WireFormat | str = "fp32") -> None:
+        self.wire = wire_format(wire)
         self.meter = Meter()
 
     def send(self, msg: Message, direction: str) -> Message:
-        data, payload = encode(msg, self.wire_dtype)
+        data, payload = encode(msg, self.wire)
         self.meter.add(direction, msg.kind, payload, len(data))
         return decode(data)

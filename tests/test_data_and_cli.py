@@ -98,7 +98,7 @@ def test_config_errors_name_the_field(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"unknown config field 'lora.rank'.*known fields: r, alpha"):
         from_dict(TrainConfig, {"lora": {"rank": 3}})
     with pytest.raises(ValueError, match="wire_dtype"):
-        TrainConfig(wire_dtype="int8")
+        TrainConfig(wire_dtype="int3")
     assert apply_overrides({"a": {"b": 1}}, {"a.c": 2, "d": 3}) == {"a": {"b": 1, "c": 2}, "d": 3}
 
 

@@ -49,7 +49,7 @@ BAD_TRAIN = [
     ("flag-bool", None, ["--eval", "maybe"], ["expected true/false"]),
     ("method", None, ["--method", "nope"], ["unknown method 'nope'"]),
     ("partition", None, ["--partition", "dirichlet:x"], ["partition must be 'iid' or 'dirichlet:ALPHA'"]),
-    ("wire-dtype", None, ["--wire_dtype", "int8"], ["wire_dtype must be fp32, bf16 or fp16"]),
+    ("wire-dtype", None, ["--wire_dtype", "int3"], ["wire_dtype must be one of fp32, bf16, fp16, int8, int4"]),
     ("data-missing", None, ["--data", "nope.jsonl"], ["data file not found"]),
     ("eval-loglik", None, ["--data", "synthetic", "--eval", "--evaluation.mode", "loglik"],
      ["mode 'loglik' needs a multiple-choice dataset", "use mode 'generate'"]),

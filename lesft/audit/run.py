@@ -30,7 +30,7 @@ from lesft.audit.score import score
 from lesft.audit.view import Received, Recorder, Truth, capture, record_training
 from lesft.config import TrainConfig, to_dict
 from lesft.data.rows import load_rows
-from lesft.messages import PathBatch
+from lesft.messages import PathBatch, WireFormat
 from lesft.meters import MB
 from lesft.model.load import load_model
 from lesft.model.split import client_head, inspect_decoder, resolve_client_layers, split_model
@@ -111,7 +111,7 @@ def _timed(label: str, fn, timings: dict[str, float]):
 
 def victim_run(cfg: TrainConfig, model, tokenizer, rows: list[dict[str, str]]) -> Run:
     """The audited run's parties, on a copy of ``model``, every message through a :class:`Recorder`."""
-    return Run(methods.resolve(cfg), copy.deepcopy(model), tokenizer, rows, transport=Recorder(cfg.wire_dtype))
+    return Run(methods.resolve(cfg), copy.deepcopy(model), tokenizer, rows, transport=Recorder(WireFormat.of(cfg)))
 
 
 def server_view(cfg: TrainConfig, model, tokenizer, rows: list[dict[str, str]]

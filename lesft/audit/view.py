@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lesft.data.samples import IGNORE_INDEX, Sample
-from lesft.messages import ActivationGrad, Activations, Message
+from lesft.messages import ActivationGrad, Activations, Message, WireFormat
 from lesft.roles import DataStream
 from lesft.train import Run
 from lesft.transport import Loopback
@@ -47,8 +47,8 @@ class Recorder(Loopback):
     label-private mode, every ``ActivationGrad`` from a client, plus the last-layer ``Activations`` the
     server sent down (its own output), each keyed by (client, step)."""
 
-    def __init__(self, wire_dtype: str = "fp32") -> None:
-        super().__init__(wire_dtype)
+    def __init__(self, wire: WireFormat | str = "fp32") -> None:
+        super().__init__(wire)
         self.received: list[Activations] = []
         self.returned: dict[tuple[int, int], ActivationGrad] = {}
         self.tops: dict[tuple[int, int], Activations] = {}

@@ -21,7 +21,7 @@ from lesft.config import TrainConfig, to_dict
 from lesft.deploy.wire import (EXCHANGE, EXCHANGE_ONE, HELLO, MB, NetArgs, call_with_retries, channel, chunks, join,
                               metadata)
 from lesft.exchange import Resync
-from lesft.messages import Message, decode, encode_parts, payload_size
+from lesft.messages import Message, WireFormat, decode, encode_parts, payload_size
 from lesft.roles import Client, SliceLoss
 from lesft.transport import Meter
 
@@ -72,7 +72,7 @@ class RemoteSplit:
 
     def call(self, msg: Message) -> Message:
         """Send one message, return the server's reply (decoded)."""
-        parts, payload = encode_parts(msg, self.cfg.wire_dtype)
+        parts, payload = encode_parts(msg, WireFormat.of(self.cfg))
         size = len(parts[0]) + payload
 
         one = size <= self.net.chunk_mb * MB  # fits one chunk: a unary request (about 0.5 ms less per call)

@@ -40,13 +40,14 @@ from lesft.config import TrainConfig, to_dict
 from lesft.deploy.wire import (EXCHANGE, EXCHANGE_ONE, HELLO, MB, MessageTooLarge, NetArgs, bearer, check_tokens,
                                chunks, join, start_server)
 from lesft.lora import export_adapter, load_lora_state, lora_state
-from lesft.messages import Activations, ActivationGrad, Message, PathBatch, decode, encode_parts, payload_size
+from lesft.messages import (Activations, ActivationGrad, Message, PathBatch, WireFormat, decode, encode_parts,
+                             payload_size)
 from lesft.roles import SplitServer
 from lesft.transport import Meter
 
 # Config fields that client and server must agree on (a client with others is refused at hello).
 AGREE = ("client_layers", "split", "client_trainable", "paths", "loss", "label_privacy", "grad_accum",
-         "wire_dtype", "dtype", "seed", "lora", "lesft")
+         "dtype", "seed", "lora", "lesft")  # the wire formats may differ: each message names its own
 
 
 Parts = list  # an encoded message as ``messages.encode_parts`` pieces
@@ -366,7 +367,7 @@ class SplitService:
         return None
 
     def _compute(self, step: int, phase: int, msgs: list[Message]) -> dict[int, Parts]:
-        wire = self.cfg.wire_dtype
+        wire = WireFormat.of(self.cfg)
         s = self.server
 
         def encoded(m: Message, t: torch.Tensor) -> Parts:
