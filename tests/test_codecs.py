@@ -246,3 +246,24 @@ def test_packed_integers_change_bytes_not_training(tmp_path) -> None:
     up = [x.transport.meter.to_dict()["client_to_server"]["activations"]["payload_bytes"] for x in (plain, packed, half)]
     assert up[1] < up[0]
     assert 0.495 <= up[2] / up[1] <= 0.505, up[2] / up[1]
+
+
+def test_label_private_split_and_split_generation_take_the_same_codecs(tokenizer, tmp_path) -> None:
+    from test_generation import PROMPTS, batch, make_run as make_gen_run
+
+    from lesft.generation import in_process
+
+    run = tiny_run("sl", tmp_path, wire_dtype="int8")  # U-shaped: hidden states both ways, gradients both ways
+    losses = [run.round(r)["loss"] for r in range(run.rounds)]
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+    c = run.transport.meter.to_dict()
+    for d in ("client_to_server", "server_to_client"):
+        per_msg = c[d]["activation_grad"]["payload_bytes"] / c[d]["activation_grad"]["messages"]
+        assert per_msg < 0.3 * 64 * 32 * 4  # int8 with scales: 0.266 of fp32 for [1, <= 64, 32]
+    gen, _, _ = in_process(make_gen_run(tmp_path, tokenizer, "llama", 2), wire_dtype="int8")
+    ids, mask = batch(tokenizer, PROMPTS[:2])
+    out = gen.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, pad_token_id=0)
+    assert out.shape == (2, ids.shape[1] + 3)
+    up = gen.link.meter.to_dict()["client_to_server"]["gen_step"]["payload_bytes"]
+    n = 2 * ids.shape[1] * 32
+    assert up == (n + 4 * -(-n // 64)) + ids.numel() + 2 * (64 + 4 * 1)  # int8 prefill + bool mask, 2 decode steps
