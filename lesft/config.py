@@ -396,6 +396,12 @@ class TrainConfig:
         "Format of the reference path's activations (forward-only, so it may take fewer bits), e.g. int4; "
         "'' = as --wire_dtype.", default="")
     grad_wire: str = _help("Format of the gradients (both directions); '' = as --wire_dtype.", default="")
+    frozen_cache_mb: float = _help(
+        "Client layers frozen (splitfrozen): the split server keeps the cut activations of each batch it received, up "
+        "to this many MiB (least recently used first out), and a client sends a batch it sent before as a short "
+        "reference; on a miss (evicted, or a restarted server) the server asks for the tensors again. Exactly the same "
+        "training as resending; with batch_size 1 every epoch after the first sends references only. 0 = off.",
+        default=0.0)
     pack_ints: bool = _help(
         "Send the batch's integer tensors packed, losslessly: attention masks as row lengths, position ids "
         "0..T-1 as nothing, labels as each row's target span in the narrowest integer type (off: int64 tensors, "
@@ -457,6 +463,11 @@ class TrainConfig:
                                  f"{'' if name == 'wire_dtype' else ' or empty (as wire_dtype)'}, got {value!r}")
         if self.reference not in ("solution", "target"):
             raise ValueError(f"reference must be 'solution' or 'target', got {self.reference!r}")
+        if self.frozen_cache_mb < 0:
+            raise ValueError(f"frozen_cache_mb must be >= 0 (0 = off), got {self.frozen_cache_mb}")
+        if self.frozen_cache_mb and self.cut_noise:
+            raise ValueError("frozen_cache_mb with cut_noise: the noise is drawn anew for every send, so a cached "
+                             "batch is not what the client would send; turn one of them off")
         if self.cut_noise < 0:
             raise ValueError(f"cut_noise must be >= 0, got {self.cut_noise}")
         if self.dtype not in ("fp32", "bf16"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from lesft.messages import Activations, CachedActivations, Resend
 from lesft.roles import Client, SliceLoss, SplitServer
 from lesft.transport import Transport
 
@@ -47,7 +48,7 @@ class LocalSplit:
     def micro_step(self, clients: list[Client], step: int) -> list[SliceLoss]:
         send, server = self.transport.send, self.server
         by_id = {c.cid: c for c in clients}
-        msgs = [send(c.forward(step), "client_to_server") for c in clients]
+        msgs = [self._arrive(c, step) for c in clients]
         if not self.label_private:
             grads, parts = server.forward_backward(msgs, send_grads=server.cfg.client_trainable)
         else:
@@ -63,3 +64,17 @@ class LocalSplit:
 
     def round_end(self) -> None:
         self.server.step()
+
+    def _arrive(self, client: Client, step: int) -> Activations:
+        """Client ``client``'s activations for ``step`` as the server holds them: sent now, or (frozen cache)
+        named by reference and found in the server's cache, or asked for again when it is not there."""
+        send, cache = self.transport.send, self.server.cache
+        msg = send(client.forward(step), "client_to_server")
+        if isinstance(msg, CachedActivations):
+            hit = cache.get(msg) if cache is not None else None
+            if hit is not None:
+                return hit
+            msg = send(client.resend(send(Resend(msg.client, step), "server_to_client")), "client_to_server")
+        if cache is not None and msg.rows is not None:
+            cache.put(msg)
+        return msg

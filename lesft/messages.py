@@ -15,7 +15,7 @@ Which format each tensor takes is a :class:`WireFormat`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -51,6 +51,27 @@ class Activations:
     base: PathBatch
     reference: PathBatch | None = None
     batch_rows: int | None = None
+    rows: list[int] | None = field(default=None, metadata={"omit": True})  # frozen cache: the batch's row ids
+
+
+@dataclass
+class CachedActivations:
+    """client -> server, frozen client layers with a frozen cache: "the activations of rows ``rows`` that I sent
+    before" (a few bytes of header instead of the tensors)."""
+
+    kind: ClassVar[str] = "cached_activations"
+    client: int
+    step: int
+    rows: list[int]
+
+
+@dataclass
+class Resend:
+    """server -> client: the server does not hold the batch a :class:`CachedActivations` named; send it again."""
+
+    kind: ClassVar[str] = "resend"
+    client: int
+    step: int
 
 
 @dataclass
@@ -148,8 +169,10 @@ def wire_format(wire: "WireFormat | str") -> WireFormat:
     return wire if isinstance(wire, WireFormat) else WireFormat(wire)
 
 
-Message = Activations | ActivationGrad | AdapterUpload | AdapterBroadcast | GenStep | GenReply
-_KINDS = {c.kind: c for c in (Activations, ActivationGrad, AdapterUpload, AdapterBroadcast, GenStep, GenReply)}
+Message = (Activations | ActivationGrad | AdapterUpload | AdapterBroadcast | GenStep | GenReply | CachedActivations
+           | Resend)
+_KINDS = {c.kind: c for c in (Activations, ActivationGrad, AdapterUpload, AdapterBroadcast, GenStep, GenReply,
+                              CachedActivations, Resend)}
 # Floating tensors of these fields travel at the wire dtype; adapters always travel as they are.
 _WIRE_CAST = {"hidden", "grad"}
 # Integer tensors of a training batch that ``pack_ints`` packs (see lesft.codecs)
@@ -175,7 +198,7 @@ def _flatten(msg: Message) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         elif f.name == "tensors":
             for k, t in v.items():
                 tensors[f"{f.name}.{k}"] = t
-        else:
+        elif v is not None or not f.metadata.get("omit"):  # an unset optional field of a newer option: no bytes
             scalars[f.name] = v
     return scalars, tensors
 

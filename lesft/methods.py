@@ -59,6 +59,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.label_privacy and not cfg.split:
         raise ValueError("label_privacy keeps the labels on the client of a split model: it needs split=True "
                          f"(method {cfg.method!r} does not split; its clients never send labels anyway)")
+    if cfg.frozen_cache_mb and (cfg.client_trainable or not cfg.split or cfg.label_privacy):
+        raise ValueError("frozen_cache_mb caches the cut activations of frozen client layers: it needs split=True, "
+                         "client_trainable=False and no label_privacy (method splitfrozen)")
     if not cfg.split and not cfg.client_trainable:
         raise ValueError("split=False with client_trainable=False trains nothing")
     return cfg

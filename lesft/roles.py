@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,8 @@ from lesft.data.samples import Batch, Sample, collate
 from lesft.lora import load_lora_state, lora_key, lora_state
 from lesft.loss import IGNORE_INDEX
 from lesft.objectives import Objective, ObjectiveBatch, get_objective, token_mean_stats
-from lesft.messages import Activations, ActivationGrad, AdapterBroadcast, AdapterUpload, PathBatch
+from lesft.messages import (Activations, ActivationGrad, AdapterBroadcast, AdapterUpload, CachedActivations, PathBatch,
+                            Resend)
 from lesft.meters import RoleMeter
 from lesft.model.split import ClientPart, HeadPart, ServerPart
 from lesft.strategies import Strategy, get_strategy
@@ -160,12 +162,16 @@ class DataStream:
         return order
 
     def next(self) -> list[Sample]:
+        return [self.samples[i] for i in self.next_rows()]
+
+    def next_rows(self) -> list[int]:
+        """The indices (into ``samples``) of the next micro-batch."""
         out = []
         while len(out) < self.batch_size:
             if self.pos == len(self._order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._shuffle()
-            out.append(self.samples[self._order[self.pos]])
+            out.append(self._order[self.pos])
             self.pos += 1
         return out
 
@@ -197,9 +203,12 @@ class Client:
         self.meter = RoleMeter(device)
         self._pending: torch.Tensor | None = None  # base-path cut activations awaiting their gradient
         self._labels: tuple[PathBatch, PathBatch | None] | None = None  # label-private: the batch's targets
+        self._sent: set[tuple[int, ...]] = set()  # frozen cache: batches (row ids) sent in full before
+        self._rows: list[int] | None = None  # frozen cache: the batch just named by reference
 
-    def _batch(self) -> Batch:
-        b = collate(self.stream.next(), self.pad_id, self.cfg.pad_to_multiple)
+    def _batch(self, rows: list[int] | None = None) -> Batch:
+        rows = self.stream.next_rows() if rows is None else rows
+        b = collate([self.stream.samples[i] for i in rows], self.pad_id, self.cfg.pad_to_multiple)
         return Batch(*(t.to(self.device) if t is not None else None for t in vars(b).values()))
 
     def _paths(self, batch: Batch) -> tuple[PathBatch, PathBatch | None]:
@@ -215,11 +224,33 @@ class Client:
                 ref = PathBatch(rh, batch.ref_mask, rpos, batch.ref_labels)
         return PathBatch(h, batch.mask, pos, batch.labels), ref
 
-    def forward(self, step: int) -> Activations:
+    def forward(self, step: int) -> Activations | CachedActivations:
         """Draw a micro-batch, run the client layers, and package the cut-layer activations (label-private
-        mode: without labels, which stay here for :meth:`head_backward`)."""
+        mode: without labels, which stay here for :meth:`head_backward`). With a frozen cache, a batch sent
+        before goes as a reference to it, and the layers do not run (:meth:`resend` if the server lost it)."""
+        if not self.cfg.frozen_cache_mb:
+            return self._forward(step)
+        rows = self.stream.next_rows()
+        if tuple(rows) in self._sent:
+            self._rows = rows
+            return CachedActivations(self.cid, step, rows)
+        self._sent.add(tuple(rows))
+        msg = self._forward(step, rows)
+        msg.rows = rows
+        return msg
+
+    def resend(self, msg: Resend) -> Activations:
+        """The batch last named by reference, computed and sent in full (the server did not hold it)."""
+        if self._rows is None:
+            raise RuntimeError(f"client {self.cid}: asked to resend step {msg.step}, but it named no batch")
+        rows, self._rows = self._rows, None
+        out = self._forward(msg.step, rows)
+        out.rows = rows
+        return out
+
+    def _forward(self, step: int, rows: list[int] | None = None) -> Activations:
         with self.meter.measure():
-            base, ref = self._paths(self._batch())
+            base, ref = self._paths(self._batch(rows))
             if self.trainable:
                 self._pending = base.hidden
             sent, sent_ref = noised(base, self.cfg.cut_noise), noised(ref, self.cfg.cut_noise)  # the graph keeps clean h
@@ -290,6 +321,7 @@ class SplitServer:
         self.top, self.cfg, self.device = top, cfg, device
         self.optimizer = _optimizer(top, cfg)
         self.meter = RoleMeter(device)
+        self.cache = ActivationCache(int(cfg.frozen_cache_mb * 2**20)) if cfg.frozen_cache_mb else None
         self._pending: tuple | None = None  # label-private: (msgs, bounds, input hidden, output hidden)
 
     def _gather(self, msgs: list[Activations], requires_grad: bool
@@ -362,6 +394,44 @@ class SplitServer:
     def step(self) -> None:
         """Optimizer step on the accumulated gradients."""
         _step(self.optimizer, self.meter)
+
+
+class ActivationCache:
+    """Frozen client layers: the cut activations the server received, keyed by (client, row ids), at most
+    ``capacity`` bytes of tensors, least recently used first out."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.used = capacity, 0
+        self._items: OrderedDict[tuple[int, tuple[int, ...]], tuple[Activations, int]] = OrderedDict()
+
+    @staticmethod
+    def _nbytes(msg: Activations) -> int:
+        return sum(t.numel() * t.element_size() for p in (msg.base, msg.reference) if p is not None
+                   for t in vars(p).values() if t is not None)
+
+    def put(self, msg: Activations) -> None:
+        """Keep ``msg`` (an Activations with ``rows``) unless it alone exceeds the capacity."""
+        key, size = (msg.client, tuple(msg.rows)), self._nbytes(msg)
+        if key in self._items or size > self.capacity:
+            return
+        while self.used + size > self.capacity:
+            self.used -= self._items.popitem(last=False)[1][1]
+        self._items[key] = (msg, size)
+        self.used += size
+
+    def get(self, msg: CachedActivations) -> Activations | None:
+        """The stored activations of the batch ``msg`` names, as of step ``msg.step``; None when not held."""
+        hit = self._items.get((msg.client, tuple(msg.rows)))
+        if hit is None:
+            return None
+        self._items.move_to_end((msg.client, tuple(msg.rows)))
+        stored = hit[0]
+        return Activations(msg.client, msg.step, stored.base, stored.reference, stored.batch_rows, stored.rows)
+
+    def clear(self) -> None:
+        """Forget everything (what a restarted server holds)."""
+        self._items.clear()
+        self.used = 0
 
 
 def _to(b: PathBatch, device: torch.device) -> PathBatch:

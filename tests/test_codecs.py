@@ -267,3 +267,53 @@ def test_label_private_split_and_split_generation_take_the_same_codecs(tokenizer
     up = gen.link.meter.to_dict()["client_to_server"]["gen_step"]["payload_bytes"]
     n = 2 * ids.shape[1] * 32
     assert up == (n + 4 * -(-n // 64)) + ids.numel() + 2 * (64 + 4 * 1)  # int8 prefill + bool mask, 2 decode steps
+
+
+# ------------------------------------------------------------------ frozen activations sent once
+
+
+def frozen_run(tmp_path, name: str, **kw) -> Run:
+    cfg = methods.resolve(TrainConfig(method="splitfrozen", clients=2, epochs=3, grad_accum=2, max_length=64,
+                                      client_layers="1", lora=LoraArgs(r=4, alpha=8, dropout=0.0),
+                                      out=str(tmp_path / name), progress=False, device="cpu", **kw))
+    return Run(cfg, make_model("llama", layers=4, hidden=32), make_tokenizer(), rows(8))
+
+
+def server_lora(run: Run) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in run.server.top.state_dict().items() if "lora_" in k}
+
+
+def test_frozen_cache_equals_resending_bit_for_bit_with_a_restart_that_loses_it(tmp_path) -> None:
+    plain = frozen_run(tmp_path, "plain")
+    cached = frozen_run(tmp_path, "cached", frozen_cache_mb=64)
+    restarted = frozen_run(tmp_path, "restarted", frozen_cache_mb=64)
+    assert plain.rounds == cached.rounds == 6  # 3 epochs of 4 rows per client, 2 rows a round
+    for r in range(plain.rounds):
+        if r == 4:
+            restarted.server.cache.clear()  # a restarted server: every reference of epoch 3 (rounds 5-6) misses
+        losses = [x.round(r)["loss"] for x in (plain, cached, restarted)]
+        assert losses[0] == losses[1] == losses[2], r
+    a, b, c = server_lora(plain), server_lora(cached), server_lora(restarted)
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+    up = [x.transport.meter.to_dict()["client_to_server"] for x in (plain, cached, restarted)]
+    full = up[0]["activations"]["payload_bytes"]
+    # epoch 1 in full, epochs 2-3 by reference: the tensor bytes fall to a third
+    assert up[1]["activations"]["messages"] == 8 and up[1]["cached_activations"]["messages"] == 16
+    assert up[1]["activations"]["payload_bytes"] * 3 == pytest.approx(full, rel=0.1)
+    assert up[1]["cached_activations"]["payload_bytes"] == 0
+    # after the restart: epoch 3's 8 references miss, the server asks, the clients send again
+    down = restarted.transport.meter.to_dict()["server_to_client"]
+    assert down["resend"]["messages"] == 8 and up[2]["activations"]["messages"] == 16
+
+
+def test_frozen_cache_bounded_and_refused_where_it_cannot_be_exact(tmp_path) -> None:
+    tiny = frozen_run(tmp_path, "tiny", frozen_cache_mb=0.01)  # ~10 KB: at most one batch fits
+    plain = frozen_run(tmp_path, "plain")
+    for r in range(tiny.rounds):
+        assert tiny.round(r)["loss"] == plain.round(r)["loss"]
+        assert tiny.server.cache.used <= 0.01 * 2**20
+    assert tiny.transport.meter.to_dict()["server_to_client"]["resend"]["messages"] > 0
+    with pytest.raises(ValueError, match="client_trainable=False"):
+        methods.resolve(TrainConfig(method="splitlora", frozen_cache_mb=8))
+    with pytest.raises(ValueError, match="cut_noise"):
+        TrainConfig(method="splitfrozen", frozen_cache_mb=8, cut_noise=1.0)

@@ -36,6 +36,9 @@ class RemoteSplit:
     """One client's link to ``lesft server``; bytes are counted in ``meter`` per direction and kind."""
 
     def __init__(self, address: str, token: str, cfg: TrainConfig, net: NetArgs, meter: Meter | None = None) -> None:
+        if cfg.frozen_cache_mb:
+            raise ValueError("frozen_cache_mb is implemented in the simulation (lesft train) only; the gRPC split "
+                             "server does not keep activations yet: run lesft client with frozen_cache_mb 0")
         self.address, self.cfg, self.net = address, cfg, net
         self.meter = meter or Meter()
         self.metadata = metadata(token)
