@@ -388,6 +388,12 @@ class TrainConfig:
         default=0.0,
     )
     # --- system ---
+    server_chunk_rows: int = _help(
+        "Rows the split server runs through its layers, head and loss at once: a step over more rows (all "
+        "clients' micro-batches together) goes in chunks whose gradients add up to the same single optimizer step, "
+        "so the server's memory is bounded by a chunk, not by the number of clients. 0 = all rows at once. "
+        "Equal to the unchunked step within float tolerance (with LoRA dropout the masks are drawn in another order).",
+        default=8)
     wire_dtype: str = _help(
         "Format of activations and gradients on the wire: fp32, bf16, fp16 (casts), int8 or int4 (symmetric, one "
         "fp32 scale per block of 64 values; lossy, see docs/deploy.md). --reference_wire and --grad_wire override it "
@@ -463,6 +469,8 @@ class TrainConfig:
                                  f"{'' if name == 'wire_dtype' else ' or empty (as wire_dtype)'}, got {value!r}")
         if self.reference not in ("solution", "target"):
             raise ValueError(f"reference must be 'solution' or 'target', got {self.reference!r}")
+        if self.server_chunk_rows < 0:
+            raise ValueError(f"server_chunk_rows must be >= 0 (0 = all rows at once), got {self.server_chunk_rows}")
         if self.frozen_cache_mb < 0:
             raise ValueError(f"frozen_cache_mb must be >= 0 (0 = off), got {self.frozen_cache_mb}")
         if self.frozen_cache_mb and self.cut_noise:
@@ -679,7 +687,7 @@ def _parse_bool(s: str) -> bool:
 #: ``--help`` sections of TrainConfig: the first field of each, in field order.
 TRAIN_SECTIONS: dict[str, str] = {
     "method": "model and method", "data": "data", "rounds": "optimisation",
-    "split": "method switches (unset: from the --method preset)", "wire_dtype": "system",
+    "split": "method switches (unset: from the --method preset)", "server_chunk_rows": "system",
     "out": "output, checkpoints, evaluation",
 }
 

@@ -115,6 +115,46 @@ def merge_losses(parts: list[SliceLoss], objective: Objective | None = None) -> 
     return total, (merge(parts) if parts[0].stats else {})
 
 
+def merge_slices(pieces: list[SliceLoss], objective: Objective) -> SliceLoss:
+    """One client's slice from the pieces that chunks of rows cut it into (a single piece: itself)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    n = sum(p.n_samples for p in pieces)
+    loss = sum(p.loss.detach() * p.n_samples for p in pieces) / max(n, 1)
+    counted = [p for p in pieces if p.n_tokens]
+    stats = objective.merge_stats(counted) if counted and counted[0].stats else {}
+    return SliceLoss(loss, n, sum(p.n_tokens for p in pieces), stats)
+
+
+def row_chunks(rows: int, size: int) -> list[tuple[int, int]]:
+    """``[start, end)`` row ranges of at most ``size`` rows covering ``rows`` (``size`` 0: one range)."""
+    if size <= 0 or rows <= size:
+        return [(0, rows)]
+    return [(i, min(i + size, rows)) for i in range(0, rows, size)]
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _rows_with_targets(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).any(dim=1).sum())
+
+
+def _rows(b: PathBatch | None, r0: int, r1: int) -> PathBatch | None:
+    """Rows ``[r0, r1)`` of a batch (views; the whole batch itself when that is all of it)."""
+    if b is None or (r0 == 0 and r1 == b.hidden.shape[0]):
+        return b
+    return PathBatch(*(t[r0:r1] if t is not None else None
+                       for t in (b.hidden, b.attention_mask, b.position_ids, b.labels)))
+
+
 def _check_finite(loss: torch.Tensor, where: str) -> None:
     if not torch.isfinite(loss):
         raise NonFiniteLossError(f"loss is {loss.item()} {where}; lower --lr, use --dtype fp32, or check the data")
@@ -322,7 +362,7 @@ class SplitServer:
         self.optimizer = _optimizer(top, cfg)
         self.meter = RoleMeter(device)
         self.cache = ActivationCache(int(cfg.frozen_cache_mb * 2**20)) if cfg.frozen_cache_mb else None
-        self._pending: tuple | None = None  # label-private: (msgs, bounds, input hidden, output hidden)
+        self._pending: tuple | None = None  # label-private: (msgs, bounds, input batch, output hidden, chunks, RNG states)
 
     def _gather(self, msgs: list[Activations], requires_grad: bool
                 ) -> tuple[PathBatch, PathBatch | None, list[tuple[int, int]]]:
@@ -335,14 +375,28 @@ class SplitServer:
         return base, ref, bounds
 
     def forward_backward(self, msgs: list[Activations], send_grads: bool) -> tuple[list[ActivationGrad], list[SliceLoss]]:
-        """Loss over the concatenated batch (mean over samples), backward, and each client's slice of dL/dh."""
+        """Loss over the concatenated batch (mean over samples), backward, and each client's slice of dL/dh. The
+        rows go through in chunks of at most ``server_chunk_rows`` (each chunk's share of the batch loss is
+        back-propagated before the next chunk runs), so at most one chunk's graph and logits exist at a time."""
         with self.meter.measure():
             base, ref, bounds = self._gather(msgs, requires_grad=send_grads)
-            with _autocast(self.cfg, self.device):
-                parts = head_losses(self.top, base, ref, bounds, self.cfg)
-            loss, _ = merge_losses(parts)
-            _check_finite(loss, f"on the server at step {msgs[0].step}")
-            (loss / self.cfg.grad_accum).backward()
+            chunks = row_chunks(base.hidden.shape[0], self.cfg.server_chunk_rows)
+            pieces: list[list[SliceLoss]] = [[] for _ in bounds]
+            n = _rows_with_targets(base.labels)
+            if n == 0:
+                raise ValueError("a batch has no target tokens (targets truncated away?)")
+            for r0, r1 in chunks:
+                inside = [(i, (max(b0, r0) - r0, min(b1, r1) - r0)) for i, (b0, b1) in enumerate(bounds)
+                          if b0 < r1 and b1 > r0]
+                with _autocast(self.cfg, self.device):
+                    got = head_losses(self.top, _rows(base, r0, r1), _rows(ref, r0, r1), [b for _, b in inside],
+                                      self.cfg)
+                loss = sum(p.loss * p.n_samples for p in got) / n  # this chunk's share of the batch mean
+                _check_finite(loss, f"on the server at step {msgs[0].step}")
+                (loss / self.cfg.grad_accum).backward()
+                for (i, _), p in zip(inside, got):
+                    pieces[i].append(p)
+            parts = [merge_slices(ps, get_objective(self.cfg.loss)) for ps in pieces]
             grads = []
             if send_grads:
                 for m, (b0, b1) in zip(msgs, bounds):
@@ -355,14 +409,26 @@ class SplitServer:
         the base path) and return each client its slice of the last-layer hidden states."""
         with self.meter.measure():
             base, ref, bounds = self._gather(msgs, requires_grad=self.cfg.client_trainable)
+            chunks = row_chunks(base.hidden.shape[0], self.cfg.server_chunk_rows)
+            states = []  # several chunks: run without a graph now, again with one in backward_middle
             with _autocast(self.cfg, self.device):
-                out = self.top.middle(base.hidden, base.attention_mask, base.position_ids)
+                if len(chunks) == 1:
+                    out = self.top.middle(base.hidden, base.attention_mask, base.position_ids)
+                else:
+                    outs = []
+                    for r0, r1 in chunks:
+                        states.append(_rng_state(self.device))
+                        b = _rows(base, r0, r1)
+                        with torch.no_grad():
+                            outs.append(self.top.middle(b.hidden, b.attention_mask, b.position_ids))
+                    out = torch.cat(outs)
                 ref_out = None
                 if ref is not None:
                     with _eval_mode(self.top):
-                        ref_out = self.top.middle(ref.hidden, ref.attention_mask, ref.position_ids)
+                        ref_out = torch.cat([self.top.middle(r.hidden, r.attention_mask, r.position_ids)
+                                             for r in (_rows(ref, r0, r1) for r0, r1 in chunks)])
             rows = sum(m.batch_rows or 0 for m in msgs)
-            self._pending = (msgs, bounds, base.hidden, out)
+            self._pending = (msgs, bounds, base, out, chunks, states)
             replies = []
             for m, (b0, b1) in zip(msgs, bounds):
                 t, rt = m.base.hidden.shape[1], (m.reference.hidden.shape[1] if ref_out is not None else 0)
@@ -376,7 +442,8 @@ class SplitServer:
         none contributes zero) and return each client its slice of dL/d(cut hidden) (none when frozen)."""
         if self._pending is None:
             raise RuntimeError("backward_middle without forward_middle")
-        msgs, bounds, inp, out = self._pending
+        msgs, bounds, base, out, chunks, states = self._pending
+        inp = base.hidden
         self._pending = None
         with self.meter.measure():
             by_client = {g.client: g for g in grads}
@@ -385,7 +452,17 @@ class SplitServer:
                 if m.client in by_client:
                     g = by_client[m.client].grad
                     g_out[b0:b1, :g.shape[1]] = g.to(g_out.dtype)
-            out.backward(g_out)
+            if not states:
+                out.backward(g_out)
+            else:  # each chunk again, with its graph and the dropout masks of its first pass, then its backward
+                after = _rng_state(self.device)
+                for (r0, r1), state in zip(chunks, states):
+                    _set_rng_state(state, self.device)
+                    b = _rows(base, r0, r1)
+                    with _autocast(self.cfg, self.device):
+                        o = self.top.middle(b.hidden, b.attention_mask, b.position_ids)
+                    o.backward(g_out[r0:r1])
+                _set_rng_state(after, self.device)
             if not self.cfg.client_trainable:
                 return []
             return [ActivationGrad(m.client, m.step, inp.grad[b0:b1, :m.base.hidden.shape[1]])
