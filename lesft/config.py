@@ -394,6 +394,11 @@ class TrainConfig:
         "so the server's memory is bounded by a chunk, not by the number of clients. 0 = all rows at once. "
         "Equal to the unchunked step within float tolerance (with LoRA dropout the masks are drawn in another order).",
         default=8)
+    head_chunk_tokens: int = _help(
+        "Target positions the LM head and the loss take at once (losses registered with logprobs=True: ce, lesft): "
+        "the [rows, T, V] logits never exist, only [chunk, V], computed again in backward (checkpointed); the head "
+        "runs on target positions only. 0 = the whole logits of a chunk of rows at once (what other losses get). "
+        "Equal to 0 within float tolerance (bit-equal in the runs checked on CPU).", default=1024)
     wire_dtype: str = _help(
         "Format of activations and gradients on the wire: fp32, bf16, fp16 (casts), int8 or int4 (symmetric, one "
         "fp32 scale per block of 64 values; lossy, see docs/deploy.md). --reference_wire and --grad_wire override it "
@@ -469,6 +474,8 @@ class TrainConfig:
                                  f"{'' if name == 'wire_dtype' else ' or empty (as wire_dtype)'}, got {value!r}")
         if self.reference not in ("solution", "target"):
             raise ValueError(f"reference must be 'solution' or 'target', got {self.reference!r}")
+        if self.head_chunk_tokens < 0:
+            raise ValueError(f"head_chunk_tokens must be >= 0 (0 = whole logits), got {self.head_chunk_tokens}")
         if self.server_chunk_rows < 0:
             raise ValueError(f"server_chunk_rows must be >= 0 (0 = all rows at once), got {self.server_chunk_rows}")
         if self.frozen_cache_mb < 0:

@@ -26,8 +26,11 @@ corresponds to the k-th target token of sample b on the reference path. See ``do
 from __future__ import annotations
 
 
+from typing import Callable
+
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from lesft.config import LossConfig  # defined there: torch-free, for --help
 
@@ -178,9 +181,40 @@ def ce_loss(logits: Tensor, labels: Tensor) -> Tensor:
     target token (note: NOT the HF global token mean). logits ``[B, T, V]``, labels ``[B, T]``
     -> scalar float32."""
     sl, lab, mask = _shift(logits, labels)
+    return ce_from_logprobs(_rows_logprob(sl[mask], lab[mask]), labels)
+
+
+def ce_from_logprobs(logp: Tensor, labels: Tensor) -> Tensor:
+    """:func:`ce_loss` from the target tokens' log-probabilities ``logp`` ``[M]`` (row-major over
+    ``labels[:, 1:] != IGNORE_INDEX``, as :func:`chunked_target_logprobs` gives them)."""
+    mask = labels[:, 1:] != IGNORE_INDEX
     rows, _ = mask.nonzero(as_tuple=True)
-    nll = -_rows_logprob(sl[mask], lab[mask])
-    return _sample_mean(nll, rows, mask.sum(1))
+    return _sample_mean(-logp, rows.to(logp.device), mask.sum(1).to(logp.device))
+
+
+def chunked_target_logprobs(head: Callable[[Tensor], Tensor], hidden: Tensor, labels: Tensor, chunk: int) -> Tensor:
+    """Log-probability of every target token, ``[M]`` row-major, computing the LM head on at most ``chunk``
+    target positions at a time: the ``[B, T, V]`` logits never exist, only ``[chunk, V]``. With a graph,
+    each chunk is checkpointed (its logits are computed again in backward and dropped again), so memory
+    stays at one chunk's logits in both passes.
+
+    ``head``: final hidden states ``[n, H]`` -> logits ``[n, V]`` (the LM head, after the final norm);
+    ``hidden``: ``[B, T, H]`` the head's input at every position; ``labels``: ``[B, T]`` (HF alignment)."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    h = hidden[:, :-1][mask.to(hidden.device)]  # [M, H]: the positions that predict a target
+    targets = labels[:, 1:][mask].to(hidden.device)
+    if chunk <= 0:
+        chunk = max(h.shape[0], 1)
+
+    def piece(x: Tensor, t: Tensor) -> Tensor:
+        return _rows_logprob(head(x), t)
+
+    out = []
+    for i in range(0, h.shape[0], chunk):
+        x, t = h[i:i + chunk], targets[i:i + chunk]
+        out.append(checkpoint(piece, x, t, use_reentrant=False) if torch.is_grad_enabled() and x.requires_grad
+                   else piece(x, t))
+    return torch.cat(out) if out else h.new_zeros(0, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,6 +270,28 @@ def lesft_loss(
     """
     sl_b, lab_b, m_b = _shift(base_logits, base_labels)
     sl_r, lab_r, m_r = _shift(ref_logits, ref_labels)
+    tgt_b, tgt_r = _aligned_targets(lab_b, m_b, lab_r, m_r)
+    nll = -_rows_logprob(sl_b[m_b], tgt_b)  # [M] float32
+    with torch.no_grad():
+        ref_logp = _rows_logprob(sl_r.detach()[m_r], tgt_r)
+    return _weighted(nll, ref_logp, m_b, base_labels, base_hidden, cfg)
+
+
+def lesft_from_logprobs(logp: Tensor, ref_logp: Tensor, base_labels: Tensor, ref_labels: Tensor,
+                        base_hidden: Tensor | None, cfg: LossConfig) -> tuple[Tensor, dict[str, float]]:
+    """:func:`lesft_loss` from the target tokens' log-probabilities on the base path ``logp`` ``[M]`` (with
+    graph) and on the reference path ``ref_logp`` ``[M]`` (row-major target order, as
+    :func:`chunked_target_logprobs` gives them); the same checks, weights and statistics."""
+    lab_b, lab_r = base_labels[:, 1:], ref_labels[:, 1:]
+    m_b, m_r = lab_b != IGNORE_INDEX, lab_r != IGNORE_INDEX
+    _aligned_targets(lab_b, m_b, lab_r, m_r)
+    with torch.no_grad():
+        ref_logp = ref_logp.detach()
+    return _weighted(-logp, ref_logp, m_b, base_labels, base_hidden, cfg)
+
+
+def _aligned_targets(lab_b: Tensor, m_b: Tensor, lab_r: Tensor, m_r: Tensor) -> tuple[Tensor, Tensor]:
+    """The target ids of both paths ``[M]`` (row-major), after checking that they line up sample by sample."""
     if m_b.shape[0] != m_r.shape[0]:
         raise ValueError(f"batch size differs between base ({m_b.shape[0]}) and reference ({m_r.shape[0]}) paths")
 
@@ -251,16 +307,20 @@ def lesft_loss(
         rows_all, _ = m_b.nonzero(as_tuple=True)
         bad = torch.unique(rows_all[tgt_b != tgt_r]).tolist()
         raise ValueError(f"target token ids differ between base and reference paths for sample(s) {bad[:10]}")
+    return tgt_b, tgt_r
 
+
+def _weighted(nll: Tensor, ref_logp: Tensor, m_b: Tensor, base_labels: Tensor, base_hidden: Tensor | None,
+              cfg: LossConfig) -> tuple[Tensor, dict[str, float]]:
+    """The LESFT loss and statistics from the base path's per-token NLL ``[M]`` (with graph) and the reference
+    path's log-probabilities ``[M]`` (no graph); ``m_b`` ``[B, T-1]`` marks the base path's target positions."""
+    cnt_b = m_b.sum(1)
     rows, _ = m_b.nonzero(as_tuple=True)  # sample id of each flat target token
-    M = tgt_b.numel()
-
-    # --- base path (trained) ---------------------------------------------------------------
-    nll = -_rows_logprob(sl_b[m_b], tgt_b)  # [M] float32
+    M = nll.numel()
 
     # --- reference path + weights (no graph) -------------------------------------------------
     with torch.no_grad():
-        ref_p = _rows_logprob(sl_r.detach()[m_r], tgt_r).exp().to(nll.device)  # [M]
+        ref_p = ref_logp.exp().to(nll.device)  # [M]
         salient = ref_p > cfg.p_sal
         if base_hidden is not None and M > 0:
             if base_hidden.dim() != 3 or base_hidden.shape[:2] != base_labels.shape:

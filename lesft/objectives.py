@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Callable
 
 from torch import Tensor
 
-from lesft.loss import ce_loss, lesft_loss
+from lesft.loss import ce_from_logprobs, ce_loss, lesft_from_logprobs, lesft_loss
 
 if TYPE_CHECKING:
     from lesft.config import TrainConfig
@@ -37,13 +37,17 @@ __all__ = ["OBJECTIVES", "Objective", "ObjectiveBatch", "get_objective", "regist
 class ObjectiveBatch:
     """One client's rows, as the loss sees them. Shapes: ``[B, T, V]`` logits, ``[B, T]`` labels (Hugging
     Face alignment, -100 ignored), ``[B, T, H]`` final hidden states (detached); ``ref_*`` None unless
-    the objective needs the reference path."""
+    the objective needs the reference path. An objective registered with ``logprobs=True`` may instead get
+    ``logits=None`` and the target tokens' log-probabilities (``--head_chunk_tokens``: the LM head then runs
+    on chunks of target positions and the ``[B, T, V]`` logits never exist)."""
 
-    logits: Tensor
+    logits: Tensor | None
     labels: Tensor
     hidden: Tensor
     ref_logits: Tensor | None = None
     ref_labels: Tensor | None = None
+    logprobs: Tensor | None = None      # [M] log p of each target token (row-major), when logits is None
+    ref_logprobs: Tensor | None = None  # [M] the same on the reference path (no graph)
 
 
 LossFn = Callable[[ObjectiveBatch, "TrainConfig"], "tuple[Tensor, dict[str, float]]"]
@@ -62,16 +66,19 @@ class Objective:
     fn: LossFn
     needs_reference: bool  # True: paths=dual (the reference path's logits reach fn)
     merge_stats: MergeFn = token_mean_stats
+    logprobs: bool = False  # True: fn also accepts logits=None with the target log-probs (chunked head)
 
 
 OBJECTIVES: dict[str, Objective] = {}
 
 
-def register_objective(name: str, needs_reference: bool = False,
-                       merge_stats: MergeFn = token_mean_stats) -> Callable[[LossFn], LossFn]:
-    """Function decorator: make ``fn(batch, cfg) -> (loss, stats)`` reachable as ``--loss NAME``."""
+def register_objective(name: str, needs_reference: bool = False, merge_stats: MergeFn = token_mean_stats,
+                       logprobs: bool = False) -> Callable[[LossFn], LossFn]:
+    """Function decorator: make ``fn(batch, cfg) -> (loss, stats)`` reachable as ``--loss NAME``. With
+    ``logprobs=True`` ``fn`` must also take a batch whose ``logits`` is None and whose ``logprobs`` holds the
+    target tokens' log-probabilities (what a chunked LM head gives)."""
     def add(fn: LossFn) -> LossFn:
-        OBJECTIVES[name] = Objective(name, fn, needs_reference, merge_stats)
+        OBJECTIVES[name] = Objective(name, fn, needs_reference, merge_stats, logprobs)
         return fn
     return add
 
@@ -83,8 +90,10 @@ def get_objective(name: str) -> Objective:
     return OBJECTIVES[name]
 
 
-@register_objective("ce")
+@register_objective("ce", logprobs=True)
 def _ce(batch: ObjectiveBatch, cfg: "TrainConfig") -> tuple[Tensor, dict[str, float]]:
+    if batch.logits is None:
+        return ce_from_logprobs(batch.logprobs, batch.labels), {}
     return ce_loss(batch.logits, batch.labels), {}
 
 
@@ -104,6 +113,9 @@ def _lesft_stats(parts: list["SliceLoss"]) -> dict[str, float]:
     return stats
 
 
-@register_objective("lesft", needs_reference=True, merge_stats=_lesft_stats)
+@register_objective("lesft", needs_reference=True, merge_stats=_lesft_stats, logprobs=True)
 def _lesft(batch: ObjectiveBatch, cfg: "TrainConfig") -> tuple[Tensor, dict[str, float]]:
+    if batch.logits is None:
+        return lesft_from_logprobs(batch.logprobs, batch.ref_logprobs, batch.labels, batch.ref_labels, batch.hidden,
+                                   cfg.lesft)
     return lesft_loss(batch.logits, batch.labels, batch.ref_logits, batch.ref_labels, batch.hidden, cfg.lesft)

@@ -19,7 +19,7 @@ import torch
 from lesft.config import TrainConfig
 from lesft.data.samples import Batch, Sample, collate
 from lesft.lora import load_lora_state, lora_key, lora_state
-from lesft.loss import IGNORE_INDEX
+from lesft.loss import IGNORE_INDEX, chunked_target_logprobs
 from lesft.objectives import Objective, ObjectiveBatch, get_objective, token_mean_stats
 from lesft.messages import (Activations, ActivationGrad, AdapterBroadcast, AdapterUpload, CachedActivations, PathBatch,
                             Resend)
@@ -84,21 +84,36 @@ def head_losses(
 ) -> list[SliceLoss]:
     """Run ``top`` on the base path (with graph) and the reference path (forward only), and compute the
     loss of each row range in ``bounds``: the server's step and an unsplit client's step share this."""
-    logits, final = top(base.hidden, base.attention_mask, base.position_ids)
-    ref_logits = None
-    if ref is not None:
-        with _eval_mode(top):
-            ref_logits, _ = top(ref.hidden, ref.attention_mask, ref.position_ids)
     objective = get_objective(cfg.loss)
+    chunk = cfg.head_chunk_tokens if objective.logprobs else 0  # > 0: no [B, T, V] logits, chunks of positions
+    ref_logits = ref_final = None
+    if chunk:
+        final = top.normed(base.hidden, base.attention_mask, base.position_ids)
+        if ref is not None:
+            with _eval_mode(top):
+                ref_final = top.normed(ref.hidden, ref.attention_mask, ref.position_ids)
+    else:
+        logits, final = top(base.hidden, base.attention_mask, base.position_ids)
+        if ref is not None:
+            with _eval_mode(top):
+                ref_logits, _ = top(ref.hidden, ref.attention_mask, ref.position_ids)
     out = []
     for b0, b1 in bounds:
         labels = base.labels[b0:b1]
         targets = labels[:, 1:] != IGNORE_INDEX
         n_tokens = int(targets.sum())
         n_samples = int(targets.any(dim=1).sum())
-        batch = ObjectiveBatch(logits[b0:b1], labels, final[b0:b1].detach(),
-                               ref_logits[b0:b1] if ref_logits is not None else None,
-                               ref.labels[b0:b1] if ref is not None else None)
+        ref_labels = ref.labels[b0:b1] if ref is not None else None
+        if chunk:
+            ref_lp = None
+            if ref_final is not None:
+                with _eval_mode(top):
+                    ref_lp = chunked_target_logprobs(top.lm_head, ref_final[b0:b1], ref_labels, chunk)
+            batch = ObjectiveBatch(None, labels, final[b0:b1].detach(), None, ref_labels,
+                                   chunked_target_logprobs(top.lm_head, final[b0:b1], labels, chunk), ref_lp)
+        else:
+            batch = ObjectiveBatch(logits[b0:b1], labels, final[b0:b1].detach(),
+                                   ref_logits[b0:b1] if ref_logits is not None else None, ref_labels)
         loss, stats = objective.fn(batch, cfg)
         out.append(SliceLoss(loss, n_samples, n_tokens, stats))
     return out

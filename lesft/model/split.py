@@ -176,6 +176,11 @@ class HeadPart(nn.Module):
         hidden = self.norm(hidden)
         return self.lm_head(hidden), hidden
 
+    def normed(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [B, T, H] -> the LM head's input [B, T, H] (after the final norm), without the logits."""
+        return self.norm(hidden)
+
 
 class ServerPart(nn.Module):
     """Decoder layers ``[k, L)`` + final norm + LM head: hidden states -> logits. In label-private mode
@@ -204,6 +209,16 @@ class ServerPart(nn.Module):
         if self.head is None:
             raise RuntimeError("this server part has no head (label-private mode): use middle()")
         return self.head(self.middle(hidden, attention_mask, position_ids))
+
+    def normed(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """hidden [B, T, H] at the cut -> the LM head's input [B, T, H], without the logits."""
+        if self.head is None:
+            raise RuntimeError("this server part has no head (label-private mode): use middle()")
+        return self.head.norm(self.middle(hidden, attention_mask, position_ids))
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.head.lm_head
 
 
 def split_model(model: PreTrainedModel, k: int, label_private: bool = False

@@ -1,0 +1,122 @@
+"""Server memory bounded by a chunk, not by the number of clients (issue 29): peak memory measured in one run, as
+ratios (no timed assertions; always exits 0).
+
+Targets:
+  1. SmolLM2-135M, ``lesft``, every client taking part, 2 rows each, one round of one micro-step:
+     peak RSS with 32 clients <= 1.6 x that with 4 clients (before chunking: 5.4 x).
+  2. A Qwen2.5-0.5B-shaped random model, ``splitlora``, 16 rows x 512 tokens in one server step: the server's peak
+     memory with the default chunks <= 1/2 of the unchunked one (``--server_chunk_rows 0 --head_chunk_tokens 0``).
+  3. A default SmolLM2 round no slower than unchunked (<= 1.05 x; timed here only as a side note: one round each,
+     on a machine that may be busy -- see bench_split.py for careful timing).
+
+Each case is one ``lesft train`` process; its resident set is polled every 0.2 s (the peak RSS of the process), and
+its summary.json gives the server role's own peak (tensors held + transient growth, see README "Memory").
+
+    .venv/bin/python bench/bench_memory.py [--skip-qwen] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+UNCHUNKED = ["--server_chunk_rows", "0", "--head_chunk_tokens", "0"]
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def train(args: list[str], out: Path) -> dict:
+    """Run ``lesft train ARGS --out OUT``; its peak RSS (MB, polled), wall seconds and summary.json."""
+    cmd = [sys.executable, "-m", "lesft.cli", "train", *args, "--out", str(out), "--progress", "false",
+           "--device", "cpu", "--checkpoint_every", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    peak = 0.0
+    try:
+        while proc.poll() is None:
+            peak = max(peak, rss_mb(proc.pid))
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log = proc.communicate()[0].decode(errors="replace")
+    wall = time.perf_counter() - t0
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else None
+    if summary is None:
+        print(log[-3000:], file=sys.stderr)
+    return {"peak_rss_mb": peak, "wall_s": wall, "rc": proc.returncode,
+            "server_peak_mb": (summary or {}).get("peak_memory_mb", {}).get("server"),
+            "server_s": (summary or {}).get("latency_s", {}).get("server")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--clients", type=int, nargs=2, default=[4, 32])
+    ap.add_argument("--skip-qwen", action="store_true", help="only targets 1 and 3")
+    ap.add_argument("--qwen-tokenizer", default=str(ROOT.parent / "shared" / "models" / "qwen2.5-tokenizer"))
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    res: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for n in args.clients:
+            for name, extra in (("unchunked", UNCHUNKED), ("default", [])):
+                key = f"smollm2 {n} clients {name}"
+                res[key] = train(["--method", "lesft", "--model", args.model, "--data", "synthetic",
+                                  "--samples", str(2 * n), "--clients", str(n), "--batch_size", "2", "--grad_accum", "1",
+                                  "--rounds", "1", *extra], tmp / key.replace(" ", "_"))
+                print(f"{key:40s} peak RSS {res[key]['peak_rss_mb']:8.0f} MB  server peak "
+                      f"{res[key]['server_peak_mb'] or 0:8.0f} MB  server {res[key]['server_s'] or 0:6.1f} s  "
+                      f"rc {res[key]['rc']}", flush=True)
+        if not args.skip_qwen:
+            model = tmp / "qwen"
+            subprocess.run([sys.executable, str(ROOT / "bench" / "random_model.py"), "--shape", "qwen2.5-0.5b",
+                            "--tokenizer", args.qwen_tokenizer, "--out", str(model)], check=True, cwd=ROOT)
+            for name, extra in (("unchunked", UNCHUNKED), ("default", [])):
+                key = f"qwen2.5-0.5b 16x512 {name}"
+                res[key] = train(["--method", "splitlora", "--model", str(model), "--data", "synthetic",
+                                  "--samples", "16", "--clients", "4", "--batch_size", "4", "--grad_accum", "1",
+                                  "--rounds", "1", "--max_length", "512", "--pad_to_multiple", "512", *extra],
+                                 tmp / key.replace(" ", "_"))
+                print(f"{key:40s} peak RSS {res[key]['peak_rss_mb']:8.0f} MB  server peak "
+                      f"{res[key]['server_peak_mb'] or 0:8.0f} MB  server {res[key]['server_s'] or 0:6.1f} s  "
+                      f"rc {res[key]['rc']}", flush=True)
+    lo, hi = args.clients
+    for name in ("unchunked", "default"):
+        a, b = res[f"smollm2 {lo} clients {name}"], res[f"smollm2 {hi} clients {name}"]
+        print(f"RESULT  {name}: peak RSS {hi} / {lo} clients = {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}"
+              f"{'  (target <= 1.6)' if name == 'default' else ''}")
+    a, b = res[f"smollm2 {lo} clients unchunked"], res[f"smollm2 {lo} clients default"]
+    if a["server_s"] and b["server_s"]:
+        print(f"RESULT  SmolLM2 {lo}-client round, server seconds default / unchunked = {b['server_s'] / a['server_s']:.2f}"
+              " (one round each; noisy on a busy machine)")
+    if not args.skip_qwen:
+        a, b = res["qwen2.5-0.5b 16x512 unchunked"], res["qwen2.5-0.5b 16x512 default"]
+        if a["server_peak_mb"] and b["server_peak_mb"]:
+            print(f"RESULT  Qwen2.5-0.5B shape, 16 x 512: server peak default / unchunked = "
+                  f"{b['server_peak_mb'] / a['server_peak_mb']:.2f} (target <= 0.5); process peak RSS "
+                  f"{b['peak_rss_mb'] / a['peak_rss_mb']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
