@@ -243,6 +243,24 @@ def payload_size(data: bytes | bytearray | memoryview) -> int:
 
 
 MAX_HEADER = 1 << 20  # bytes of JSON header a receiver accepts (a real one is a few hundred)
+MAX_BRACKETS = 1 << 14  # '[' and '{' in a header: 3 per tensor and a few more in a real one (adapters: ~140 tensors)
+_INTS = {"client", "step", "n_samples", "round"}  # scalar fields that must be JSON integers (bool is not one)
+
+
+def _check_fields(cls: type, fields_: dict[str, Any]) -> None:
+    """Refuse header fields of the wrong JSON type, naming the field, the type and the message kind."""
+    for name, v in fields_.items():
+        ok = (type(v) is int if name in _INTS
+              else v is None or type(v) is int if name == "batch_rows"
+              else v is None or isinstance(v, list) and all(type(x) is int for x in v) if name == "rows"
+              else type(v) is str if name == "session"
+              else v is None or isinstance(v, dict) if name == "loss"
+              else True)
+        if not ok:
+            want = {"batch_rows": "an integer or null", "rows": "a list of integers or null", "session": "a string",
+                    "loss": "an object or null"}.get(name, "an integer")
+            raise ValueError(f"field {name!r} of a {cls.kind!r} message must be {want}, got {type(v).__name__} "
+                             f"{json.dumps(v)[:40]}")
 
 
 def _header(prefix: bytes | bytearray | memoryview) -> dict[str, Any] | None:
@@ -256,10 +274,15 @@ def _header(prefix: bytes | bytearray | memoryview) -> dict[str, Any] | None:
         raise ValueError(f"header of {n} bytes exceeds the {MAX_HEADER}-byte limit")
     if len(prefix) < 8 + n:
         return None
+    raw = bytes(prefix[8:8 + n])
+    if raw.count(b"[") + raw.count(b"{") > MAX_BRACKETS:  # before parsing: json recurses once per level
+        raise ValueError(f"header has more than {MAX_BRACKETS} brackets (a real one has a few per tensor)")
     try:
-        header = json.loads(bytes(prefix[8:8 + n]))
+        header = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ValueError("header is not valid UTF-8 JSON") from None
+    except RecursionError:
+        raise ValueError("header is nested too deeply (a real one is 4 levels deep)") from None
     if (not isinstance(header, dict) or not isinstance(header.get("fields"), dict)
             or not isinstance(header.get("tensors"), list)):
         raise ValueError("header must be a JSON object with 'kind', 'fields' and 'tensors'")
@@ -341,6 +364,7 @@ def decode(data: bytes | bytearray | memoryview, float_dtype: torch.dtype | None
     if offset != len(buf):
         raise ValueError(f"message length mismatch: header describes {offset} bytes, got {len(buf)}")
     kwargs: dict[str, Any] = dict(header["fields"])
+    _check_fields(cls, kwargs)
     names = {f.name for f in fields(cls)}
     extra = sorted(k for k in [*kwargs, *tensors] if k.split(".", 1)[0] not in names)
     if extra:

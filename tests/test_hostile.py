@@ -135,6 +135,8 @@ HOSTILE: dict[str, tuple] = {
     "header length just over 1 MiB": (forge(HEAD, length=(1 << 20) + 1), INV, "header"),
     "header longer than the message": (forge(HEAD, length=4000), INV, "truncated"),
     "header not JSON": (forge(b"{not json"), INV, "JSON"),
+    "header nested 100,000 deep": (forge(b"[" * 100_000 + b"]" * 100_000), INV, "brackets"),
+    "header nested 10,000 deep": (forge(b"[" * 10_000 + b"]" * 10_000), INV, "nested too deeply"),
     "header not UTF-8": (forge(b"\xff\xfe\xfd"), INV, "JSON"),
     "header a JSON list": (forge([1, 2, 3]), INV, "JSON object"),
     "header without tensors": (forge({"kind": "activations", "fields": {}}), INV, "JSON object"),
@@ -170,7 +172,7 @@ HOSTILE: dict[str, tuple] = {
     "step a bool": (wire(msg_with("step", False)), INV, "step"),
     "step far ahead": (wire(act(step=1 << 40)), PRE, "resync"),
     "client id of another client": (wire(act(cid=1)), PERM, "as client 1"),
-    "client id a string": (wire(msg_with("client", "0")), PERM, "as client"),
+    "client id a string": (wire(msg_with("client", "0")), INV, "'client' of a 'activations' message must be an integer"),
     "batch_rows outside label-private mode": (wire(msg_with("batch_rows", 1)), INV, "batch_rows"),
     # -- hidden states
     "hidden int64": (wire(act(hidden=torch.ones(1, 5, H, dtype=torch.long))), INV, "expected a float"),
@@ -553,3 +555,44 @@ def test_a_step_that_fails_for_no_clients_fault_is_internal_and_the_client_resyn
     assert "out of memory" not in got[1]
     service._compute = compute
     assert torch.isfinite(RemoteSplit(address, T0, cfg, net).call(act(0, step=1)).grad).all()
+
+
+def test_a_client_retries_calls_open_with_jittered_backoff(monkeypatch) -> None:
+    """RESOURCE_EXHAUSTED 'calls open' is retried (nothing of the call was taken), other RESOURCE_EXHAUSTED are
+    not; each wait is the backoff times a factor drawn from [0.5, 1.5]."""
+    import grpc
+
+    from lesft.deploy import wire as wire_mod
+    from lesft.deploy.remote import retryable
+    from lesft.deploy.wire import NetArgs, call_with_retries
+
+    class Err(grpc.RpcError):
+        def __init__(self, code, details):
+            self._c, self._d = code, details
+
+        def code(self):
+            return self._c
+
+        def details(self):
+            return self._d
+
+    waits = []
+    monkeypatch.setattr(wire_mod.time, "sleep", waits.append)
+    calls = []
+
+    def busy_twice():
+        calls.append(1)
+        if len(calls) <= 2:
+            raise Err(grpc.StatusCode.RESOURCE_EXHAUSTED, "client 0 already has 2 calls open (--max_streams 2)")
+        return "ok"
+
+    assert call_with_retries(busy_twice, NetArgs(retries=3, backoff_s=1.0), retryable) == "ok"
+    assert len(waits) == 2 and 0.5 <= waits[0] <= 1.5 and 1.0 <= waits[1] <= 3.0
+    assert waits != [1.0, 2.0]  # drawn around the backoff, not the bare backoff
+
+    def too_big():
+        raise Err(grpc.StatusCode.RESOURCE_EXHAUSTED, "message of 9 MiB exceeds the 8 MiB limit")
+
+    with pytest.raises(grpc.RpcError):
+        call_with_retries(too_big, NetArgs(retries=3, backoff_s=1.0), retryable)
+    assert len(waits) == 2  # not retried

@@ -28,6 +28,12 @@ from lesft.transport import Meter
 RETRY = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
+def retryable(e: grpc.RpcError) -> bool:
+    """Worth another try: the server unreachable or slow, or refusing a call only because this client already
+    had too many open (RESOURCE_EXHAUSTED 'calls open': nothing of the call was taken)."""
+    return e.code() in RETRY or (e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "calls open" in (e.details() or ""))
+
+
 class RemoteError(ConnectionError):
     """The split server refused a call (the message names why)."""
 
@@ -51,7 +57,7 @@ class RemoteSplit:
 
     def _retry(self, what: str, fn):
         try:
-            return call_with_retries(fn, self.net, RETRY)
+            return call_with_retries(fn, self.net, retryable)
         except grpc.RpcError as e:
             code = e.code()
             if code == grpc.StatusCode.FAILED_PRECONDITION and "resync" in (e.details() or ""):

@@ -65,9 +65,10 @@ class StepRejected(FloatingPointError):
     """A step's gradients, replies or update came out non-finite or beyond ``Limits.max_abs``."""
 
 
-def stale(step: int, now: int) -> ServiceError:
-    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                        f"resync: step {step} is closed or unknown, the server is at step {now}", step)
+def stale(step: int, now: int, why: str = "") -> ServiceError:
+    """FAILED_PRECONDITION 'resync: ...' (the client rejoins at the next round start), saying why."""
+    why = why or (f"step {step} is closed" if step < now else f"step {step} is unknown")
+    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"resync: {why}; the server is at step {now}", step)
 
 
 @dataclass
@@ -232,14 +233,20 @@ class SplitService:
                 return self._out(cached[2])
             if msg.step > self.step and (phase == 2 or msg.step % self.cfg.grad_accum
                                          or msg.step > self.step + self.cfg.grad_accum):
-                raise stale(msg.step, self.step)  # ahead mid-round or by rounds: restarted from a checkpoint
+                raise stale(msg.step, self.step, f"step {msg.step} is ahead of the server (did it restart from "
+                                                 "a checkpoint?)")
             if msg.step > self.step:  # rejoining at the next round start: wait for the others to get there
                 if not self.cv.wait_for(lambda: self.step >= msg.step, timeout=2 * self.net.timeout_s):
                     raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                        f"server still at step {self.step}, client {cid} sent step {msg.step}")
-            if (msg.step != self.step or phase != self.phase or (phase == 2 and cid not in self.batch)
-                    or (self.busy and cid not in self.computing)):  # late: the step is closed or being computed
+            if msg.step != self.step:
                 raise stale(msg.step, self.step)
+            if phase != self.phase or (phase == 2 and cid not in self.batch):
+                raise stale(msg.step, self.step, f"step {msg.step} is in its {('', 'first', 'second')[self.phase]} "
+                                                 f"exchange and client {cid} has no part in it")
+            if self.busy and cid not in self.computing:  # late: the step is being computed without it
+                raise stale(msg.step, self.step, f"step {msg.step} is being computed without client {cid} (its "
+                                                 "message came after the step started)")
             if phase == 2 and tuple(msg.grad.shape) != self.shapes[cid]:
                 raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT,
                                    f"rejected message from client {cid} at step {msg.step}: grad: shape "
@@ -254,7 +261,7 @@ class SplitService:
             give_up = time.monotonic() + 3 * self.net.timeout_s
             while not (cid in self.replies and self.replies[cid][:2] == key):
                 if cid not in self.inbox and cid not in self.computing:  # dropped without an answer: resync
-                    raise stale(msg.step, self.step)
+                    raise stale(msg.step, self.step, f"step {msg.step} went on without client {cid}'s message")
                 if not self.busy and self._ready():
                     self._process()
                 elif time.monotonic() > give_up:

@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 import json
 import os
+import random
 import secrets
 import stat
 import sys
@@ -175,17 +176,21 @@ def start_server(handlers: Iterable[grpc.GenericRpcHandler], address: str, net: 
     return server, port
 
 
-def call_with_retries(fn: Callable[[], object], net: NetArgs, retryable: set[grpc.StatusCode]):
-    """``fn()``, retried ``net.retries`` times on the ``retryable`` status codes with exponential backoff
-    (``net.backoff_s``, doubling, at most 30 s); any other error, or the last one, is raised."""
+def call_with_retries(fn: Callable[[], object], net: NetArgs,
+                      retryable: set[grpc.StatusCode] | Callable[[grpc.RpcError], bool]):
+    """``fn()``, retried ``net.retries`` times on the ``retryable`` status codes (or errors, given a predicate)
+    with exponential backoff (``net.backoff_s``, doubling, at most 30 s) and jitter (each wait drawn from
+    [0.5, 1.5] x the backoff, so that many clients do not retry a restarting server in lockstep); any other
+    error, or the last one, is raised."""
+    retry = retryable if callable(retryable) else (lambda e: e.code() in retryable)
     delay = net.backoff_s
     for attempt in range(net.retries + 1):
         try:
             return fn()
         except grpc.RpcError as e:
-            if e.code() not in retryable or attempt == net.retries:
+            if not retry(e) or attempt == net.retries:
                 raise
-            time.sleep(delay)
+            time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 30.0)
 
 
