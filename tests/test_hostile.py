@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from lesft import methods
-from lesft.config import TrainConfig
+from lesft.config import TrainConfig, to_dict
 from lesft.deploy.cli import build_service
 from lesft.deploy.remote import RemoteError, RemoteSplit
 from lesft.deploy.service import Limits, SplitService, serve
@@ -255,8 +255,11 @@ def test_hostile_input_is_refused_with_its_code_and_logged(live, name) -> None:
     assert "\n" not in details and "Traceback" not in details
     assert any(line.startswith("refused client") and code.name in line for line in service.log), list(service.log)
     assert service.step == 0  # nothing was trained on it
-    ok = RemoteSplit(address, T0, cfg, net).call(act())  # and the server still serves
+    t0 = time.monotonic()
+    ok = RemoteSplit(address, T1, cfg, net).call(act(1))  # and the server still serves
     assert torch.isfinite(ok.grad).all() and service.step == 1
+    if isinstance(what, bytes) and code in (INV, PERM):  # client 0's message was refused: no wait for client 0
+        assert time.monotonic() - t0 < net.timeout_s and 0 in service.benched
 
 
 # ---------------------------------------------------------------- label-private mode (item 5)
@@ -596,3 +599,55 @@ def test_a_client_retries_calls_open_with_jittered_backoff(monkeypatch) -> None:
     with pytest.raises(grpc.RpcError):
         call_with_retries(too_big, NetArgs(retries=3, backoff_s=1.0), retryable)
     assert len(waits) == 2  # not retried
+
+
+# ---------------------------------------------------------------- a silent client (issue 31, item 1)
+
+
+def test_a_silent_client_costs_one_timeout_not_one_per_step(server_model) -> None:
+    """4 clients, client 3 says hello before every step and never sends: the first step waits the 1.5 s timeout
+    for it, the later steps do not (a bare hello does not put it back); it is benched until a round start it
+    must prove alive at by sending, and a repeat miss doubles its bench."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = NetArgs(timeout_s=1.5, retries=0)
+    cfg = make_cfg(server_model)
+    service = build_service(cfg, net, [0, 1, 2, 3], None)
+    times = []
+    with ThreadPoolExecutor(3) as pool:
+        for step in range(5):
+            service.hello(3, {"config": to_dict(cfg)})  # 'still here', and nothing else
+            t0 = time.monotonic()
+            replies = list(pool.map(lambda c: service.exchange(c, bytearray(wire(act(c, step)))), (0, 1, 2)))
+            times.append(time.monotonic() - t0)
+            assert len(replies) == 3 and service.step == step + 1
+    assert times[0] >= 1.4  # waited for client 3 once
+    assert all(t < 0.75 for t in times[1:]), times  # never again (each step computes in well under 0.75 s here)
+    assert service.benched == {3: 1} and service.expected == {0, 1, 2}
+    assert any("client 3: no message in" in ln and "benched until step 1" in ln for ln in service.log)
+    # it proves alive at a round start: back in; it misses again: benched for 2 rounds this time
+    with ThreadPoolExecutor(4) as pool:
+        back = pool.submit(service.exchange, 3, bytearray(wire(act(3, 5))))  # first: a rejoining client is not
+        time.sleep(0.2)                                                      # waited for until its message is in
+        list(pool.map(lambda c: service.exchange(c, bytearray(wire(act(c, 5)))), (0, 1, 2)))
+        back.result()
+    assert 3 in service.expected and 3 not in service.benched
+    service.misses[3] = 1  # as if its earlier miss were still outstanding
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda c: service.exchange(c, bytearray(wire(act(c, 6)))), (0, 1, 2)))
+    assert service.benched == {3: 8}  # step 6's round + 2 rounds of one step
+    with pytest.raises(Exception, match="benched until step 8"):
+        service.exchange(3, bytearray(wire(act(3, 7))))
+
+
+def test_the_adaptive_deadline_ends_the_wait_for_a_silent_client_early(server_model) -> None:
+    """--adaptive_deadline 3: once half of the expected clients are in, the step waits at most 3 x their median
+    arrival delay (at least 1 s), not the 20 s timeout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = NetArgs(timeout_s=20.0, retries=0, adaptive_deadline=3.0)
+    service = build_service(make_cfg(server_model), net, [0, 1, 2, 3], None)
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda c: service.exchange(c, bytearray(wire(act(c, 0)))), (0, 1, 2)))
+    assert 1.0 <= time.monotonic() - t0 < 10.0 and service.benched == {3: 1}

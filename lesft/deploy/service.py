@@ -65,6 +65,10 @@ class StepRejected(FloatingPointError):
     """A step's gradients, replies or update came out non-finite or beyond ``Limits.max_abs``."""
 
 
+# refusals that leave the step without the client's message (RESOURCE_EXHAUSTED too, unless 'calls open')
+MISSES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.CANCELLED)
+
+
 def stale(step: int, now: int, why: str = "") -> ServiceError:
     """FAILED_PRECONDITION 'resync: ...' (the client rejoins at the next round start), saying why."""
     why = why or (f"step {step} is closed" if step < now else f"step {step} is unknown")
@@ -173,6 +177,10 @@ class SplitService:
         self.batch: list[int] = []          # label-private: clients of the step's forward, owed a 2nd reply
         self.shapes: dict[int, tuple[int, ...]] = {}  # label-private: [B, T, H] each of them must send back
         self.deadline: float | None = None
+        self.first: float | None = None     # when the step's first message arrived (monotonic s)
+        self.delays: list[float] = []       # arrival delays of the step's messages after the first (s)
+        self.misses: dict[int, int] = defaultdict(int)  # steps missed or refused, less the steps taken since
+        self.benched: dict[int, int] = {}   # client -> the first step (a round start) it may send again
         self.busy = False
         self.computing: set[int] = set()    # the clients of the step being computed (while busy)
         self.replies: dict[int, tuple[int, int, Parts | ServiceError]] = {}  # cid -> (step, phase, reply)
@@ -201,10 +209,11 @@ class SplitService:
             if info.get("leaving"):
                 self.expected.discard(cid)
                 self._note(f"client {cid} left at step {self.step}")
-            else:
+            elif cid not in self.benched:  # a benched client rejoins by sending, not by saying hello
                 self.expected.add(cid)
             self.cv.notify_all()
-            return {"step": self.step, "phase": self.phase, "grad_accum": self.cfg.grad_accum,
+            step = max(self.step, self.benched.get(cid, 0))
+            return {"step": step, "phase": self.phase, "grad_accum": self.cfg.grad_accum,
                     "rounds_done": self.step // self.cfg.grad_accum}
 
     def exchange(self, cid: int, data: bytes | bytearray) -> Parts:
@@ -223,6 +232,26 @@ class SplitService:
             e.step = step if type(step) is int else None
             raise
 
+    def _refused(self, cid: int, what: str, step: int | None = None) -> None:
+        """A client the step waits for sent ``what`` instead of its activations (for ``step``, if known): the
+        step does not wait for it."""
+        with self.cv:
+            if self.phase == 1 and cid in self.expected and cid not in self.inbox:
+                self._miss(cid, what, step if step is not None and 0 <= step <= self.step else self.step)
+                self.cv.notify_all()
+
+    def _miss(self, cid: int, why: str, step: int) -> None:
+        """Bench client ``cid`` for missing ``step`` (lock held): out of the steps until a round start 1, 2, 4, ...
+        (at most 64) rounds after that step's round, doubling with each miss not yet made good by a step taken;
+        it comes back by sending for that step, not by a hello."""
+        self.expected.discard(cid)
+        self.misses[cid] += 1
+        rounds = min(2 ** (self.misses[cid] - 1), 64)
+        ga = self.cfg.grad_accum
+        self.benched[cid] = (step // ga + rounds) * ga
+        self._note(f"client {cid}: {why} at step {step}; benched until step {self.benched[cid]} "
+                   f"({self.misses[cid]} miss{'es' if self.misses[cid] > 1 else ''} outstanding)")
+
     def _exchange(self, cid: int, msg: Message, data: bytes | bytearray) -> Parts:
         self._validate(cid, msg)
         phase = 1 if isinstance(msg, Activations) else 2
@@ -231,6 +260,9 @@ class SplitService:
             cached = self.replies.get(cid)
             if cached and cached[:2] == (msg.step, phase):  # a retry after a lost reply
                 return self._out(cached[2])
+            if phase == 1 and msg.step < self.benched.get(cid, 0):
+                raise stale(msg.step, self.step, f"client {cid} is benched until step {self.benched[cid]} "
+                                                 f"after {self.misses[cid]} missed or refused step(s)")
             if msg.step > self.step and (phase == 2 or msg.step % self.cfg.grad_accum
                                          or msg.step > self.step + self.cfg.grad_accum):
                 raise stale(msg.step, self.step, f"step {msg.step} is ahead of the server (did it restart from "
@@ -254,8 +286,8 @@ class SplitService:
             self.inbox[cid] = msg
             if phase == 1:
                 self.expected.add(cid)
-            if self.deadline is None:
-                self.deadline = time.monotonic() + self.net.timeout_s
+                self.benched.pop(cid, None)  # alive: back in the steps
+            self._arrived()
             self.cv.notify_all()
             key = (msg.step, phase)
             give_up = time.monotonic() + 3 * self.net.timeout_s
@@ -276,6 +308,18 @@ class SplitService:
 
     # ------------------------------------------------------------------ the step
 
+    def _arrived(self) -> None:
+        """A message of the step came in (lock held): set or shorten the step's deadline."""
+        now = time.monotonic()
+        if self.deadline is None:
+            self.first, self.delays, self.deadline = now, [], now + self.net.timeout_s
+        self.delays.append(now - self.first)
+        waiting_for = self.expected if self.phase == 1 else set(self.batch)
+        f = self.net.adaptive_deadline
+        if f > 0 and len(self.delays) * 2 >= len(waiting_for):
+            median = sorted(self.delays)[len(self.delays) // 2]
+            self.deadline = min(self.deadline, self.first + max(1.0, f * median))
+
     def _ready(self) -> bool:
         waiting_for = self.expected if self.phase == 1 else set(self.batch)
         return bool(self.inbox) and (waiting_for <= set(self.inbox) or time.monotonic() >= self.deadline)
@@ -285,9 +329,13 @@ class SplitService:
         step, phase, inbox = self.step, self.phase, dict(self.inbox)
         if phase == 1:
             missing = self.expected - set(inbox)
+            waited = time.monotonic() - (self.first or time.monotonic())
             if missing:
-                self.expected -= missing
-                self._note(f"step {step}: left out clients {sorted(missing)} (no message in {self.net.timeout_s} s)")
+                self._note(f"step {step}: left out clients {sorted(missing)} (no message in {waited:.1f} s)")
+            for cid in sorted(missing):
+                self._miss(cid, f"no message in {waited:.1f} s", step)
+            for cid in inbox:  # a step taken makes good one miss
+                self.misses[cid] = max(0, self.misses[cid] - 1)
         self.busy, self.computing = True, set(inbox)
         self.cv.release()
         try:
@@ -486,9 +534,13 @@ class SplitService:
             raise ServiceError(bad, f"rejected message from client {cid} at step {msg.step}: {e}") from None
 
     def refused(self, cid: int | None, err: ServiceError) -> None:
-        """The server's log line for one refused call."""
+        """The server's log line for one refused call; a client whose refused message the step was waiting for
+        is benched (a message that cannot be taken costs the others no wait)."""
         step = "-" if err.step is None else err.step
         self._note(f"refused client {'?' if cid is None else cid} step {step}: {err.code.name}: {err}")
+        if cid is not None and (err.code in MISSES or err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                                and "calls open" not in str(err)):
+            self._refused(cid, f"a refused message ({err.code.name})", err.step)
 
     def _note(self, line: str) -> None:
         self.log.append(line)

@@ -48,6 +48,10 @@ class NetArgs:
                                   default=2048.0)
     timeout_s: float = _help("Server: how long a step waits for missing clients after the first one arrived "
                              "(they are left out of that step). Client: deadline of one call.", default=120.0)
+    adaptive_deadline: float = _help(
+        "Server: also end a step's wait at this multiple of the median arrival delay (after the step's first "
+        "message) of the clients that have arrived, once half of those expected have, but never before 1 s and "
+        "never after --timeout_s (0 = off: wait --timeout_s).", default=0.0)
     retries: int = _help("Client: attempts per call when the server is unreachable (exponential backoff).",
                          default=8)
     backoff_s: float = _help("Client: first retry delay in seconds (doubles per attempt, capped at 30 s).",
