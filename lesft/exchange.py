@@ -46,14 +46,23 @@ class LocalSplit:
         self.server, self.transport, self.label_private = server, transport, label_private
 
     def micro_step(self, clients: list[Client], step: int) -> list[SliceLoss]:
+        """Algorithm 1's exchange, for groups of clients whose rows fill one server chunk at a time (all clients
+        at once when they fit): the same update, but only one group's graphs exist at a time in this process."""
+        rows = [c.draw() for c in clients]
+        parts = []
+        for group in self._groups(clients):
+            parts += self._exchange(group, step, sum(rows) if len(group) < len(clients) else None)
+        return parts
+
+    def _exchange(self, clients: list[Client], step: int, batch_rows: int | None) -> list[SliceLoss]:
         send, server = self.transport.send, self.server
         by_id = {c.cid: c for c in clients}
         msgs = [self._arrive(c, step) for c in clients]
         if not self.label_private:
-            grads, parts = server.forward_backward(msgs, send_grads=server.cfg.client_trainable)
+            grads, parts = server.forward_backward(msgs, server.cfg.client_trainable, batch_rows)
         else:
             parts, top_grads = [], []
-            for top in server.forward_middle(msgs):
+            for top in server.forward_middle(msgs, batch_rows):
                 g, part = by_id[top.client].head_backward(send(top, "server_to_client"))
                 top_grads.append(send(g, "client_to_server"))
                 parts.append(part)
@@ -61,6 +70,13 @@ class LocalSplit:
         for g in grads:
             by_id[g.client].backward(send(g, "server_to_client"))
         return parts
+
+    def _groups(self, clients: list[Client]) -> list[list[Client]]:
+        """Consecutive clients whose micro-batches together hold at most ``server_chunk_rows`` rows (one client
+        a group at least; 0: all of them)."""
+        size, per = self.server.cfg.server_chunk_rows, self.server.cfg.batch_size
+        k = max(1, size // per) if size else len(clients)
+        return [clients[i:i + k] for i in range(0, len(clients), k)]
 
     def round_end(self) -> None:
         self.server.step()

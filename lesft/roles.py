@@ -260,9 +260,20 @@ class Client:
         self._labels: tuple[PathBatch, PathBatch | None] | None = None  # label-private: the batch's targets
         self._sent: set[tuple[int, ...]] = set()  # frozen cache: batches (row ids) sent in full before
         self._rows: list[int] | None = None  # frozen cache: the batch just named by reference
+        self._drawn: list[int] | None = None  # the next micro-batch, drawn ahead by :meth:`draw`
+
+    def draw(self) -> int:
+        """Draw the next micro-batch ahead of :meth:`forward` and return its rows with >= 1 target token (what
+        the loss is averaged over): lets the simulation scale a group of clients' share of a step's loss."""
+        self._drawn = self.stream.next_rows()
+        return sum(any(t != IGNORE_INDEX for t in self.stream.samples[i].base_labels[1:]) for i in self._drawn)
+
+    def _next_rows(self) -> list[int]:
+        rows, self._drawn = self._drawn, None
+        return rows if rows is not None else self.stream.next_rows()
 
     def _batch(self, rows: list[int] | None = None) -> Batch:
-        rows = self.stream.next_rows() if rows is None else rows
+        rows = self._next_rows() if rows is None else rows
         b = collate([self.stream.samples[i] for i in rows], self.pad_id, self.cfg.pad_to_multiple)
         return Batch(*(t.to(self.device) if t is not None else None for t in vars(b).values()))
 
@@ -285,7 +296,7 @@ class Client:
         before goes as a reference to it, and the layers do not run (:meth:`resend` if the server lost it)."""
         if not self.cfg.frozen_cache_mb:
             return self._forward(step)
-        rows = self.stream.next_rows()
+        rows = self._next_rows()
         if tuple(rows) in self._sent:
             self._rows = rows
             return CachedActivations(self.cid, step, rows)
@@ -389,15 +400,18 @@ class SplitServer:
         base.hidden.requires_grad_(requires_grad)
         return base, ref, bounds
 
-    def forward_backward(self, msgs: list[Activations], send_grads: bool) -> tuple[list[ActivationGrad], list[SliceLoss]]:
+    def forward_backward(self, msgs: list[Activations], send_grads: bool, batch_rows: int | None = None
+                         ) -> tuple[list[ActivationGrad], list[SliceLoss]]:
         """Loss over the concatenated batch (mean over samples), backward, and each client's slice of dL/dh. The
         rows go through in chunks of at most ``server_chunk_rows`` (each chunk's share of the batch loss is
-        back-propagated before the next chunk runs), so at most one chunk's graph and logits exist at a time."""
+        back-propagated before the next chunk runs), so at most one chunk's graph and logits exist at a time.
+        ``batch_rows``: the step's rows with targets over all clients, when ``msgs`` are only some of them (the
+        simulation's groups of clients); default: those of ``msgs``."""
         with self.meter.measure():
             base, ref, bounds = self._gather(msgs, requires_grad=send_grads)
             chunks = row_chunks(base.hidden.shape[0], self.cfg.server_chunk_rows)
             pieces: list[list[SliceLoss]] = [[] for _ in bounds]
-            n = _rows_with_targets(base.labels)
+            n = batch_rows if batch_rows is not None else _rows_with_targets(base.labels)
             if n == 0:
                 raise ValueError("a batch has no target tokens (targets truncated away?)")
             for r0, r1 in chunks:
@@ -419,7 +433,7 @@ class SplitServer:
                     grads.append(ActivationGrad(m.client, m.step, base.hidden.grad[b0:b1, :t]))
         return grads, parts
 
-    def forward_middle(self, msgs: list[Activations]) -> list[Activations]:
+    def forward_middle(self, msgs: list[Activations], batch_rows: int | None = None) -> list[Activations]:
         """Label-private mode, first half: run the server layers on the concatenated batch (graph kept for
         the base path) and return each client its slice of the last-layer hidden states."""
         with self.meter.measure():
@@ -442,7 +456,7 @@ class SplitServer:
                     with _eval_mode(self.top):
                         ref_out = torch.cat([self.top.middle(r.hidden, r.attention_mask, r.position_ids)
                                              for r in (_rows(ref, r0, r1) for r0, r1 in chunks)])
-            rows = sum(m.batch_rows or 0 for m in msgs)
+            rows = batch_rows if batch_rows is not None else sum(m.batch_rows or 0 for m in msgs)
             self._pending = (msgs, bounds, base, out, chunks, states)
             replies = []
             for m, (b0, b1) in zip(msgs, bounds):

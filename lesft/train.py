@@ -188,7 +188,7 @@ class Run:
         given a ``mark``, rewind the data streams and RNG to it, so the round's micro-batches are drawn again."""
         for c in self.clients:
             c.bottom.zero_grad(set_to_none=True)
-            c._pending, c._labels = None, None
+            c._pending, c._labels, c._drawn = None, None, None
         if mark is None:
             return
         streams, rng = mark

@@ -69,11 +69,15 @@ class _Tap:
 
     def __init__(self, stream) -> None:
         self.stream, self.drawn = stream, []
+        self.samples = stream.samples
+
+    def next_rows(self) -> list[int]:
+        rows = self.stream.next_rows()
+        self.drawn.extend(self.samples[i] for i in rows)
+        return rows
 
     def next(self) -> list[Sample]:
-        samples = self.stream.next()
-        self.drawn.extend(samples)
-        return samples
+        return [self.samples[i] for i in self.next_rows()]
 
 
 def _rows(msg: Activations, rec: Recorder) -> list[Received]:
