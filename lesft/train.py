@@ -306,6 +306,7 @@ def train(
             skipped.append({"from": first + 1, "to": end, "reason": reason})
             print(f"lesft: warning: client {client_id} skips rounds {first + 1}..{end}: {reason}", flush=True)
 
+    resumed = start  # the checkpoint's rounds: a later line in metrics.jsonl is from a process that died after it
     if link is not None:  # a restarted or late client continues where the server is
         joined = link.join()
         skip(start, joined, "the server trained them while this client was away")
@@ -313,7 +314,7 @@ def train(
     wall0 = extra.get("wall_s", 0.0)
     metrics_path = out / "metrics.jsonl"
     kept = [ln for ln in (metrics_path.read_text().splitlines() if previous and metrics_path.exists() else [])
-            if json.loads(ln)["round"] <= start]
+            if json.loads(ln)["round"] <= resumed]
     metrics_path.write_text("".join(ln + "\n" for ln in kept))
     last: dict[str, Any] = json.loads(kept[-1]) if kept else {}
     bar = tqdm(range(start, run.rounds), desc=f"{cfg.method}", disable=not cfg.progress, unit="round",

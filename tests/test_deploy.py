@@ -530,3 +530,45 @@ def replace_out(cfg: TrainConfig, out: Path) -> TrainConfig:
     from dataclasses import replace
 
     return replace(cfg, out=str(out))
+
+
+def test_resume_after_a_kill_tells_one_story(tokenizer, tmp_path) -> None:
+    """A client killed after writing round 3's metrics but before its next checkpoint (round 2) resumes; the server
+    had gone on, so round 3 is skipped: metrics.jsonl no longer lists the dead process's round 3 (issue 31)."""
+    from dataclasses import replace
+
+    from lesft.exchange import LocalSplit
+    from lesft.roles import SplitServer
+    from lesft.train import build_parts
+    from lesft.transport import Loopback
+
+    from conftest import make_model, rows
+
+    cfg = methods.resolve(TrainConfig(method="sl", clients=1, rounds=4, grad_accum=1, client_layers="1",
+                                      max_length=128, device="cpu", progress=False, checkpoint_every=2,
+                                      out=str(tmp_path / "c"), lora=LoraArgs(r=4, alpha=8, dropout=0.0)))
+
+    class Link(LocalSplit):
+        def __init__(self, joined: int, die_at: int | None) -> None:
+            server = SplitServer(build_parts(cfg, make_model())[2], cfg, torch.device("cpu"))
+            super().__init__(server, Loopback())
+            self.meter, self.joined, self.die_at = self.transport.meter, joined, die_at
+
+        def join(self) -> int:
+            return self.joined
+
+        def micro_step(self, clients, step):
+            if step == self.die_at:
+                raise SystemExit("killed")  # after round 3's metrics line, before a checkpoint
+            return super().micro_step(clients, step)
+
+        def close(self, leave: bool = True) -> None:
+            pass
+
+    with pytest.raises(SystemExit):
+        train(cfg, make_model(), tokenizer, rows(8), link=Link(0, die_at=3))
+    lines = [json.loads(x)["round"] for x in (tmp_path / "c" / "metrics.jsonl").open()]
+    assert lines == [1, 2, 3]
+    summary = train(replace(cfg, resume=True), make_model(), tokenizer, rows(8), link=Link(3, die_at=None))
+    assert [(s["from"], s["to"]) for s in summary["rounds_skipped"]] == [(3, 3)]
+    assert [json.loads(x)["round"] for x in (tmp_path / "c" / "metrics.jsonl").open()] == [1, 2, 4]
