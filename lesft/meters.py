@@ -10,6 +10,7 @@ All roles of a simulation share one process, so the per-role split needs these p
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from typing import Iterable, Iterator
@@ -35,15 +36,28 @@ def peak_rss_mb() -> float:
     return max(_process_peak, _proc_kb("VmHWM") * 1024) / MB
 
 
+_reset_failed: str | None = None  # why VmHWM could not be reset (then every role's peak includes what came before)
+
+
 def _reset_cpu_peak() -> bool:
-    global _process_peak
+    """Reset the process's VmHWM; the first failure is said once on stderr, and :func:`peak_caveat` says it."""
+    global _process_peak, _reset_failed
     _process_peak = max(_process_peak, _proc_kb("VmHWM") * 1024)
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
         return True
-    except OSError:
+    except OSError as e:
+        if _reset_failed is None:
+            _reset_failed = f"/proc/self/clear_refs is not writable here ({e.strerror})"
+            print(f"lesft: warning: {_reset_failed}: each role's peak memory includes everything this process "
+                  "held before it (model loading too); summary.json says so", file=sys.stderr, flush=True)
         return False
+
+
+def peak_caveat() -> str | None:
+    """None when per-role CPU peaks are measured as documented, else why they are not."""
+    return _reset_failed
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:

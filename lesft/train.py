@@ -36,7 +36,7 @@ from lesft.data.samples import build_sample
 from lesft.interrupt import Interrupted, finish_round_on_sigint
 from lesft.lora import add_lora, check_target_modules, export_adapter, lora_state
 from lesft.messages import AdapterBroadcast, WireFormat
-from lesft.meters import MB, module_bytes, peak_rss_mb
+from lesft.meters import MB, module_bytes, peak_caveat, peak_rss_mb
 from lesft.provenance import device_name, git_commit, versions
 from lesft.model.load import load_model, peft_base, resolve_device
 from lesft.exchange import LocalSplit, Resync, SplitLink
@@ -106,7 +106,7 @@ class Run:
     def __init__(self, cfg: TrainConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  rows: list[dict[str, str]], transport: Transport | None = None,
                  link: SplitLink | None = None, client_id: int | None = None) -> None:
-        self.cfg = cfg
+        self.cfg = cfg = methods.resolve(cfg)  # a config with unset switches would otherwise run unsplit
         self.device = resolve_device(cfg.device)
         self.k, bottom, top, head, self.layers_path = build_parts(cfg, model)
         ref_rows = rows if cfg.reference == "solution" else [{**r, "reference": r["target"]} for r in rows]
@@ -223,6 +223,7 @@ class Run:
                 "server": (module_bytes(s.top, s.optimizer) + s.meter.peak_transient) / MB if s else None,
                 "simulation": peak_rss_mb(),  # this whole process (every party, model loading included)
             },
+            **({"peak_memory_caveat": peak_caveat()} if peak_caveat() else {}),
             "latency_s": {
                 "client": sum(c.meter.seconds for c in self.clients) / len(self.clients),
                 "server": s.meter.seconds if s else None,

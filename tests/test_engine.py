@@ -314,3 +314,29 @@ def test_reference_target_puts_the_target_itself_in_the_reference_input(tokenize
                                                             + solution.clients[1].stream.samples))
     with pytest.raises(ValueError, match="reference must be 'solution' or 'target'"):
         cfg_for("lesft", tmp_path, reference="answer")
+
+
+def test_an_unresolved_config_is_resolved_not_run_unsplit(tokenizer, tmp_path) -> None:
+    """Run resolves the method preset itself: TrainConfig(method='sl') used to leave split=None, read as False."""
+    cfg = TrainConfig(method="sl", clients=2, rounds=1, max_length=T, client_layers="1", progress=False,
+                      device="cpu", lora=LoraArgs(r=R, alpha=8, dropout=0.0), out=str(tmp_path / "sl"))
+    assert cfg.split is None
+    run = Run(cfg, make_model("llama", layers=L, hidden=H), tokenizer, rows(4))
+    assert run.cfg.split is True and run.server is not None and run.link is not None
+
+
+def test_a_memory_peak_that_cannot_be_measured_is_said(monkeypatch, capsys) -> None:
+    from lesft import meters
+
+    monkeypatch.setattr(meters, "_reset_failed", None)
+    real_open = open
+
+    def deny(path, *a, **kw):
+        if str(path) == "/proc/self/clear_refs":
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", deny)
+    assert meters._reset_cpu_peak() is False and meters._reset_cpu_peak() is False
+    assert "clear_refs is not writable" in meters.peak_caveat()
+    assert capsys.readouterr().err.count("warning") == 1  # said once
