@@ -27,6 +27,8 @@ bench: setup               ## speed/size targets, printed as measured ratios
 	$(PY) bench/bench_clients.py
 	$(PY) bench/bench_generate.py
 	$(PY) bench/bench_dtype.py
+	$(PY) bench/bench_wire.py
+	$(PY) bench/bench_memory.py
 
 clean:
 	rm -rf runs .pytest_cache
