@@ -373,8 +373,9 @@ class TrainConfig:
     )
     reference: str = _help(
         "What the reference input x~ adds to the prompt: 'solution' (the row's reference solution; for synthetic "
-        "rows bare equations, phrased unlike the target) or 'target' (the target text itself, so every target "
-        "token can be copied on the reference path).", default="solution")
+        "rows bare equations, or a worded solution in another voice with --synthetic.reference_style worded) or "
+        "'target' (the target text itself, so every target token can be copied on the reference path).",
+        default="solution")
     loss: str | None = _help(
         "Loss: 'ce' (token-mean cross-entropy), 'lesft' (token-weighted, needs paths=dual) or a name registered "
         "with lesft.objectives.register_objective.", default=None)
@@ -444,7 +445,8 @@ class TrainConfig:
     # --- nested groups ---
     lora: LoraArgs = _help("LoRA settings.", default_factory=LoraArgs)
     lesft: LossConfig = _help("LESFT loss settings.", default_factory=LossConfig)
-    synthetic: ArithmeticSpec = _help("Difficulty of the built-in synthetic data.", default_factory=ArithmeticSpec)
+    synthetic: ArithmeticSpec = _help("Difficulty and reference form of the built-in synthetic data.",
+                                       default_factory=ArithmeticSpec)
     evaluation: EvalConfig = _help("Evaluation after training (with --eval).", default_factory=EvalConfig)
 
     def __post_init__(self) -> None:

@@ -17,8 +17,12 @@ redrawn. Each row carries:
 
 * ``prompt``: the word problem;
 * ``target``: a worked chain of thought in words, ending with ``The answer is {answer}.``;
-* ``reference``: the same computation as bare equations (``a op b = c`` lines, then
-  ``Answer: {answer}``), phrased differently from the target on purpose;
+* ``reference``: the same computation, phrased differently from the target on purpose. With
+  ``reference_style="equations"`` (the default) bare equations (``a op b = c`` lines, then
+  ``Answer: {answer}``); with ``"worded"`` a GSM8K-like worded solution in another voice (other sentences,
+  other connectives, past tense, every equation inline, ending ``#### {answer}`` as GSM8K's own solutions do).
+  The style changes the reference only: prompt, target, answer, id, the draws of the stream and the split
+  of every problem (:func:`solution_split` reads the equations either way) are the same;
 * ``answer``: the final integer as a string.
 
 Only ``random.Random(seed)`` is used, so ``(n, seed, spec)`` fully determines the rows.
@@ -33,24 +37,29 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
-__all__ = ["OPERATIONS", "SPLIT_BUCKETS", "ArithmeticSpec", "check_answer", "generate_arithmetic", "iter_arithmetic",
+__all__ = ["OPERATIONS", "REFERENCE_STYLES", "SPLIT_BUCKETS", "ArithmeticSpec", "check_answer", "generate_arithmetic", "iter_arithmetic",
            "solution_key", "solution_split"]
 
 #: Allowed operation names and their symbols (as written in targets and references).
 OPERATIONS: dict[str, str] = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
+
+#: Forms of the reference solution (:attr:`ArithmeticSpec.reference_style`); the first is the default.
+REFERENCE_STYLES = ("equations", "worded")
 
 _MAX_ATTEMPTS = 1000  # redraws of one problem before a spec is declared infeasible
 
 
 @dataclass(frozen=True)
 class ArithmeticSpec:
-    """Difficulty of the generated problems.
+    """Difficulty of the generated problems, and the form of their reference solution.
 
     ``min_steps``/``max_steps``: bounds (inclusive) on the number of operations per problem.
     ``max_value``: start values and add/sub operands are drawn from ``[1, max_value]``.
     ``operations``: allowed operations among ``"add"``, ``"sub"``, ``"mul"``, ``"div"``.
     ``max_factor``: multipliers and divisors are drawn from ``[2, min(max_factor, max_value)]``.
     ``max_running``: upper bound on every intermediate value (they are all in ``[1, max_running]``).
+    ``reference_style``: ``"equations"`` (bare ``a op b = c`` lines) or ``"worded"`` (a worded solution in
+    another voice than the target, equations inline; the paper's x~ for GSM8K is of this kind).
     """
 
     min_steps: int = field(default=2, metadata={"help": "Fewest arithmetic operations per problem (>= 1)."})
@@ -61,6 +70,11 @@ class ArithmeticSpec:
     )
     max_factor: int = field(default=5, metadata={"help": "Multipliers and divisors are drawn from [2, min(max_factor, max_value)]."})
     max_running: int = field(default=1000, metadata={"help": "Upper bound on every intermediate value."})
+    reference_style: str = field(default="equations", metadata={"help": (
+        "Form of each row's reference solution (what x~ adds to the prompt): 'equations' (bare 'a op b = c' lines, "
+        "then 'Answer: N') or 'worded' (a GSM8K-like worded solution in another voice than the target, every "
+        "equation inline, then '#### N', as the paper's x~ = prompt + the dataset's own solution). Only the "
+        "reference changes: prompts, targets and which rows are drawn are the same.")})
 
     def __post_init__(self) -> None:
         if isinstance(self.operations, str):
@@ -88,6 +102,9 @@ class ArithmeticSpec:
             raise ValueError(
                 f"max_running must be >= max_value ({self.max_value}), got {self.max_running}"
             )
+        if self.reference_style not in REFERENCE_STYLES:
+            raise ValueError(f"reference_style must be one of {', '.join(REFERENCE_STYLES)}, "
+                             f"got {self.reference_style!r}")
         if not self.operations:
             raise ValueError(f"operations must be non-empty, got {self.operations!r}")
         for op in self.operations:
@@ -158,6 +175,49 @@ _TEMPLATES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
+# The worded reference's voice (reference_style="worded"): GSM8K-like, past tense, impersonal, its own
+# connectives, each step's equation inline. No sentence or clause here is one of the target's (which says
+# "{Name} starts with ...", "{P} buys/finds/gets/... , so {p} has a op b = c ...", "The answer is N.").
+# Placeholders: {Name}, {start} ("N objects"), {a}, {b}, {c} (numbers), {sym}, {things}.
+_WORDED_START = (
+    "{Name} had {start} at first.",
+    "In the beginning there were {start}.",
+)
+_WORDED_STEP: dict[str, tuple[str, ...]] = {
+    "add": (
+        "adding the {b} new ones made it {a} {sym} {b} = {c}.",
+        "with {b} extra the count came to {a} {sym} {b} = {c}.",
+    ),
+    "sub": (
+        "taking away {b} left {a} {sym} {b} = {c}.",
+        "once {b} were gone, only {a} {sym} {b} = {c} remained.",
+    ),
+    "mul": (
+        "multiplying by {b} gave {a} {sym} {b} = {c}.",
+        "{b} times the amount was {a} {sym} {b} = {c}.",
+    ),
+    "div": (
+        "dividing by {b} left {a} {sym} {b} = {c}.",
+        "one share out of {b} held {a} {sym} {b} = {c}.",
+    ),
+}
+_WORDED_CONNECTIVES = ("First, ", "Next, ", "After that, ", "Later, ")
+
+
+def _worded_reference(seed: int | str, i: int, name: str, thing: str, things: str, start: int,
+                      steps: list[tuple[str, int, int, int]]) -> str:
+    """The worded reference of row ``i``: its own ``random.Random`` (from ``seed`` and ``i``), so that the
+    stream's draws, and hence every other field of every row, are those of the default style."""
+    rng = random.Random(f"worded-reference-{seed}-{i}")
+    out = [rng.choice(_WORDED_START).format(Name=name, start=_count(start, thing, things))]
+    for k, (op, a, b, c) in enumerate(steps):
+        clause = rng.choice(_WORDED_STEP[op]).format(a=a, b=b, c=c, sym=OPERATIONS[op], things=things)
+        last = k == len(steps) - 1 and k > 0
+        out.append(("Finally, " if last else _WORDED_CONNECTIVES[min(k, len(_WORDED_CONNECTIVES) - 1)]) + clause)
+    out.append(f"#### {steps[-1][3] if steps else start}")
+    return "\n".join([" ".join(out[:-1]), out[-1]])
+
+
 def _count(n: int, singular: str, plural: str) -> str:
     return f"{n} {singular if n == 1 else plural}"
 
@@ -218,6 +278,7 @@ def _make_row(rng: random.Random, seed: int, i: int, spec: ArithmeticSpec) -> di
     prompt = [f"{name} has {_count(start, thing, things)}."]
     target = [f"{name} starts with {_count(start, thing, things)}."]
     reference = []
+    steps_done: list[tuple[str, int, int, int]] = []
     v = start
     for k, (op, b) in enumerate(chain):
         sentence, clause = rng.choice(_TEMPLATES[op])
@@ -237,6 +298,7 @@ def _make_row(rng: random.Random, seed: int, i: int, spec: ArithmeticSpec) -> di
             f"{clause.format(**fields)}, so {p} has {v} {sym} {b} = {_count(new, thing, things)}."
         )
         reference.append(f"{v} {sym} {b} = {new}")
+        steps_done.append((op, v, b, new))
         v = new
     prompt.append(f"How many {things} does {name} have now?")
     target.append(f"The answer is {v}.")
@@ -245,7 +307,8 @@ def _make_row(rng: random.Random, seed: int, i: int, spec: ArithmeticSpec) -> di
         "id": f"arith-{seed}-{i}",
         "prompt": " ".join(prompt),
         "target": " ".join(target),
-        "reference": "\n".join(reference),
+        "reference": ("\n".join(reference) if spec.reference_style == "equations"
+                      else _worded_reference(seed, i, name, thing, things, start, steps_done)),
         "answer": str(v),
     }
 
@@ -281,8 +344,17 @@ SPLIT_BUCKETS: dict[str, range] = {"test": range(0, 10), "validation": range(10,
 
 
 def solution_key(row: dict[str, str]) -> str:
-    """What makes two problems the same problem: their equations (``reference`` without names or objects)."""
-    return row["reference"]
+    """What makes two problems the same problem: their equations (``reference`` without names or objects).
+
+    A bare-equations reference is its own key; a worded one (``#### N`` last line) gives the same key as the
+    bare form of the same solution (its inline ``a op b = c`` in order, then ``Answer: N``), so a problem
+    falls in the same split whichever the reference style."""
+    ref = row["reference"]
+    lines = ref.split("\n")
+    if len(lines) == 2 and lines[-1].startswith("#### "):
+        eqs = [" ".join(m) for m in _INLINE_EQUATION.findall(lines[0])]
+        return "\n".join([*eqs, "Answer: " + lines[-1][5:].strip()])
+    return ref
 
 
 def solution_split(row: dict[str, str]) -> str:
@@ -292,6 +364,7 @@ def solution_split(row: dict[str, str]) -> str:
 
 
 _EQUATION = re.compile(r"^(\d+) ([-+*/]) (\d+) = (\d+)$")
+_INLINE_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) (=) (\d+)")
 _FINAL = re.compile(r"^Answer: (\d+)$")
 _SYMBOL_TO_OP = {sym: op for op, sym in OPERATIONS.items()}
 
@@ -302,9 +375,10 @@ def check_answer(row: dict[str, str]) -> int:
     Each ``a op b = c`` line is verified (``/`` must be exact), each line must start from the
     previous result, the last line must be ``Answer: c`` with the last ``c``, and this must equal
     ``row["answer"]``; when the row has a prompt, its first number must be the start value.
+    A worded reference is read through its equations (:func:`solution_key`).
     Raises ``ValueError`` on any inconsistency.
     """
-    lines = row["reference"].split("\n")
+    lines = solution_key(row).split("\n")
     if len(lines) < 2:
         raise ValueError(f"reference needs at least one equation and an answer: {row['reference']!r}")
     value: int | None = None
