@@ -572,3 +572,50 @@ def test_resume_after_a_kill_tells_one_story(tokenizer, tmp_path) -> None:
     summary = train(replace(cfg, resume=True), make_model(), tokenizer, rows(8), link=Link(3, die_at=None))
     assert [(s["from"], s["to"]) for s in summary["rounds_skipped"]] == [(3, 3)]
     assert [json.loads(x)["round"] for x in (tmp_path / "c" / "metrics.jsonl").open()] == [1, 2, 4]
+
+
+@pytest.mark.parametrize("server_mb", [64.0, 0.001], ids=["held", "evicted"])
+def test_frozen_cache_over_grpc_equals_the_simulation(tokenizer, server_model, tmp_path, server_mb) -> None:
+    """splitfrozen over gRPC with --frozen_cache_mb: epochs 2-3 send references; a server that holds nothing
+    (0.001 MiB: every batch evicted at once, as after a restart) asks for every tensor again. Either way the
+    server's adapter and the losses equal the in-process run that resends every batch."""
+    from dataclasses import replace
+
+    from lesft.deploy.cli import build_service
+    from lesft.deploy.service import serve
+    from lesft.lora import lora_state
+
+    from conftest import make_model, rows
+
+    cfg = methods.resolve(TrainConfig(method="splitfrozen", model=str(server_model), clients=1, epochs=3,
+                                      grad_accum=2, client_layers="1", max_length=128, device="cpu", progress=False,
+                                      lora=LoraArgs(r=4, alpha=8, dropout=0.0), out=str(tmp_path / "sim")))
+    sim = train(cfg, make_model(), tokenizer, rows(4))
+    tok = "token-of-client-0-" + "c" * 16
+    net = NetArgs(timeout_s=5.0, retries=0)
+    service = build_service(replace(cfg, frozen_cache_mb=server_mb), net, [0], None)
+    server, port = serve(service, "127.0.0.1:0", net, {tok: 0})
+    try:
+        link = RemoteSplit(f"127.0.0.1:{port}", tok, replace(cfg, frozen_cache_mb=8.0), net)
+        got = train(replace(cfg, frozen_cache_mb=8.0, out=str(tmp_path / "net")), make_model(), tokenizer, rows(4),
+                    link=link, client_id=0)
+    finally:
+        server.stop(grace=0)
+    assert got["rounds"] == sim["rounds"] == 6
+    sim_losses = [json.loads(x)["loss"] for x in (tmp_path / "sim" / "metrics.jsonl").open()]
+    net_losses = [json.loads(x)["loss"] for x in (tmp_path / "net" / "metrics.jsonl").open()]
+    assert net_losses == pytest.approx(sim_losses, rel=1e-6)
+    want = {k: v for k, v in load_file(str(tmp_path / "sim" / "checkpoint" / "tensors.safetensors")).items()
+            if k.startswith("server.lora.")}
+    have = lora_state(service.server.top)
+    assert len(have) == len(want) > 0
+    for k, v in want.items():
+        torch.testing.assert_close(have[k.removeprefix("server.lora.")], v, atol=1e-6, rtol=1e-5)
+    up = got["comm_detail"]["client_to_server"]
+    full = sim["comm_detail"]["client_to_server"]["activations"]["payload_bytes"]
+    if server_mb > 1:  # epoch 1 in full (4 rows, batch 1), epochs 2-3 by reference
+        assert up["activations"]["messages"] == 4 and up["cached_activations"]["messages"] == 8
+        assert up["activations"]["payload_bytes"] * 3 == pytest.approx(full, rel=0.05)
+    else:  # every reference missed: sent again in full
+        assert up["cached_activations"]["messages"] == 8 and up["activations"]["messages"] == 12
+        assert got["comm_detail"]["server_to_client"]["resend"]["messages"] == 8

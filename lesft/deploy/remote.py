@@ -21,7 +21,7 @@ from lesft.config import TrainConfig, to_dict
 from lesft.deploy.wire import (EXCHANGE, EXCHANGE_ONE, HELLO, MB, NetArgs, call_with_retries, channel, chunks, join,
                               metadata)
 from lesft.exchange import Resync
-from lesft.messages import Message, WireFormat, decode, encode_parts, payload_size
+from lesft.messages import Message, Resend, WireFormat, decode, encode_parts, payload_size
 from lesft.roles import Client, SliceLoss
 from lesft.transport import Meter
 
@@ -42,9 +42,6 @@ class RemoteSplit:
     """One client's link to ``lesft server``; bytes are counted in ``meter`` per direction and kind."""
 
     def __init__(self, address: str, token: str, cfg: TrainConfig, net: NetArgs, meter: Meter | None = None) -> None:
-        if cfg.frozen_cache_mb:
-            raise ValueError("frozen_cache_mb is implemented in the simulation (lesft train) only; the gRPC split "
-                             "server does not keep activations yet: run lesft client with frozen_cache_mb 0")
         self.address, self.cfg, self.net = address, cfg, net
         self.meter = meter or Meter()
         self.metadata = metadata(token)
@@ -106,6 +103,8 @@ class RemoteSplit:
         parts = []
         for c in clients:
             reply = self.call(c.forward(step))
+            if isinstance(reply, Resend):  # frozen cache: the server no longer holds the batch this client named
+                reply = self.call(c.resend(reply))
             if self.cfg.label_privacy:
                 g, part = c.head_backward(reply)
                 reply = self.call(g)

@@ -40,8 +40,8 @@ from lesft.config import TrainConfig, to_dict
 from lesft.deploy.wire import (EXCHANGE, EXCHANGE_ONE, HELLO, MB, MessageTooLarge, NetArgs, bearer, check_tokens,
                                chunks, join, start_server)
 from lesft.lora import export_adapter, load_lora_state, lora_state
-from lesft.messages import (Activations, ActivationGrad, Message, PathBatch, WireFormat, decode, encode_parts,
-                             payload_size)
+from lesft.messages import (Activations, ActivationGrad, CachedActivations, Message, PathBatch, Resend, WireFormat,
+                            decode, encode_parts, payload_size)
 from lesft.roles import SplitServer
 from lesft.transport import Meter
 
@@ -225,6 +225,15 @@ class SplitService:
             raise ServiceError(bad, f"malformed message: {e}") from None
         except Exception as e:  # noqa: BLE001 -- anything else a crafted message provokes: no raw text out
             raise ServiceError(bad, f"malformed message ({type(e).__name__})") from None
+        if isinstance(msg, CachedActivations):  # frozen client layers: a batch sent before, named by its rows
+            if msg.client != cid:
+                raise ServiceError(grpc.StatusCode.PERMISSION_DENIED, f"client {cid} sent a message as client "
+                                                                      f"{msg.client}")
+            self.meter.add("client_to_server", msg.kind, payload_size(data), len(data))
+            hit = self.server.cache.get(msg) if self.server.cache is not None else None
+            if hit is None:  # evicted, never held, or this server restarted: ask for the tensors
+                return self._out(encode_parts(Resend(cid, msg.step))[0])
+            msg, data = hit, None
         try:
             return self._exchange(cid, msg, data)
         except ServiceError as e:  # for the log line
@@ -252,10 +261,14 @@ class SplitService:
         self._note(f"client {cid}: {why} at step {step}; benched until step {self.benched[cid]} "
                    f"({self.misses[cid]} miss{'es' if self.misses[cid] > 1 else ''} outstanding)")
 
-    def _exchange(self, cid: int, msg: Message, data: bytes | bytearray) -> Parts:
+    def _exchange(self, cid: int, msg: Message, data: bytes | bytearray | None) -> Parts:
+        """``data``: the message's bytes as received (None: taken from the frozen cache, counted already)."""
         self._validate(cid, msg)
         phase = 1 if isinstance(msg, Activations) else 2
-        self.meter.add("client_to_server", msg.kind, payload_size(data), len(data))
+        if data is not None:
+            self.meter.add("client_to_server", msg.kind, payload_size(data), len(data))
+            if phase == 1 and self.server.cache is not None and msg.rows is not None:
+                self.server.cache.put(msg)
         with self.cv:
             cached = self.replies.get(cid)
             if cached and cached[:2] == (msg.step, phase):  # a retry after a lost reply
