@@ -215,6 +215,19 @@ KNOWN_DATASETS = BENCHMARKS  # every registered benchmark (lesft.data.registry),
 
 
 @dataclass
+class Rho1Config:
+    """Rho-1 selective loss (``--loss rho1``, see lesft/objectives_rho1.py and docs/loss.md)."""
+
+    ratio: float = field(default=0.6, metadata={"help": (
+        "Share of each slice's target tokens trained on: those of largest excess loss over the frozen base "
+        "(current loss - frozen loss). In (0, 1]; 0.6 as the paper's 1B math model.")})
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"rho1.ratio must be in (0, 1], got {self.ratio}")
+
+
+@dataclass
 class EvalConfig:
     """Everything ``lesft eval`` needs besides the model (and adapter or run directory)."""
 
@@ -291,7 +304,7 @@ class TrainConfig:
     """Everything ``lesft train`` needs. Switches left at ``None`` come from the method preset."""
 
     method: str = _help(
-        "Method preset: centralized, fedavg, sl, splitlora, splitfrozen or lesft.", default="lesft"
+        "Method preset: centralized, fedavg, sl, splitlora, splitfrozen, lesft, dft or rho1.", default="lesft"
     )
     model: str = _help(
         "Model: alias 'smollm2-135m', a Hugging Face hub id, a local model directory or a .gguf file.",
@@ -445,6 +458,7 @@ class TrainConfig:
     # --- nested groups ---
     lora: LoraArgs = _help("LoRA settings.", default_factory=LoraArgs)
     lesft: LossConfig = _help("LESFT loss settings.", default_factory=LossConfig)
+    rho1: Rho1Config = _help("Rho-1 selective loss settings (--loss rho1).", default_factory=Rho1Config)
     synthetic: ArithmeticSpec = _help("Difficulty and reference form of the built-in synthetic data.",
                                        default_factory=ArithmeticSpec)
     evaluation: EvalConfig = _help("Evaluation after training (with --eval).", default_factory=EvalConfig)

@@ -8,6 +8,10 @@
 | splitlora   | yes   | yes           | I                 | base  | ce    |
 | splitfrozen | yes   | no            | never             | base  | ce    |
 | lesft       | yes   | yes           | I                 | dual  | lesft |
+| dft         | yes   | yes           | I                 | base  | dft   |
+| rho1        | yes   | yes           | I                 | base  | rho1  |
+
+``dft`` and ``rho1`` are splitlora with a token-weighting baseline's loss (DFT, Rho-1; docs/loss.md).
 
 Any switch set explicitly in the config wins over the preset, so the paper's ablations are one flag
 away: "SL framework" = ``--method lesft --aggregate_every 0``; "FL framework" = ``--method fedavg
@@ -31,6 +35,8 @@ PRESETS: dict[str, dict[str, object]] = {
     "splitlora": dict(split=True, client_trainable=True, aggregate_every=DEFAULT_AGGREGATE_EVERY, paths="base", loss="ce"),
     "splitfrozen": dict(split=True, client_trainable=False, aggregate_every=0, paths="base", loss="ce"),
     "lesft": dict(split=True, client_trainable=True, aggregate_every=DEFAULT_AGGREGATE_EVERY, paths="dual", loss="lesft"),
+    "dft": dict(split=True, client_trainable=True, aggregate_every=DEFAULT_AGGREGATE_EVERY, paths="base", loss="dft"),
+    "rho1": dict(split=True, client_trainable=True, aggregate_every=DEFAULT_AGGREGATE_EVERY, paths="base", loss="rho1"),
 }
 SWITCHES = ("split", "client_trainable", "aggregate_every", "paths", "loss")
 
@@ -59,6 +65,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.label_privacy and not cfg.split:
         raise ValueError("label_privacy keeps the labels on the client of a split model: it needs split=True "
                          f"(method {cfg.method!r} does not split; its clients never send labels anyway)")
+    if cfg.label_privacy and getattr(objective.fn, "needs_frozen_model", False):
+        raise ValueError(f"loss={cfg.loss} compares each token's loss with the frozen base model's, which needs the "
+                         "layers and the LM head in one party; with label_privacy the server holds the layers and "
+                         "the client the head (use label_privacy=False, or another loss)")
     if cfg.frozen_cache_mb and (cfg.client_trainable or not cfg.split or cfg.label_privacy):
         raise ValueError("frozen_cache_mb caches the cut activations of frozen client layers: it needs split=True, "
                          "client_trainable=False and no label_privacy (method splitfrozen)")

@@ -2,8 +2,9 @@
 statistics merge. The server's step, an unsplit client's step and a label-private client's head all call
 :func:`get_objective` (``--loss NAME``), so a new loss is one function and one registration.
 
-Built in: ``ce`` (token-mean cross-entropy, base path only) and ``lesft`` (the LESFT token-weighted loss,
-base + reference paths, see :mod:`lesft.loss`).
+Built in: ``ce`` (token-mean cross-entropy, base path only), ``lesft`` (the LESFT token-weighted loss,
+base + reference paths, see :mod:`lesft.loss`), and two token-weighting baselines on the base path, each in
+its own module: ``dft`` (:mod:`lesft.objectives_dft`) and ``rho1`` (:mod:`lesft.objectives_rho1`).
 
 Add one from outside the package (trl-style: a function of the logits and labels)::
 
@@ -48,6 +49,9 @@ class ObjectiveBatch:
     ref_labels: Tensor | None = None
     logprobs: Tensor | None = None      # [M] log p of each target token (row-major), when logits is None
     ref_logprobs: Tensor | None = None  # [M] the same on the reference path (no graph)
+    # () -> [M] log p of each target token under the frozen base (adapters off, no graph), computed only when
+    # called (Rho-1's reference model); None where this party cannot compute it (label-private client head)
+    frozen_logprobs: Callable[[], Tensor] | None = None
 
 
 LossFn = Callable[[ObjectiveBatch, "TrainConfig"], "tuple[Tensor, dict[str, float]]"]
@@ -119,3 +123,7 @@ def _lesft(batch: ObjectiveBatch, cfg: "TrainConfig") -> tuple[Tensor, dict[str,
         return lesft_from_logprobs(batch.logprobs, batch.ref_logprobs, batch.labels, batch.ref_labels, batch.hidden,
                                    cfg.lesft)
     return lesft_loss(batch.logits, batch.labels, batch.ref_logits, batch.ref_labels, batch.hidden, cfg.lesft)
+
+
+# the baselines, one module each (they register themselves on import)
+from lesft import objectives_dft, objectives_rho1  # noqa: E402,F401

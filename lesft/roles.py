@@ -10,14 +10,17 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from lesft.config import TrainConfig
 from lesft.data.samples import Batch, Sample, collate
+from lesft.frozen import frozen_hidden, frozen_target_logprobs
 from lesft.lora import load_lora_state, lora_key, lora_state
 from lesft.loss import IGNORE_INDEX, chunked_target_logprobs
 from lesft.objectives import Objective, ObjectiveBatch, get_objective, token_mean_stats
@@ -81,9 +84,13 @@ def head_losses(
     ref: PathBatch | None,
     bounds: list[tuple[int, int]],
     cfg: TrainConfig,
+    frozen_input: Callable[[], torch.Tensor] | None = None,
 ) -> list[SliceLoss]:
     """Run ``top`` on the base path (with graph) and the reference path (forward only), and compute the
-    loss of each row range in ``bounds``: the server's step and an unsplit client's step share this."""
+    loss of each row range in ``bounds``: the server's step and an unsplit client's step share this.
+    Each slice's objective may also call ``batch.frozen_logprobs()``: the frozen base's target log-probs
+    (``top`` with its adapters off, no graph) on ``base.hidden``, or on ``frozen_input()`` (the input of
+    ``top`` under the frozen base, where the layers below ``top`` have adapters too: an unsplit client)."""
     objective = get_objective(cfg.loss)
     chunk = cfg.head_chunk_tokens if objective.logprobs else 0  # > 0: no [B, T, V] logits, chunks of positions
     ref_logits = ref_final = None
@@ -114,9 +121,19 @@ def head_losses(
         else:
             batch = ObjectiveBatch(logits[b0:b1], labels, final[b0:b1].detach(),
                                    ref_logits[b0:b1] if ref_logits is not None else None, ref_labels)
+        if isinstance(top, ServerPart) and top.head is not None:
+            batch.frozen_logprobs = functools.partial(_frozen_slice, top, base, b0, b1, cfg.head_chunk_tokens,
+                                                      frozen_input)
         loss, stats = objective.fn(batch, cfg)
         out.append(SliceLoss(loss, n_samples, n_tokens, stats))
     return out
+
+
+def _frozen_slice(top: ServerPart, base: PathBatch, b0: int, b1: int, chunk: int,
+                  frozen_input: Callable[[], torch.Tensor] | None) -> torch.Tensor:
+    hidden = frozen_input() if frozen_input is not None else base.hidden
+    return frozen_target_logprobs(top, hidden[b0:b1], base.attention_mask[b0:b1], base.position_ids[b0:b1],
+                                  base.labels[b0:b1], chunk)
 
 
 def merge_losses(parts: list[SliceLoss], objective: Objective | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -357,9 +374,11 @@ class Client:
     def local_step(self) -> SliceLoss:
         """Unsplit methods: forward through the whole model, loss, backward -- no message leaves."""
         with self.meter.measure():
-            base, ref = self._paths(self._batch())
+            batch = self._batch()
+            base, ref = self._paths(batch)
             with _autocast(self.cfg, self.device):
-                part = head_losses(self.top, base, ref, [(0, base.hidden.shape[0])], self.cfg)[0]
+                part = head_losses(self.top, base, ref, [(0, base.hidden.shape[0])], self.cfg,
+                                   frozen_input=lambda: frozen_hidden(self.bottom, batch.ids, batch.mask))[0]
             _check_finite(part.loss, f"on client {self.cid}")
             (part.loss / self.cfg.grad_accum).backward()
         return part
