@@ -101,7 +101,9 @@ def test_attacks_never_read_the_clients_text(world, monkeypatch) -> None:
     attack(views, truths, inverters)
     garbage = [dataclasses.replace(t, ids=torch.randint(0, 100, t.ids.shape)) for t in truths]
     attack(views, garbage, inverters)
+    assert len(seen) == 6 and all(len(g) > 0 for g in seen)  # three attacks per call, each guessing something
     for a, b in zip(seen[:3], seen[3:]):
+        assert len(a) == len(b)
         assert all((x is None and y is None) or torch.equal(x, y) for x, y in zip(a, b))
 
 
@@ -115,6 +117,7 @@ def test_cut_noise_is_added_by_the_client_at_the_set_sigma(world) -> None:
     run.round(0)
     torch.manual_seed(1)
     clean.round(0)
+    assert len(run.transport.received) == len(clean.transport.received) > 0
     for noisy, ref in zip(run.transport.received, clean.transport.received):
         h, n = ref.base.hidden, noisy.base.hidden - ref.base.hidden
         rms = h.pow(2).mean(-1).sqrt()

