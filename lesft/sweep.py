@@ -534,11 +534,15 @@ def _spawn(p: Point, threads: int) -> dict[str, Any]:
     env.setdefault("MKL_NUM_THREADS", str(threads))
     env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")]).strip(os.pathsep)
     log = p.dir / "log.txt"
+    before = _read_json(p.dir / "error.json")  # the last attempt's (the child reads it to count attempts)
+    prior = int((before or {}).get("attempts", 0))
     with log.open("w") as fh:
         rc = subprocess.run([sys.executable, "-m", "lesft.sweep", "--one", str(p.dir)], stdout=fh,
                             stderr=subprocess.STDOUT, env=env).returncode
     wall = time.perf_counter() - t0
     err = _read_json(p.dir / "error.json")
+    if err is not None and err == before:  # not this attempt's: the child died before it removed it
+        err = None
     if rc == 0 and err is None:
         return {"ok": True, "action": "run", "wall_s": wall}
     if rc == 130 and err is None:  # Ctrl-C: the child checkpointed; the next sweep resumes it
@@ -548,7 +552,7 @@ def _spawn(p: Point, threads: int) -> dict[str, Any]:
         tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
         why = f" ({_signal_cause(-rc)})" if rc < 0 else ""
         err = {"type": "ChildProcessError", "message": f"exit code {rc}{why}; see {log}", "stage": "process",
-               "traceback": tail, "attempts": 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+               "traceback": tail, "attempts": prior + 1, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         _write_json(p.dir / "error.json", err)
     return {"ok": False, "action": "run", "wall_s": wall, "error": err}
 

@@ -222,3 +222,18 @@ def test_a_killed_child_names_its_signal() -> None:
     assert "SIGTERM" in _signal_cause(15) and "retries" in _signal_cause(15)
     assert "out of memory" in _signal_cause(9)
     assert _signal_cause(11) == "killed by SIGSEGV"
+
+
+def test_a_killed_child_counts_its_attempts(tmp_path, monkeypatch) -> None:
+    """A child killed before it could write error.json (out of memory) is attempt 1, then 2, ... (was always 1)."""
+    import subprocess
+    import types
+
+    from lesft.sweep import _spawn
+
+    point = types.SimpleNamespace(dir=tmp_path, name="p")
+    monkeypatch.setattr(subprocess, "run", lambda *a, **kw: types.SimpleNamespace(returncode=-9))
+    for attempt in (1, 2, 3):
+        res = _spawn(point, 1)
+        assert not res["ok"] and res["error"]["attempts"] == attempt
+        assert json.loads((tmp_path / "error.json").read_text())["attempts"] == attempt
