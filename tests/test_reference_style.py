@@ -102,3 +102,16 @@ def test_config_option():
     assert build_config(TrainConfig, None, {}).synthetic.reference_style == "equations"
     with pytest.raises(ValueError, match="reference_style"):
         ArithmeticSpec(reference_style="bare")
+
+
+def test_contamination_keys_see_the_equations_in_either_style() -> None:
+    """A worded reference gives the same problem keys as the bare equations of the same problem (prompt and
+    equations), so the contamination check covers runs trained with either style."""
+    import dataclasses
+
+    from lesft.data.contamination import problem_keys
+    from lesft.data.synthetic import ArithmeticSpec, generate_arithmetic
+
+    bare = generate_arithmetic(20, seed=3)
+    worded = generate_arithmetic(20, seed=3, spec=dataclasses.replace(ArithmeticSpec(), reference_style="worded"))
+    assert all(len(problem_keys(b)) == 2 and problem_keys(b) == problem_keys(w) for b, w in zip(bare, worded))

@@ -30,11 +30,12 @@ def _hash(kind: str, text: str) -> str:
 
 def problem_keys(row: dict[str, str]) -> list[str]:
     """``["p:<hash of the prompt>"]``, plus ``"s:<hash of the equations>"`` when the row's reference is
-    synthetic equations (``a op b = c`` lines, then ``Answer: N``)."""
+    synthetic: bare equations (``a op b = c`` lines, then ``Answer: N``) or their worded form (``#### N`` last),
+    which gives the same key as the bare form of the same solution."""
     keys = [_hash("p", " ".join(row["prompt"].lower().split()))]
-    lines = str(row.get("reference", "")).split("\n")
+    lines = solution_key(row).split("\n") if row.get("reference") else []
     if len(lines) >= 2 and all(_EQUATIONS.match(ln) for ln in lines[:-1]) and lines[-1].startswith("Answer: "):
-        keys.append(_hash("s", solution_key(row)))
+        keys.append(_hash("s", "\n".join(lines)))
     return keys
 
 
