@@ -651,3 +651,23 @@ def test_the_adaptive_deadline_ends_the_wait_for_a_silent_client_early(server_mo
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(lambda c: service.exchange(c, bytearray(wire(act(c, 0)))), (0, 1, 2)))
     assert 1.0 <= time.monotonic() - t0 < 10.0 and service.benched == {3: 1}
+
+
+def test_resync_answers_say_what_is_the_case(server_model) -> None:
+    """A message for the step being computed without its client, for a closed step, and for a step far ahead:
+    FAILED_PRECONDITION 'resync: ...' saying which (it used to say 'step 3 is closed or unknown' for all)."""
+    from lesft.deploy.service import ServiceError
+
+    service = build_service(make_cfg(server_model), NetArgs(timeout_s=1.0, retries=0), [0, 1], None)
+    service.step = 3
+    with service.cv:
+        service.busy, service.computing = True, {1}
+    with pytest.raises(ServiceError, match="resync: step 3 is being computed without client 0") as e:
+        service.exchange(0, bytearray(wire(act(0, 3))))
+    assert e.value.code == PRE
+    with service.cv:
+        service.busy, service.computing = False, set()
+    with pytest.raises(ServiceError, match="resync: step 2 is closed; the server is at step 3"):
+        service.exchange(0, bytearray(wire(act(0, 2))))
+    with pytest.raises(ServiceError, match="step 9 is ahead of the server"):
+        service.exchange(0, bytearray(wire(act(0, 9))))
