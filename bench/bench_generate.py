@@ -41,7 +41,7 @@ from lesft.data.prompts import render_prompt  # noqa: E402
 from lesft.data.synthetic import generate_arithmetic  # noqa: E402
 from lesft.deploy.generation import RemoteGen, serve_generation  # noqa: E402
 from lesft.deploy.wire import NetArgs  # noqa: E402
-from lesft.evaluate import DEFAULT_STOP, StopOnStrings, _eos_ids, _split_stops  # noqa: E402
+from lesft.decoding import DEFAULT_STOP, StopOnStrings, eos_ids, split_stops  # noqa: E402
 from lesft.generation import GenerationServer, LocalGen, SplitGenerator, cut  # noqa: E402
 from lesft.model.load import load_model  # noqa: E402
 from lesft.model.split import inspect_decoder, resolve_client_layers  # noqa: E402
@@ -71,8 +71,8 @@ def main() -> None:
     wire_bytes = torch.empty(0, dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.wire_dtype]).element_size()
     prompts = [render_prompt(tok, r["prompt"], True) for r in generate_arithmetic(args.batch_size, seed=0)]
-    text_stops, stop_ids = _split_stops(tok, list(DEFAULT_STOP))
-    eos = _eos_ids(model, tok) + stop_ids
+    text_stops, stop_ids = split_stops(tok, list(DEFAULT_STOP))
+    eos = eos_ids(model, tok) + stop_ids
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     if tok.pad_token is None:
         tok.pad_token = tok.convert_ids_to_tokens(pad)

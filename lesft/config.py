@@ -216,7 +216,7 @@ KNOWN_DATASETS = BENCHMARKS  # every registered benchmark (lesft.data.registry),
 
 @dataclass
 class Rho1Config:
-    """Rho-1 selective loss (``--loss rho1``, see lesft/objectives_rho1.py and docs/loss.md)."""
+    """Rho-1 selective loss (``--loss rho1``, see lesft/objectives/rho1.py and docs/loss.md)."""
 
     ratio: float = field(default=0.6, metadata={"help": (
         "Share of each slice's target tokens trained on: those of largest excess loss over the frozen base "

@@ -70,7 +70,7 @@ def distill_rows(model, tokenizer, rows: list[dict[str, str]], dataset: str, cfg
 def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     """Load questions and teacher, distill, write ``cfg.out``; return counts."""
     from lesft.data.benchmarks import load_benchmark
-    from lesft.evaluate import load_for_eval
+    from lesft.model.load import load_for_eval
 
     t0 = time.perf_counter()
     rows = load_benchmark(cfg.dataset, cfg.split, cfg.data_dir, file=cfg.file, n=cfg.limit or None, seed=cfg.seed)

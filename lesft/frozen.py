@@ -1,5 +1,5 @@
 """The frozen base model's pass: the same modules with every LoRA adapter switched off, no graph, no
-dropout. Rho-1's reference model (:mod:`lesft.objectives_rho1`) is this pass.
+dropout. Rho-1's reference model (:mod:`lesft.objectives.rho1`) is this pass.
 
 ``adapters_disabled`` sets peft's per-layer switch (``_disable_adapters``, what ``PeftModel.disable_adapter()``
 toggles) directly and restores each layer's own value afterwards; unlike ``enable_adapters(True)`` it never

@@ -547,7 +547,7 @@ def complete(gen: SplitGenerator, tokenizer: Any, cfg: GenerateConfig, chat_temp
     """Completions of ``cfg``'s prompts through ``gen``, written to ``cfg.output`` or printed, then one line
     of measured cost (JSON, prefixed ``lesft generate:``) on stderr."""
     from lesft.data.prompts import render_prompt
-    from lesft.evaluate import DEFAULT_STOP, generate
+    from lesft.decoding import DEFAULT_STOP, generate
 
     prompts = cfg.prompts()
     texts = [render_prompt(tokenizer, p, chat_template) for p in prompts]

@@ -137,7 +137,7 @@ def export_merged(out_dir: str | Path, run_dir: str | None = None, model: str | 
     ``save_pretrained`` together with its tokenizer: ``AutoModelForCausalLM.from_pretrained(out_dir)``
     loads it with plain transformers. ``run_dir`` gives the defaults: its ``model`` and ``RUN/adapter``."""
     from lesft.config import load_yaml
-    from lesft.evaluate import load_for_eval
+    from lesft.model.load import load_for_eval
 
     out = Path(out_dir)
     _refuse_existing(out, "config.json", overwrite, "a model")

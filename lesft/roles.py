@@ -13,7 +13,6 @@ import contextlib
 import functools
 import random
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -23,7 +22,7 @@ from lesft.data.samples import Batch, Sample, collate
 from lesft.frozen import frozen_hidden, frozen_target_logprobs
 from lesft.lora import load_lora_state, lora_key, lora_state
 from lesft.loss import IGNORE_INDEX, chunked_target_logprobs
-from lesft.objectives import Objective, ObjectiveBatch, get_objective, token_mean_stats
+from lesft.objectives import Objective, ObjectiveBatch, SliceLoss, get_objective, token_mean_stats
 from lesft.messages import (Activations, ActivationGrad, AdapterBroadcast, AdapterUpload, CachedActivations, PathBatch,
                             Resend)
 from lesft.meters import RoleMeter
@@ -66,16 +65,6 @@ def _step(optimizer: torch.optim.Optimizer | None, meter: RoleMeter) -> None:
     with meter.measure():
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-
-@dataclass
-class SliceLoss:
-    """Loss of one client's rows of a batch, with what is needed to merge it with others."""
-
-    loss: torch.Tensor
-    n_samples: int  # rows with >= 1 target token
-    n_tokens: int
-    stats: dict[str, float]
 
 
 def head_losses(

@@ -1,5 +1,5 @@
-"""The token-weighting baselines (issue 30, part 3): DFT (lesft/objectives_dft.py) and Rho-1
-(lesft/objectives_rho1.py, its frozen pass in lesft/frozen.py)."""
+"""The token-weighting baselines (issue 30, part 3): DFT (lesft/objectives/dft.py) and Rho-1
+(lesft/objectives/rho1.py, its frozen pass in lesft/frozen.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from lesft.config import TrainConfig, build_config
 from lesft.frozen import adapters_disabled, frozen_target_logprobs
 from lesft.lora import LoraArgs
 from lesft.objectives import ObjectiveBatch, get_objective
-from lesft.objectives_dft import dft_from_logprobs
-from lesft.objectives_rho1 import rho1_from_logprobs, rho1_keep
+from lesft.objectives.dft import dft_from_logprobs
+from lesft.objectives.rho1 import rho1_from_logprobs, rho1_keep
 from lesft.train import Run
 
 T = 384

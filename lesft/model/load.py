@@ -126,6 +126,21 @@ def load_model(
     return model, tok
 
 
+def load_for_eval(model: str, adapter: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model via :func:`lesft.model.load.load_model`, with the peft ``adapter`` directory merged
+    into it when given; in eval mode."""
+    base, tokenizer = load_model(model)
+    if adapter:
+        path = Path(adapter)
+        if not (path / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a peft adapter directory (no adapter_config.json)")
+        from peft import PeftModel
+
+        base = PeftModel.from_pretrained(base, str(path)).merge_and_unload()
+    base.eval()
+    return base, tokenizer
+
+
 def resolve_device(device: str) -> torch.device:
     """``cpu``, ``cuda[:i]`` or ``auto``; a device torch cannot use is a ValueError saying what to pass."""
     if device == "auto":

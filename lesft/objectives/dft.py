@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from lesft.loss import IGNORE_INDEX, _sample_mean, target_logprobs
-from lesft.objectives import ObjectiveBatch, register_objective
+from lesft.objectives.registry import ObjectiveBatch, register_objective
 
 if TYPE_CHECKING:
     from lesft.config import TrainConfig

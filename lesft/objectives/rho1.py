@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from lesft.loss import target_logprobs
-from lesft.objectives import ObjectiveBatch, register_objective
+from lesft.objectives.registry import ObjectiveBatch, register_objective
 
 if TYPE_CHECKING:
     from lesft.config import TrainConfig
