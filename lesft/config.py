@@ -510,6 +510,17 @@ class TrainConfig:
 # ---------------------------------------------------------------- (de)serialisation
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> dotted keys (``{"lora": {"r": 8}}`` -> ``{"lora.r": 8}``); tuples become lists."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A dataclass tree as plain YAML/JSON-able values."""
     out = dataclasses.asdict(cfg)

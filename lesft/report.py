@@ -52,6 +52,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
+from lesft.config import flatten
 from lesft.data.contamination import TRAIN_KEYS_FILE, overlap, read_train_keys
 from lesft.errors import ERROR_KINDS, describe
 from lesft.stats import Paired, paired_bootstrap, paired_comparison, seed_spread, wilson_ci
@@ -147,17 +148,6 @@ class Run:
 def _yerr(cells: list["Cell"]) -> list[list[float]]:
     """Asymmetric error bars in percent: from each cell's accuracy down to its interval's low end and up to its high end."""
     return [[100 * max(0.0, c.acc - c.lo) for c in cells], [100 * max(0.0, c.hi - c.acc) for c in cells]]
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> dotted keys (``{"lora": {"r": 8}}`` -> ``{"lora.r": 8}``); tuples become lists."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def _load_json(path: Path) -> Any:
@@ -945,7 +935,7 @@ def _figures(runs: list[Run], lay: Layout, fig_dir: Path, problems: list[str], p
     made: list[tuple[str, str]] = []
     jobs: list[tuple[str, str, Any]] = []
     if paired and baseline:
-        from lesft.sweep import _slug  # the run directories' slug (lesft.sweep imports this module)
+        from lesft.sweep import _slug  # the run directories' slug
 
         jobs.append((f"paired_vs_{_slug(baseline)}.png", f"Paired difference to {baseline}",
                      lambda p: _fig_paired(list(paired), lay, baseline, p)))

@@ -107,11 +107,10 @@ from typing import Any, Sequence
 
 import yaml
 
-from lesft.config import TrainConfig, _base_type, apply_overrides, from_dict, load_yaml, normalised, to_dict
+from lesft.config import TrainConfig, _base_type, apply_overrides, flatten, from_dict, load_yaml, normalised, to_dict
 from lesft.data.registry import BENCHMARKS
 from lesft.plugins import load_plugins
 from lesft.provenance import git_commit
-from lesft.report import flatten
 
 __all__ = ["BASE_METHOD", "expand", "load_spec", "run_sweep", "add_arguments", "command", "main"]
 
