@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lesft import methods
 from lesft.checkpoint import CKPT, find_checkpoint, load_checkpoint, open_checkpoint, save_checkpoint
-from lesft.config import TrainConfig, load_yaml, normalised, save_yaml, to_dict
+from lesft.config import TrainConfig, flatten, load_yaml, normalised, save_yaml, to_dict
 from lesft.data.partition import length_buckets, partition_dirichlet, partition_iid, per_client_sample
 from lesft.data.rows import load_rows
 from lesft.data.samples import build_sample
@@ -451,9 +451,11 @@ def _check_out_dir(cfg: TrainConfig, out: Path) -> Path | None:
                               "it, or choose another --out")
     if ckpt is None:
         raise FileNotFoundError(f"{out} has metrics but no checkpoint to resume from; use --overwrite")
-    saved = {**to_dict(TrainConfig()), **normalised(TrainConfig, load_yaml(out / "config.yaml"))}  # added since: defaults
-    now = to_dict(cfg)
-    diff = sorted(k for k in set(saved) | set(now) if k not in _RESUME_FREE and saved.get(k) != now.get(k))
+    # a field added since (top-level or in a group, e.g. synthetic.reference_style) takes its default
+    saved = {**flatten(to_dict(TrainConfig())), **flatten(normalised(TrainConfig, load_yaml(out / "config.yaml")))}
+    now = flatten(to_dict(cfg))
+    diff = sorted(k for k in set(saved) | set(now)
+                  if k.split(".")[0] not in _RESUME_FREE and saved.get(k) != now.get(k))
     if diff:
         raise ValueError(f"cannot resume {out}: config differs in {diff}; use another --out or --overwrite")
     return ckpt

@@ -189,3 +189,20 @@ def test_the_split_servers_checkpoint_is_verified_too(server_model, tmp_path, ca
     t.write_bytes(t.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=str(t)):
         build_service(cfg, NetArgs(), [0], tmp_path)
+
+
+def test_resume_takes_defaults_for_fields_added_since(setup, capsys) -> None:
+    """A run saved before a field existed -- top-level (pack_ints) or in a group (synthetic.reference_style) --
+    resumes: the missing field takes its default (it used to be 'config differs in [synthetic]')."""
+    import yaml
+
+    d, args = setup
+    short = [a if a != "12" else "2" for a in args]
+    assert main(short + ["--out", str(d / "old")]) == 0
+    saved = yaml.safe_load((d / "old" / "config.yaml").read_text())
+    saved.pop("pack_ints")
+    saved["synthetic"].pop("reference_style")
+    (d / "old" / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert main(short + ["--out", str(d / "old"), "--resume", "true"]) == 0, capsys.readouterr().err
+    assert main(short + ["--out", str(d / "old"), "--resume", "true", "--synthetic.reference_style", "worded"]) == 2
+    assert "config differs in ['synthetic.reference_style']" in capsys.readouterr().err
