@@ -55,7 +55,7 @@ import yaml
 from lesft.config import flatten
 from lesft.data.contamination import TRAIN_KEYS_FILE, overlap, read_train_keys
 from lesft.errors import ERROR_KINDS, describe
-from lesft.stats import Paired, paired_bootstrap, paired_comparison, seed_spread, wilson_ci
+from lesft.stats import Paired, paired_comparison, seed_spread, wilson_ci
 
 __all__ = ["write_report", "add_arguments", "command", "main"]
 
@@ -600,8 +600,7 @@ def _paired_rows(runs: list[Run], lay: Layout, baseline: str) -> list[PairedRow]
                 continue
             aligned = [_aligned(r, b) for r, b in pairs]
             pc = paired_comparison([x for x, _ in aligned], [y for _, y in aligned])
-            out.append(PairedRow(row, col, pc, [sum(x) / len(x) for x, _ in aligned],
-                                 [paired_bootstrap([x], [y])[0] for x, y in aligned]))
+            out.append(PairedRow(row, col, pc, [sum(x) / len(x) for x, _ in aligned], list(pc.per_seed or [])))
     return out
 
 
@@ -614,13 +613,16 @@ def _paired_table(rows: list[PairedRow], lay: Layout, baseline: str) -> list[str
             f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else ""),
             f"{100 * p.pc.diff:+.1f} [{100 * p.pc.low:+.1f}, {100 * p.pc.high:+.1f}]",
             ", ".join(f"{100 * d:+.1f}" for d in p.per_seed),
-            f"{p.pc.only_method} / {p.pc.only_baseline}", f"{p.pc.p_value:.2g}",
+            f"{p.pc.only_method} / {p.pc.only_baseline}", f"{p.pc.p_value:.2g}", f"{p.pc.p_sign_flip:.2g}",
+            (f"{100 * t[0]:+.1f} [{100 * t[1]:+.1f}, {100 * t[2]:+.1f}]" if (t := p.pc.seed_t) else "–"),
+            f"{t[3]:.2g}" if t else "–",
         ])
     if not body:
         return []
     head = ["method", "column", "seeds", "questions", "accuracy % (mean ± sd over seeds)",
-            f"Δ vs {baseline}, points [95% paired bootstrap]", "Δ per seed", "only method / only baseline",
-            "McNemar p (exact)"]
+            f"Δ vs {baseline}, points [95% cluster bootstrap over questions]", "Δ per seed",
+            "only method / only baseline (question × seed pairs)", "McNemar p (exact, pairs pooled)",
+            "sign-flip p (exact, per question)", "Δ over seeds [95% t, df = seeds − 1]", "t-test p (seeds)"]
     return _md_table(head, body)
 
 
@@ -839,8 +841,8 @@ def _fig_ablation(groups: dict[Any, dict[str, list[Run]]], lay: Layout, key: str
 
 
 def _fig_paired(rows: list[PairedRow], lay: Layout, baseline: str, path: Path) -> bool:
-    """Forest plot: each row's difference to the baseline, points, with its paired-bootstrap interval
-    (bar), each seed's difference (dots) and the McNemar p (right)."""
+    """Forest plot: each row's difference to the baseline, points, with its cluster-bootstrap interval
+    (bar), each seed's difference (dots) and the question-level sign-flip p (right)."""
     if not rows:
         return False
     labels = [p.row + (f" · {_col_header(lay, p.col)}" if lay.col_keys else "") for p in rows]
@@ -852,12 +854,13 @@ def _fig_paired(rows: list[PairedRow], lay: Layout, baseline: str, path: Path) -
         ax.errorbar([100 * p.pc.diff], [y], xerr=[[100 * (p.pc.diff - p.pc.low)], [100 * (p.pc.high - p.pc.diff)]],
                     fmt="D", color=c, capsize=3)
         ax.plot([100 * d for d in p.per_seed], [y] * len(p.per_seed), "o", color=c, alpha=0.45, ms=4)
-        ax.annotate(f"p={p.pc.p_value:.2g}  n={p.pc.seeds}×{p.pc.questions}", (1.01, y),
+        ax.annotate(f"p={p.pc.p_sign_flip:.2g}  n={p.pc.seeds}×{p.pc.questions}", (1.01, y),
                     xycoords=("axes fraction", "data"), va="center", fontsize="x-small")
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(rows)), labels[::-1], fontsize="small")
     ax.set_ylim(-0.7, len(rows) - 0.3)
-    ax.set_xlabel(f"accuracy − {baseline}'s, points (◆ mean over seeds, 95% paired bootstrap; ● seeds)")
+    ax.set_xlabel(f"accuracy − {baseline}'s, points (◆ mean over seeds, 95% cluster bootstrap over questions; "
+                  "● seeds; p: sign-flip over questions)")
     ax.set_title(f"Paired difference to {baseline} on the same questions", fontsize="medium")
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
@@ -1092,9 +1095,18 @@ def write_report(sweep_dir: str, baseline: str | None = None, eval_dir: str = "e
         md += [f"## Paired comparison with `{baseline}`", ""]
         md += (["Each method against the baseline on the same questions, seed s of one paired with seed s of the "
                 "other (same training rows; the untuned model is paired with every seed). Δ: mean over seeds of "
-                "the accuracy difference, in points, with a 95% percentile interval from 10,000 resamples of the "
-                "questions (one draw serves every seed). Discordant pairs are summed over seeds; p is the exact "
-                "two-sided McNemar test on them.", ""] + paired + [""]) if paired else \
+                "the accuracy difference, in points, with a 95% percentile interval from a cluster bootstrap: "
+                "10,000 resamples of the questions, each drawn question keeping all its seeds (the seeds "
+                "themselves are not resampled, so this interval holds the question sampling, not the "
+                "seed-to-seed variation of training). Discordant counts are question × seed pairs summed over "
+                "seeds; the McNemar p (exact, two-sided) treats those pairs as independent although each "
+                "question appears once per seed, so with several seeds it is optimistic, and is kept for "
+                "comparison. Sign-flip p: the paired permutation test with the question as the unit (per "
+                "question the difference summed over seeds; two-sided, exact over all sign flips, counted by "
+                "convolution, not sampled). Δ over seeds: the mean of the per-seed differences with its Student "
+                "t interval (df = seeds − 1) and one-sample t-test p: the seed (a training run) as the unit, so "
+                "seed-to-seed variation is in it; with 3 seeds it is wide (t₀.₉₇₅,₂ = 4.30); – with one seed.",
+                ""] + paired + [""]) if paired else \
             [f"No run shares a seed and a column with `{baseline}`.", ""]
     md += ["## Contamination", ""] + contamination + [""]
     md += ["## Overhead", ""]
@@ -1147,7 +1159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="sweep directory (written by `lesft sweep`, or any folder of run directories)")
     parser.add_argument("--baseline", default=None, metavar="METHOD",
                         help="compare every method with this one (a row of the accuracy table, e.g. splitlora): "
-                             "paired bootstrap interval of the accuracy difference and exact McNemar test")
+                             "cluster-bootstrap interval of the accuracy difference, question-level sign-flip test, "
+                             "seed-level t interval, and the pooled exact McNemar test")
     parser.add_argument("--eval", default="eval", metavar="NAME", dest="eval_dir",
                         help="each run's evaluation sub-directory to report (default eval, the sweep's own); e.g. "
                              "eval-validation after `lesft eval --run RUN --split validation --out RUN/eval-validation`"

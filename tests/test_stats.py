@@ -1,16 +1,21 @@
 """lesft.stats: McNemar against binomial sums written out by hand, the paired bootstrap against closed forms,
-and the report's paired comparison on small made-up prediction files."""
+brute-force enumeration and the earlier pure-Python loop, the sign-flip test against enumeration of every
+flip, the seed-level t interval against hand-computed quantiles, and the report's paired comparison on small
+made-up prediction files."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
 
 from lesft.report import ReportError, write_report
-from lesft.stats import mcnemar_exact, paired_bootstrap, paired_comparison, seed_spread
+from lesft.stats import (mcnemar_exact, paired_bootstrap, paired_comparison, seed_spread, seed_t_interval,
+                         sign_flip_exact, t_cdf, t_quantile)
 
 
 @pytest.mark.parametrize("only_a, only_b, expect", [
@@ -67,8 +72,127 @@ def test_paired_comparison_counts_pairs_over_seeds() -> None:
     assert pc.diff == pytest.approx(((2 - 2) / 4 + (2 - 1) / 4) / 2)
     assert (pc.only_method, pc.only_baseline) == (2, 1)   # seed 0: q1 / q2; seed 1: q1
     assert pc.p_value == pytest.approx(mcnemar_exact(2, 1))
+    assert pc.per_seed == [pytest.approx(0.0), pytest.approx(0.25)]
+    assert pc.seed_t == pytest.approx(seed_t_interval([0.0, 0.25]))
+    # per question summed over seeds: (0, +2, -1, 0) -> T = 1; flips of (+-2, +-1): |T| >= 1 always
+    assert pc.p_sign_flip == pytest.approx(1.0)
     with pytest.raises(ValueError, match="same questions"):
         paired_comparison([[True, False]], [[True]])
+
+
+def _python_bootstrap(a: list[list[bool]], b: list[list[bool]], resamples: int, seed: int,
+                      level: float = 0.95) -> tuple[float, float, float]:
+    """The pure-Python loop the report used before it was vectorised (the reference to reproduce)."""
+    n, k = len(a[0]), len(a)
+    d = [sum(int(a[s][q]) - int(b[s][q]) for s in range(k)) / k for q in range(n)]
+    rng = random.Random(seed)
+    stats = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    lo = stats[int(math.floor((1 - level) / 2 * resamples))]
+    hi = stats[min(resamples - 1, int(math.ceil((1 + level) / 2 * resamples)) - 1)]
+    return sum(d) / n, lo, hi
+
+
+@pytest.mark.parametrize("n, k, seed", [(37, 3, 0), (5, 1, 7), (1, 2, 1), (130, 2, 3)])
+def test_paired_bootstrap_reproduces_the_pure_python_loop(n: int, k: int, seed: int) -> None:
+    """Vectorised, the bootstrap draws the same questions as ``random.Random(seed).randrange`` did, so the
+    intervals of earlier reports come out digit for digit."""
+    r = random.Random(n + k)
+    a = [[r.random() < 0.4 for _ in range(n)] for _ in range(k)]
+    b = [[r.random() < 0.5 for _ in range(n)] for _ in range(k)]
+    got = paired_bootstrap(a, b, resamples=3000, seed=seed)
+    want = _python_bootstrap(a, b, 3000, seed)
+    assert got == pytest.approx(want, abs=1e-12)
+    assert paired_bootstrap(a, b, resamples=3000, seed=seed) == got  # fixed seed: the same every call
+
+
+def _quantile(dist: dict[float, float], q: float) -> float:
+    """Smallest value whose cumulative probability reaches q (asserting q is not at an atom's edge)."""
+    cum = 0.0
+    for v in sorted(dist):
+        cum += dist[v]
+        assert abs(cum - q) > 0.01, "pick data whose quantile is not on a step"
+        if cum >= q:
+            return v
+    raise AssertionError
+
+
+def test_cluster_bootstrap_keeps_each_questions_seeds_together() -> None:
+    """3 questions x 2 seeds. Per question, the difference averaged over seeds is (+1, 0, -1/2): question 0
+    only the method got right on both seeds, question 2 only the baseline on seed 1. A resample draws 3
+    questions with replacement, both seeds of each together: 27 equally likely draws, enumerated here.
+    P(mean = -1/2) = 1/27 = 3.7 % > 2.5 %, so the 95 % interval's low end is -1/2; a bootstrap drawing the
+    seeds' questions independently would put that value at 1/27 x (2/3)^3 = 1.1 % and the low end higher,
+    and one resampling the 6 question x seed pairs at (1/6)^6."""
+    a = [[True, False, False], [True, False, False]]
+    b = [[False, False, False], [False, False, True]]
+    dq = [1.0, 0.0, -0.5]
+    dist: dict[float, float] = {}
+    for idx in itertools.product(range(3), repeat=3):
+        v = round(sum(dq[i] for i in idx) / 3, 12)
+        dist[v] = dist.get(v, 0.0) + 1 / 27
+    d, lo, hi = paired_bootstrap(a, b, resamples=40_000, seed=1)
+    assert d == pytest.approx(sum(dq) / 3)
+    assert lo == pytest.approx(-0.5) and hi == pytest.approx(1.0)  # P(+1) = 1/27 too
+    d, lo, hi = paired_bootstrap(a, b, resamples=40_000, seed=1, level=0.6)  # the 20 % and 80 % points
+    assert lo == pytest.approx(_quantile(dist, 0.2)) and hi == pytest.approx(_quantile(dist, 0.8))
+    assert (lo, hi) == (pytest.approx(-1 / 6), pytest.approx(0.5))  # cumulative 4/27 < 0.2 < 7/27, 20/27 < 0.8 < 23/27
+
+
+def test_sign_flip_by_hand() -> None:
+    """Per question the difference summed over 2 seeds: (+2, +1, +1, 0); the 0 question has no sign to flip.
+    T = 4; over the 8 flips of (+-2, +-1, +-1), |T| = 4 in 2 (all +, all -): p = 2/8."""
+    a = [[True, True, False, True], [True, False, True, False]]
+    b = [[False, False, False, True], [False, False, False, False]]
+    assert sign_flip_exact(a, b) == pytest.approx(0.25)
+    assert sign_flip_exact(b, a) == pytest.approx(0.25)            # two-sided
+    assert sign_flip_exact(a, a) == 1.0                            # nothing to flip
+    # the pooled McNemar on the same data counts 4 pairs only the method got right and none the other way
+    assert mcnemar_exact(4, 0) == pytest.approx(2 / 16)
+
+
+def test_sign_flip_against_enumeration_of_every_flip() -> None:
+    r = random.Random(11)
+    for n, k in [(9, 3), (12, 2), (14, 1)]:
+        a = [[r.random() < 0.6 for _ in range(n)] for _ in range(k)]
+        b = [[r.random() < 0.3 for _ in range(n)] for _ in range(k)]
+        dq = [sum(int(a[s][q]) - int(b[s][q]) for s in range(k)) for q in range(n)]
+        t_obs = abs(sum(dq))
+        hits = sum(abs(sum(e * x for e, x in zip(signs, dq))) >= t_obs
+                   for signs in itertools.product((1, -1), repeat=n))
+        assert sign_flip_exact(a, b) == pytest.approx(hits / 2 ** n, rel=1e-12)
+
+
+def test_sign_flip_tail_far_below_any_resampling_floor() -> None:
+    # 200 questions each won by the method on all 3 seeds: the one flip as extreme each way -> p = 2 / 2^200
+    a, b = [[True] * 200] * 3, [[False] * 200] * 3
+    assert sign_flip_exact(a, b) == pytest.approx(2.0 ** -199, rel=1e-9)
+
+
+def test_t_distribution_against_closed_forms() -> None:
+    assert t_quantile(0.975, 2) == pytest.approx(4.302653, abs=1e-6)
+    assert t_quantile(0.975, 1) == pytest.approx(12.706205, abs=1e-6)
+    assert t_quantile(0.975, 4) == pytest.approx(2.776445, abs=1e-6)
+    assert t_quantile(0.025, 2) == pytest.approx(-4.302653, abs=1e-6)
+    for t in (-3.0, -0.4, 0.0, 0.7, 5.0):
+        assert t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-12)        # Cauchy
+        assert t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-12)
+    assert t_cdf(1.96, 10_000) == pytest.approx(0.975, abs=1e-4)                             # -> normal
+
+
+def test_seed_t_interval_by_hand() -> None:
+    # differences 0.1, 0.2, 0.3: mean 0.2, sd 0.1, se 0.1 / sqrt 3; t_{0.975,2} = 4.302653;
+    # t = 0.2 / se = 2 sqrt 3, and for df 2 the two-sided p is 1 - |t| / sqrt(2 + t^2) = 1 - sqrt(12 / 14)
+    mean, lo, hi, p = seed_t_interval([0.1, 0.2, 0.3])
+    half = 4.302653 * 0.1 / math.sqrt(3)
+    assert mean == pytest.approx(0.2)
+    assert (lo, hi) == (pytest.approx(0.2 - half, abs=1e-6), pytest.approx(0.2 + half, abs=1e-6))
+    assert p == pytest.approx(1 - math.sqrt(12 / 14), rel=1e-9)
+    # the reviewer's 100-step cell: per seed -5.2, -25.8, -21.2 points -> -17.4 [-44.3, +9.5], p = 0.11
+    mean, lo, hi, p = seed_t_interval([-0.052, -0.258, -0.212])
+    assert (round(100 * mean, 1), round(100 * lo, 1), round(100 * hi, 1), round(p, 2)) == (-17.4, -44.3, 9.5, 0.11)
+    assert seed_t_interval([0.3]) is None
+    assert seed_t_interval([0.1, 0.1]) == (0.1, 0.1, 0.1, 0.0)
+    assert seed_t_interval([0.0, 0.0]) == (0.0, 0.0, 0.0, 1.0)
 
 
 def test_seed_spread() -> None:
@@ -118,6 +242,16 @@ def test_report_paired_section_by_hand(tmp_path: Path) -> None:
     assert cells[6] == "-40.0, +20.0"
     assert cells[7] == "1 / 2"
     assert cells[8] == "1"
+    # sign flip per question, summed over seeds: (0, -1, -1, +1, 0) -> every flip has |T| >= 1: p = 1
+    assert cells[9] == "1"
+    # over the seeds: -40 and +20 points, mean -10, sd 30 sqrt 2, se 30; t_{0.975,1} = 12.706205;
+    # t = -1/3 and for df 1 the p is 1 - 2 atan(1/3) / pi
+    half = 12.706205 * 30
+    assert cells[10] == f"-10.0 [{-10 - half:+.1f}, {-10 + half:+.1f}]"
+    assert cells[11] == f"{1 - 2 * math.atan(1 / 3) / math.pi:.2g}"
+    head = next(ln for ln in paired.splitlines() if ln.startswith("| method |"))
+    assert "question × seed pairs" in head and "sign-flip p" in head and "df = seeds − 1" in head
+    assert "cluster bootstrap" in paired and "optimistic" in paired
     # the same numbers drawn: one forest plot of the differences, linked from the report
     assert (tmp_path / "figures" / "paired_vs_splitlora.png").stat().st_size > 1024
     assert "](figures/paired_vs_splitlora.png)" in text
@@ -174,3 +308,5 @@ def test_the_untuned_model_as_baseline_pairs_with_every_seed(tmp_path: Path) -> 
     assert cells[5].startswith("+30.0 [")       # (+20 + +40) / 2
     assert cells[6] == "+20.0, +40.0"
     assert cells[7] == "3 / 0" and cells[8] == "0.25"  # exact McNemar: 2 * (1/2)^3
+    assert cells[9] == "0.5"  # per question (q0 +2, q1 +1): T = 3; the flips give 3, 1, -1, -3: p = 2/4
+    assert cells[10].startswith("+30.0 [")
