@@ -859,8 +859,8 @@ def _fig_paired(rows: list[PairedRow], lay: Layout, baseline: str, path: Path) -
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(rows)), labels[::-1], fontsize="small")
     ax.set_ylim(-0.7, len(rows) - 0.3)
-    ax.set_xlabel(f"accuracy − {baseline}'s, points (◆ mean over seeds, 95% cluster bootstrap over questions; "
-                  "● seeds; p: sign-flip over questions)")
+    ax.set_xlabel(f"accuracy − {baseline}'s, points\n◆ mean over seeds, 95% cluster bootstrap over questions; "
+                  "● seeds;\nright: sign-flip p over questions", fontsize="small")
     ax.set_title(f"Paired difference to {baseline} on the same questions", fontsize="medium")
     ax.grid(axis="x", alpha=0.3)
     _save(fig, path)
