@@ -11,6 +11,9 @@ Run config (``flwr run ... --run-config`` or ``deploy/flower/pyproject.toml``):
   ``out``     where ``aggregated_adapter.safetensors``, ``adapter/`` (peft, client layers) and
               ``aggregation.json`` are written
   ``clients`` how many ClientApps must take part in every round
+  ``min-clients``   start a round once this many are online (0, the default: ``clients``); a device that died
+                    is then left out instead of waited for
+  ``round-timeout`` seconds a round waits for the replies (default 3600); the replies that came are aggregated
 """
 
 from __future__ import annotations
@@ -85,11 +88,13 @@ def main(grid: Grid, context: Context) -> None:
     out = Path(str(rc.get("out", "runs/aggregator")))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    least = int(rc.get("min-clients", 0)) or clients
     strategy = LesftStrategy(get_strategy(cfg.aggregation), fraction_train=1.0, fraction_evaluate=0.0,
-                             min_train_nodes=clients, min_available_nodes=clients)
+                             min_train_nodes=least, min_available_nodes=least)
     init, layers_path = initial_client_adapter(cfg)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(init),
-                            num_rounds=flower_rounds(cfg), train_config=ConfigRecord({}))
+                            num_rounds=flower_rounds(cfg), train_config=ConfigRecord({}),
+                            timeout=float(rc.get("round-timeout", 3600.0)))
     if len(result.arrays) == 0:
         raise RuntimeError("no Flower round succeeded: no aggregated adapter (see the ClientApps' logs)")
     final = result.arrays.to_torch_state_dict()
