@@ -240,6 +240,30 @@ def _client(args: argparse.Namespace) -> int:
     return deploy_cli.run_client(args)
 
 
+def _device_args(p: argparse.ArgumentParser) -> None:
+    from lesft.deploy import device
+
+    device.add_arguments(p)
+
+
+def _device(args: argparse.Namespace) -> int:
+    from lesft.deploy import device
+
+    return device.main(args)
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from lesft import plan
+
+    plan.add_arguments(p)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from lesft import plan
+
+    return plan.main(args, from_dict(TrainConfig, load_yaml(args.config)))
+
+
 def _audit_args(p: argparse.ArgumentParser) -> None:
     from lesft.audit.run import AuditConfig
 
@@ -271,6 +295,10 @@ COMMANDS: dict[str, Command] = {
                       _export_args, _export),
     "server": Command("the split server as a gRPC service (networked split training)", _server_args, _server),
     "client": Command("one client of a networked run, against `lesft server`", _client_args, _client),
+    "device": Command("a device's long-lived trainer for the Flower ClientApp: keeps the model loaded between "
+                      "rounds (docs/deploy.md)", _device_args, _device),
+    "plan": Command("bytes per round and the expected round time per party on a link (4g, 3g, wifi, lan or your "
+                    "own), from a config and a measured compute time per row", _plan_args, _plan),
     "audit": Command("privacy audit: what a curious split server reconstructs, per split point and defence "
                      "-> OUT/audit.md (see docs/privacy.md)", _audit_args, _audit),
 }

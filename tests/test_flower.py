@@ -71,8 +71,13 @@ class ThreadGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def test_flower_aggregation_equals_in_process_splitlora(assets, tmp_path) -> None:
+@pytest.mark.parametrize("worker", [False, True], ids=["clientapp-trains", "device-worker"])
+def test_flower_aggregation_equals_in_process_splitlora(assets, tmp_path, worker) -> None:
+    """Both ways a ClientApp trains (itself, or through the device's long-lived `lesft device` worker over a Unix
+    socket) give the simulation's adapters."""
     from flwr.supercore.task_identity import TaskIdentity  # internal in 1.41: Message() needs a run id
+
+    from lesft.deploy.device import Worker
 
     base = dict(method="lesft", model=str(assets / "model"), data=str(assets / "rows.jsonl"), clients=2, rounds=3,
                 aggregate_every=2, grad_accum=2, client_layers="1", max_length=256, pad_to_multiple=16,
@@ -83,16 +88,30 @@ def test_flower_aggregation_equals_in_process_splitlora(assets, tmp_path) -> Non
     tokens = {f"token-of-flower-client-{i}": i for i in range(2)}  # >= 22 characters
     service = build_service(cfg, NetArgs(timeout_s=60), [0, 1], tmp_path / "server")
     server, port = serve(service, "127.0.0.1:0", NetArgs(), tokens)
+    stop, workers = threading.Event(), []
     try:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
         nodes = {10 + i: {"config": str(tmp_path / "run.yaml"), "server": f"127.0.0.1:{port}", "client-id": i,
                           "token": f"token-of-flower-client-{i}", "out": str(tmp_path / f"c{i}"), "take-share": True}
                  for i in range(2)}
+        if worker:
+            for nid, node in nodes.items():
+                node["worker"] = str(tmp_path / f"dev{nid}.sock")
+                w = Worker()
+                workers.append((w, threading.Thread(target=w.serve, args=(node["worker"], stop), daemon=True)))
+                workers[-1][1].start()
+            for node in nodes.values():
+                _wait_for(node["worker"])
         run_config = {"config": str(tmp_path / "run.yaml"), "out": str(tmp_path / "agg"), "clients": 2}
         server_app(ThreadGrid(nodes, run_config), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
                                                           run_config=run_config))
     finally:
+        stop.set()
+        for _, t in workers:
+            t.join(timeout=10)
         server.stop(grace=0)
+    if worker:  # the model was loaded once per device, not once per Flower round
+        assert [(w.loads, w.rounds) for w, _ in workers] == [(1, 2), (1, 2)]
     # 3 rounds, aggregate every 2: Flower rounds after round 2 and after round 3, as the simulation does
     agg = load_file(str(tmp_path / "agg" / "aggregated_adapter.safetensors"))
     ref = load_file(str(tmp_path / "sim" / "checkpoint" / "tensors.safetensors"))
@@ -112,3 +131,39 @@ def test_flower_aggregation_equals_in_process_splitlora(assets, tmp_path) -> Non
     assert merged.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(merged[k], want[k], atol=1e-5, rtol=1e-4)
+
+
+def _wait_for(path: str, timeout: float = 10.0) -> None:
+    import os
+    import time
+
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert time.time() < deadline, f"no worker socket at {path}"
+        time.sleep(0.05)
+
+
+def test_device_worker_reports_errors_and_absence(tmp_path) -> None:
+    """The ClientApp's side names the cause: no worker at the path (with the fix), or the worker's own error."""
+    from lesft.deploy import device
+
+    with pytest.raises(ConnectionError, match="no `lesft device` worker at .*start it"):
+        device.ask(str(tmp_path / "none.sock"), {}, 1, b"")
+
+    class Failing(device.Worker):
+        def handle(self, head, adapter):
+            raise ValueError(f"round {head['flower_round']}: {len(adapter)} bytes refused")
+
+    stop = threading.Event()
+    path = str(tmp_path / "w.sock")
+    t = threading.Thread(target=Failing().serve, args=(path, stop), daemon=True)
+    t.start()
+    _wait_for(path)
+    try:
+        with pytest.raises(RuntimeError, match=r"ValueError: round 7: 3 bytes refused"):
+            device.ask(path, {"config": "x"}, 7, b"abc")
+        assert oct(__import__("os").stat(path).st_mode & 0o777) == "0o600"
+    finally:
+        stop.set()
+        t.join(timeout=5)
+    assert not __import__("os").path.exists(path), "the worker removes its socket when it stops"

@@ -118,9 +118,11 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 def train_remote(cfg: TrainConfig, net: NetArgs, server: str, token: str, client_id: int, take_share: bool,
-                 start_adapter: dict | None = None, leave: bool = True) -> tuple[dict[str, Any], int]:
+                 start_adapter: dict | None = None, leave: bool = True, model: Any = None,
+                 tokenizer: Any = None) -> tuple[dict[str, Any], int]:
     """Load this client's rows and train ``cfg`` against the split server at ``server``; return (the run's
-    summary, |D_i|). ``leave``: tell the server afterwards not to wait for this client any more."""
+    summary, |D_i|). ``leave``: tell the server afterwards not to wait for this client any more.
+    ``model``/``tokenizer``: a loaded copy to train (consumed), instead of loading ``cfg.model``."""
     from lesft.data.rows import load_rows
     from lesft.deploy.remote import RemoteSplit
     from lesft.train import split_clients, train
@@ -131,7 +133,8 @@ def train_remote(cfg: TrainConfig, net: NetArgs, server: str, token: str, client
         rows = [rows[i] for i in split_clients(cfg, rows)[client_id]]
     link = RemoteSplit(server, token, cfg, net)
     try:
-        summary = train(cfg, rows=rows, link=link, client_id=client_id, start_adapter=start_adapter)
+        summary = train(cfg, model, tokenizer, rows=rows, link=link, client_id=client_id,
+                        start_adapter=start_adapter)
     finally:
         link.close(leave=leave)
     return summary, len(rows)

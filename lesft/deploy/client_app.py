@@ -4,7 +4,9 @@ The train step loads the aggregated adapter it receives, continues its own run d
 adapter, AdamW moments, data position, meters) for ``aggregate_every`` more rounds against the split
 server, and replies with its adapter and ``num-examples`` = |D_i|. Flower starts a fresh process per
 message; the run directory is what carries the client's state from one round to the next (and across
-a crash of the device).
+a crash of the device). With node config ``worker`` the training happens in the device's long-lived
+``lesft device`` process (``lesft.deploy.device``), which keeps the model loaded: this process then
+imports neither torch nor the model, and only passes the adapters on.
 
 Node config (``flower-supernode --node-config``):
   ``config``      the lesft training YAML (same file as the server's and the aggregator's)
@@ -12,62 +14,45 @@ Node config (``flower-supernode --node-config``):
   ``client-id``   this client's id; ``token`` or ``token-file`` its credential
   ``data``        this device's rows (JSONL; or a benchmark name with ``take-share = true``)
   ``out``         this client's run directory
-  optional: ``take-share`` (bool), ``tls-ca``, ``insecure`` (bool)
+  optional: ``take-share`` (bool), ``tls-ca``, ``insecure`` (bool), ``worker`` (the Unix socket of this
+  device's ``lesft device``)
+
+Reply metrics: ``num-examples``, ``loss``, the rounds done, trained and skipped, ``train_s`` (seconds in
+split training) and ``app_s`` (seconds from the message's arrival in this process to the reply).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import replace
-from pathlib import Path
+import time
 
-import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-
-from lesft import methods
-from lesft.checkpoint import CKPT, open_checkpoint
-from lesft.config import TrainConfig, from_dict, load_yaml
-from lesft.deploy.wire import NetArgs, client_token
 
 app = ClientApp()
 
 
-def train_for_flower(node: dict, adapter: dict[str, torch.Tensor], flower_round: int) -> tuple[dict, int, dict]:
-    """Run this client's rounds of Flower round ``flower_round`` (1-based); return (adapter, |D_i|, metrics)."""
-    from lesft.deploy.cli import train_remote
-
-    cfg = methods.resolve(from_dict(TrainConfig, load_yaml(str(node["config"]))))
-    cid = int(node["client-id"])
-    total = cfg.rounds
-    upto = min(flower_round * cfg.aggregate_every, total)
-    cfg = replace(cfg, rounds=upto, out=str(node["out"]), resume=True, progress=False,
-                  data=str(node.get("data", cfg.data)))
-    token = client_token(cid, node.get("token"), node.get("token-file"))
-    net = NetArgs(tls_ca=node.get("tls-ca") or None, insecure=bool(node.get("insecure", False)))
-    summary, n_rows = train_remote(cfg, net, str(node["server"]), token, cid, bool(node.get("take-share")),
-                                   start_adapter=adapter, leave=upto >= total)
-    tensors = open_checkpoint(Path(cfg.out) / CKPT)[2]  # verified against its checksum
-    prefix = f"client{cid}.lora."
-    mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    skipped = sum(s["to"] - s["from"] + 1 for s in summary.get("rounds_skipped", []))
-    metrics = {"loss": float(summary["final_loss"]), "rounds_done": upto, "rounds_trained": summary["rounds"],
-               "rounds_skipped": skipped}
-    # adapter payload bytes exchanged with the aggregator (Flower's own framing comes on top)
-    nbytes = {"aggregator_to_client": _payload(adapter), "client_to_aggregator": _payload(mine)}
-    with (Path(cfg.out) / "flower.jsonl").open("a") as fh:
-        fh.write(json.dumps({"flower_round": flower_round, "rounds_done": upto, "payload_bytes": nbytes}) + "\n")
-    return mine, n_rows, metrics
-
-
-def _payload(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    adapter = msg.content["arrays"].to_torch_state_dict()
+    t0 = time.perf_counter()
+    node = dict(context.node_config)
     flower_round = int(msg.content["config"]["server-round"])
-    mine, n, metrics = train_for_flower(dict(context.node_config), dict(adapter), flower_round)
-    return Message(RecordDict({"arrays": ArrayRecord(mine),
-                               "metrics": MetricRecord({"num-examples": n, **metrics})}), reply_to=msg)
+    if node.get("worker"):  # the device's long-lived worker trains; adapters cross as safetensors, never pickle
+        from safetensors.numpy import load, save
+
+        from lesft.deploy.device import ask
+
+        arrays = {k: np.ascontiguousarray(a.numpy()) for k, a in msg.content["arrays"].items()}
+        head, body = ask(str(node["worker"]), node, flower_round, save(arrays))
+        record = ArrayRecord({k: Array(v) for k, v in load(body).items()})
+        n, metrics = int(head["n_rows"]), head["metrics"]
+    else:
+        import torch  # noqa: F401  (Flower converts to torch tensors only once torch is imported)
+
+        from lesft.deploy.device import train_for_flower
+
+        mine, n, metrics = train_for_flower(node, dict(msg.content["arrays"].to_torch_state_dict()), flower_round)
+        record = ArrayRecord(mine)
+    metrics["app_s"] = time.perf_counter() - t0
+    return Message(RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": n, **metrics})}),
+                   reply_to=msg)

@@ -11,8 +11,9 @@ The hosts (``10.77.0.0/24`` on a bridge that lives in its own namespace, so noth
 | --- | --- | --- |
 | ``split`` | 10.77.0.2 | ``lesft server`` on :50051, TLS (its certificate's SAN is its IP), a token per client |
 | ``agg`` | 10.77.0.3 | ``flower-superlink`` on :9093 with TLS and SuperNode authentication; ``flwr run`` |
-| ``dev<i>`` | 10.77.0.(10+i) | ``flower-supernode`` (its own key, registered with ``flwr supernode register``) and |
-| | | the lesft ClientApp with its own rows, token and CA; the link relay when the link has delay |
+| ``dev<i>`` | 10.77.0.(10+i) | ``flower-supernode`` (its own key, registered with ``flwr supernode register``), |
+| | | ``lesft device`` (keeps the model loaded; the ClientApp Flower starts per message hands it |
+| | | each round), its own rows, token and CA; the link relay when the link has delay |
 
 Every party's log goes to ``DIR/logs/``, every host's files (its certificates, keys, data, outputs) to
 ``DIR/hosts/<host>/``, and ``DIR/report.json`` says how each party ended, what the link checks measured, and
@@ -199,7 +200,7 @@ class Deployment:
 
     def __init__(self, config: Path, out: Path, links: list[str], verify_s: float = 2.0,
                  step_timeout_s: float = 120.0, round_timeout_s: float = 3600.0, min_clients: int = 0,
-                 timeout_s: float = 0.0, verbose: bool = True) -> None:
+                 timeout_s: float = 0.0, verbose: bool = True, worker: bool = True) -> None:
         import yaml
 
         from lesft import methods
@@ -218,7 +219,7 @@ class Deployment:
         self.links = parse_links(links, self.n)
         self.verify_s, self.step_timeout_s = verify_s, step_timeout_s
         self.round_timeout_s, self.min_clients, self.timeout_s = round_timeout_s, min_clients, timeout_s
-        self.verbose = verbose
+        self.verbose, self.worker = verbose, worker
         self.yaml = yaml
         self.topo = Topology(f"{NS_PREFIX}{secrets.token_hex(3)}")
         self.topo.add("split", SPLIT_IP)
@@ -248,6 +249,7 @@ class Deployment:
         e["PATH"] = f"{Path(sys.executable).parent}:{e.get('PATH', '/usr/bin:/bin')}"
         e.update(OMP_NUM_THREADS=e.get("OMP_NUM_THREADS", "1"), FLWR_TELEMETRY_ENABLED="0",
                  FLWR_DISABLE_UPDATE_CHECK="1", FLWR_HOME=str(self.hdir(host) / "flwr_home"),
+                 FLWR_SUPEREXEC_TASK_POLL_INTERVAL=e.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"),
                  PYTHONUNBUFFERED="1")
         return e
 
@@ -408,12 +410,25 @@ class Deployment:
                 raise RuntimeError(f"flwr supernode register dev{i} failed: {r.stdout[-600:]}")
             self.log(f"registered dev{i}'s SuperNode key ({r.stdout.strip().splitlines()[-1][:80]})")
 
+    def start_devices(self) -> None:
+        """Each device's long-lived trainer, which loads the model once (before the first round)."""
+        if not self.worker:
+            return
+        for i in range(self.n):
+            self.start(f"device{i}", f"dev{i}", [_bin("lesft"), "device", "--socket",
+                                                 str(self.hdir(f"dev{i}") / "device.sock"), "--model", self.cfg.model])
+        for i in range(self.n):
+            self.wait_for(f"device{i} ready", lambda i=i: "ready on" in _read(self.out / "logs" / f"device{i}.log"),
+                          300, party=f"device{i}")
+
     def start_supernodes(self) -> None:
         for i in range(self.n):
             d = self.hdir(f"dev{i}")
             node = (f'config={_toml_str(self.out / "run.yaml")} server="{SPLIT_IP}:{SPLIT_PORT}" client-id={i} '
                     f'token-file={_toml_str(d / "token.json")} tls-ca={_toml_str(d / "ca.pem")} '
                     f'data={_toml_str(d / "data.jsonl")} out={_toml_str(d / "out")}')
+            if self.worker:
+                node += f' worker={_toml_str(d / "device.sock")}'
             self.start(f"supernode{i}", f"dev{i}", [
                 _bin("flower-supernode"), "--superlink", f"{AGG_IP}:{LINK_PORT}", "--root-certificates",
                 str(d / "ca.pem"), "--auth-supernode-private-key", str(d / "supernode"),
@@ -489,6 +504,7 @@ class Deployment:
                           "split")
             self.wait_for("SuperLink health", self.link_healthy, 60, "superlink")
             self.register_supernodes()
+            self.start_devices()
             self.start_supernodes()
             self.start_run()
             self.log(f"flwr run started ({self.n} devices)")
@@ -576,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--min-clients", type=int, default=0,
                    help="Flower rounds start with this many devices online (0: all)")
     r.add_argument("--timeout-s", type=float, default=0.0, help="stop the whole run after this long (0: never)")
+    r.add_argument("--no-worker", dest="worker", action="store_false",
+                   help="no `lesft device` worker: the ClientApp Flower starts per message trains, loading the "
+                        "model each round (slower; for comparison)")
     c = sub.add_parser("clean", help="kill the processes in, and delete, namespaces left by a killed run")
     c.add_argument("--prefix", default=NS_PREFIX)
     sub.add_parser("check", help="say whether this machine can run a namespaced deployment")
@@ -589,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
         print(why or "ok")
         return 1 if why else 0
     dep = Deployment(a.config, a.out, a.link, verify_s=a.verify_s, step_timeout_s=a.step_timeout_s,
-                     round_timeout_s=a.round_timeout_s, min_clients=a.min_clients, timeout_s=a.timeout_s)
+                     round_timeout_s=a.round_timeout_s, min_clients=a.min_clients, timeout_s=a.timeout_s,
+                     worker=a.worker)
     return dep.run()
 
 

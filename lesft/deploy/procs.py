@@ -135,7 +135,7 @@ class Supervisor:
             self._logs.append(out)
         proc = subprocess.Popen(cmd, stdin=None if inherit else subprocess.DEVNULL, stdout=out,
                                 stderr=None if inherit else subprocess.STDOUT,
-                                start_new_session=True, env=env, cwd=cwd)
+                                start_new_session=True, env=env, cwd=cwd, preexec_fn=_default_signals)
         party = Party(name, proc, log, netns)
         self.parties[name] = party
         return party
@@ -222,6 +222,14 @@ class Supervisor:
         for p in self.parties.values():
             p.proc.poll()
         return first
+
+
+def _default_signals() -> None:
+    """In the child, before exec: a party must be stoppable by SIGINT/SIGTERM/SIGHUP even when this process
+    was started with them ignored (a background job of a non-interactive shell ignores SIGINT, and exec keeps
+    ignored signals ignored; bash cannot even trap a signal ignored on entry)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _is_zombie(pid: int) -> bool:

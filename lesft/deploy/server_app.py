@@ -51,12 +51,20 @@ class LesftStrategy(FedAvg):
     def __init__(self, strategy: Strategy, **kw) -> None:
         super().__init__(weighted_by_key="num-examples", **kw)
         self.lesft_strategy = strategy
+        self.started: dict[int, float] = {}  # Flower round -> perf_counter() when its messages were made
+        self.round_s: dict[int, float] = {}  # Flower round -> seconds from its messages to its aggregate
+
+    def configure_train(self, server_round: int, *args, **kw):
+        self.started[server_round] = time.perf_counter()
+        return super().configure_train(server_round, *args, **kw)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid:
             return None, None
         contents = [m.content for m in valid]
+        if server_round in self.started:
+            self.round_s[server_round] = time.perf_counter() - self.started[server_round]
         return aggregate_records(self.lesft_strategy, contents), self.train_metrics_aggr_fn(contents, "num-examples")
 
 
@@ -105,5 +113,6 @@ def main(grid: Grid, context: Context) -> None:
         export_adapter([({**init, **final}, 0)], layers_path, cfg.lora, out / "adapter", cfg.model)
     (out / "aggregation.json").write_text(json.dumps({
         "flower_rounds": flower_rounds(cfg), "clients": clients, "wall_s": time.perf_counter() - t0,
+        "round_s": {str(r): s for r, s in strategy.round_s.items()},
         "train_metrics": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
     }, indent=2, default=str))
