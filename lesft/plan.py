@@ -8,7 +8,8 @@ format) and encoded by the same encoder the run uses, with zeros in place of the
 Only the standard split is modelled (not ``label_privacy``'s second round trip).
 
 **Round time** follows the link model of ``lesft.deploy.netem`` (a message of S bytes one way takes
-RTT/2 + 8 S / rate, the rate being min(bandwidth, the TCP loss bound)) and the step barrier of Algorithm 1:
+RTT/2 + 8 S / rate, the rate being min(bandwidth, the TCP loss bound), plus the expected jitter and loss delay:
+:func:`one_way`) and the step barrier of Algorithm 1:
 in each micro-step every device computes its forward and uploads; the server starts when the last
 activation has arrived, computes, and sends each device its gradient, which it back-propagates. So
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ from typing import Any
 import torch
 
 from lesft.config import TrainConfig
-from lesft.deploy.netem import PROFILES, Profile, parse_profile
+from lesft.deploy.netem import CHUNK, MSS, PROFILES, Profile, parse_profile
 
 FWD_SHARE = 1 / 3  # a device's forward as a share of its forward + backward
 
@@ -163,15 +165,28 @@ def _field(run_dir: str | Path, name: str) -> int:
 
 
 def one_way(nbytes: float, prof: Profile, direction: str) -> float:
-    """Seconds for one message of ``nbytes`` bytes to cross ``prof`` in ``direction`` ('up' or 'down')."""
-    return prof.rtt_ms / 2e3 + nbytes * 8 / (prof.expected_mbit(direction) * 1e6) if nbytes else 0.0
+    """Expected seconds for one message of ``nbytes`` bytes to cross ``prof`` in ``direction`` ('up' or 'down'),
+    as the emulated link carries it (``lesft.deploy.netem``): the one-way delay RTT/2; every byte at the rate,
+    min(bandwidth, the TCP loss bound) (a flow held to the bound's window sends a short message no faster);
+    the latest of its chunks' jitter, E[max of n uniform draws] = jitter/2 (n-1)/(n+1); and one RTT when its
+    first 64 KiB chunk loses a segment (probability 1 - (1-p)^segments: later chunks wait behind it)."""
+    if not nbytes:
+        return 0.0
+    wire = nbytes * 8 / (prof.expected_mbit(direction) * 1e6)
+    n = math.ceil(nbytes / CHUNK)
+    jitter = prof.jitter_ms / 2e3 * (n - 1) / (n + 1)
+    hol = prof.rtt_ms / 1e3 * (1 - (1 - prof.loss_pct / 100) ** math.ceil(min(nbytes, CHUNK) / MSS))
+    return prof.rtt_ms / 2e3 + wire + jitter + hol
 
 
-def round_time(t: Traffic, prof: Profile, compute: Compute | None, flower_overhead_s: float = 0.0) -> dict[str, float]:
+def round_time(t: Traffic, prof: Profile, compute: Compute | None, flower_overhead_s: float = 0.0,
+               step_overhead_s: float = 0.0) -> dict[str, float]:
     """Mean seconds per round on ``prof`` (every device on that link), split into the parts of the round as
-    the slowest device sees them; ``aggregation``: the mean per round of the aggregation rounds' extra."""
+    the slowest device sees them; ``aggregation``: the mean per round of the aggregation rounds' extra;
+    ``step_overhead_s``: a fixed cost per micro-step outside compute and the link (encoding, gRPC, the
+    optimizer; measure it on a fast link), under ``other``."""
     n = len(t.up)
-    parts = dict(device_compute=0.0, upload=0.0, server_compute=0.0, download=0.0, waiting=0.0)
+    parts = dict(device_compute=0.0, upload=0.0, server_compute=0.0, download=0.0, waiting=0.0, other=0.0)
     steps = len(t.up[0])
     for s in range(steps):
         cs = [t.rows[i][s] * (compute.client_s_per_row if compute else 0.0) for i in range(n)]
@@ -186,6 +201,7 @@ def round_time(t: Traffic, prof: Profile, compute: Compute | None, flower_overhe
         parts["download"] += downs[slow]
         parts["server_compute"] += server
         parts["waiting"] += max(first) - first[slow] + max(second) - second[slow]
+        parts["other"] += step_overhead_s
     out = {k: v / t.rounds for k, v in parts.items()}
     out["split_round"] = sum(out.values())
     aggs = -(-t.rounds // t.aggregate_every) if t.aggregate_every else 0  # the last round aggregates too
@@ -207,6 +223,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flower-overhead-s", type=float, default=0.0,
                    help="Flower's own seconds per aggregation round beyond the adapter transfer "
                         "(bench/bench_flower.py measures it)")
+    p.add_argument("--step-overhead-s", type=float, default=0.0,
+                   help="a fixed cost per micro-step outside compute and the link (encoding, gRPC, optimizer), "
+                        "measured on a fast link")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -220,7 +239,7 @@ def main(args: argparse.Namespace, cfg: TrainConfig) -> int:
         compute = Compute(args.client_s_per_row, args.server_s_per_row, "given")
     profiles = [parse_profile(s) for s in args.link] or list(PROFILES.values())
     t = traffic(cfg)
-    plans = {p.name: round_time(t, p, compute, args.flower_overhead_s) for p in profiles}
+    plans = {p.name: round_time(t, p, compute, args.flower_overhead_s, args.step_overhead_s) for p in profiles}
     if args.json:
         print(json.dumps({"bytes_per_round": {"up": t.per_round("up"), "down": t.per_round("down"),
                                               "adapter": t.adapter}, "rounds": t.rounds,
@@ -235,11 +254,11 @@ def main(args: argparse.Namespace, cfg: TrainConfig) -> int:
     print(f"compute: {compute.source}: device {compute.client_s_per_row:.3f} s/row, server "
           f"{compute.server_s_per_row:.3f} s/row" if compute else
           "compute: not included (give --compute RUN_DIR): link time only")
-    print("| link | round (s) | device compute | upload | server compute | download | waiting | aggregation |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| link | round (s) | device compute | upload | server compute | download | waiting | other | aggregation |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for p in profiles:
         r = plans[p.name]
         print(f"| {p.describe()} | {r['round']:.2f} | " + " | ".join(
             f"{r[k]:.2f}" for k in ("device_compute", "upload", "server_compute", "download", "waiting",
-                                    "aggregation")) + " |")
+                                    "other", "aggregation")) + " |")
     return 0

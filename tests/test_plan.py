@@ -74,14 +74,28 @@ def test_round_time_by_hand() -> None:
                      grad_accum=1, rounds=1, aggregate_every=1)
     prof = Profile("x", down_mbit=8, up_mbit=4, rtt_ms=100)
     c = plan.Compute(client_s_per_row=0.3, server_s_per_row=0.5)
-    r = plan.round_time(t, prof, c, flower_overhead_s=2.0)
-    up, down = 0.05 + 8e6 / 4e6, 0.05 + 4e6 / 8e6  # RTT/2 + bits / rate
+    r = plan.round_time(t, prof, c, flower_overhead_s=2.0, step_overhead_s=0.25)
+    jit = 0.0  # no jitter in this profile
+    up, down = 0.05 + 8e6 / 4e6 + jit, 0.05 + 4e6 / 8e6 + jit  # RTT/2 + bits / rate
     # device 1 is the slowest: fwd 0.2 + up, then down + bwd 0.4; the server computes 3 rows
     assert r["upload"] == pytest.approx(up) and r["download"] == pytest.approx(down)
     assert r["device_compute"] == pytest.approx(0.6) and r["server_compute"] == pytest.approx(1.5)
     assert r["waiting"] == pytest.approx(0.0)
     assert r["aggregation"] == pytest.approx(2.0 + 0.05 + 2e6 / 4e6 + 0.05 + 2e6 / 8e6)
-    assert r["round"] == pytest.approx(0.6 + up + 1.5 + down + r["aggregation"])
+    assert r["other"] == pytest.approx(0.25)
+    assert r["round"] == pytest.approx(0.6 + up + 1.5 + down + 0.25 + r["aggregation"])
+
+
+def test_one_way_with_loss_and_jitter_by_hand() -> None:
+    """3g-like: 2 Mbit/s, RTT 100 ± 30 ms, 3 % loss (TCP bound 1448 * 8 / 0.1 * 1.22 / sqrt(0.03) = 0.816 Mbit/s)."""
+    prof = Profile("x", down_mbit=2, up_mbit=2, rtt_ms=100, jitter_ms=30, loss_pct=3.0)
+    bound = 1448 * 8 / 0.1 * 1.22 / 0.03 ** 0.5
+    small = 30_000  # one chunk: no jitter spread; a loss among its 21 segments costs an RTT
+    assert plan.one_way(small, prof, "up") == pytest.approx(0.05 + 30_000 * 8 / bound + 0.1 * (1 - 0.97 ** 21))
+    big = 1_000_000  # 16 chunks of 64 KiB; the first has 46 segments
+    want = 0.05 + 1_000_000 * 8 / bound + 0.015 * 15 / 17 + 0.1 * (1 - 0.97 ** 46)
+    assert plan.one_way(big, prof, "down") == pytest.approx(want)
+    assert plan.one_way(0, prof, "down") == 0.0
 
 
 def test_plan_refuses_what_it_does_not_model(assets, tmp_path) -> None:

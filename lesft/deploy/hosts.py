@@ -11,6 +11,7 @@ The hosts (``10.77.0.0/24`` on a bridge that lives in its own namespace, so noth
 | --- | --- | --- |
 | ``split`` | 10.77.0.2 | ``lesft server`` on :50051, TLS (its certificate's SAN is its IP), a token per client |
 | ``agg`` | 10.77.0.3 | ``flower-superlink`` on :9093 with TLS and SuperNode authentication; ``flwr run`` |
+| | | (a method that never aggregates, such as ``sl``, has no ``agg``: each device runs ``lesft client``) |
 | ``dev<i>`` | 10.77.0.(10+i) | ``flower-supernode`` (its own key, registered with ``flwr supernode register``), |
 | | | ``lesft device`` (keeps the model loaded; the ClientApp Flower starts per message hands it |
 | | | each round), its own rows, token and CA; the link relay when the link has delay |
@@ -212,9 +213,7 @@ class Deployment:
         self.cfg = methods.resolve(from_dict(TrainConfig, raw))
         if not self.cfg.split:
             raise ValueError(f"method {self.cfg.method!r} does not split the model: no split server to deploy")
-        if not self.cfg.aggregate_every:
-            raise ValueError(f"method {self.cfg.method!r} never aggregates: this deployment aggregates through "
-                             "Flower (run `lesft server` and `lesft client` for split learning alone)")
+        self.flower = bool(self.cfg.aggregate_every)  # without aggregation (sl): devices run `lesft client`
         self.n = int(self.cfg.clients)
         self.links = parse_links(links, self.n)
         self.verify_s, self.step_timeout_s = verify_s, step_timeout_s
@@ -223,7 +222,8 @@ class Deployment:
         self.yaml = yaml
         self.topo = Topology(f"{NS_PREFIX}{secrets.token_hex(3)}")
         self.topo.add("split", SPLIT_IP)
-        self.topo.add("agg", AGG_IP)
+        if self.flower:
+            self.topo.add("agg", AGG_IP)
         for i in range(self.n):
             self.topo.add(f"dev{i}", f"{SUBNET}.{10 + i}").profile = self.links[i]
         self.sup: Supervisor | None = None
@@ -291,11 +291,20 @@ class Deployment:
         pki = self.out / "pki"
         ca = certs.make_ca(pki)
         self.ca = ca
-        split, agg = self.hdir("split"), self.hdir("agg")
+        split = self.hdir("split")
         shutil.copy(ca[0], split / "ca.pem")
         certs.make_cert(split, "split", ca, ips=[SPLIT_IP])
         certs.make_tokens(split / "tokens.json", self.n)
         tokens = json.loads((split / "tokens.json").read_text())
+        for i in range(self.n):
+            d = self.hdir(f"dev{i}")
+            shutil.copy(ca[0], d / "ca.pem")
+            certs.write_private(d / "token.json", json.dumps({str(i): tokens[str(i)]}))  # its own token only
+        if self.flower:
+            self.flower_credentials(ca)
+
+    def flower_credentials(self, ca: tuple[Path, Path]) -> None:
+        agg = self.hdir("agg")
         shutil.copy(ca[0], agg / "ca.pem")
         certs.make_cert(agg, "link", ca, ips=[AGG_IP])
         home = agg / "flwr_home"
@@ -305,8 +314,6 @@ class Deployment:
             f'address = "{AGG_IP}:{LINK_PORT}"\nroot-certificates = {_toml_str(agg / "ca.pem")}\n')
         for i in range(self.n):
             d = self.hdir(f"dev{i}")
-            shutil.copy(ca[0], d / "ca.pem")
-            certs.write_private(d / "token.json", json.dumps({str(i): tokens[str(i)]}))  # its own token only
             certs.make_supernode_keys(d, "supernode")
             shutil.copy(d / "supernode.pub", agg / f"dev{i}.pub")  # the aggregator registers public keys only
 
@@ -332,8 +339,9 @@ class Deployment:
             cmds = self.topo.shape(h, prof)
             entry = {"profile": asdict(prof), "tc": [" ".join(c) for c in cmds]}
             if prof.needs_relay:
-                self.topo.intercept(h, [SPLIT_IP, AGG_IP])
-                fw = [f"{SPLIT_IP}:{SPLIT_PORT}", f"{AGG_IP}:{LINK_PORT}", f"{SPLIT_IP}:{SINK_PORT}"]
+                self.topo.intercept(h, [SPLIT_IP, AGG_IP] if self.flower else [SPLIT_IP])
+                fw = [f"{SPLIT_IP}:{SPLIT_PORT}", f"{SPLIT_IP}:{SINK_PORT}"] + ([f"{AGG_IP}:{LINK_PORT}"]
+                                                                              if self.flower else [])
                 argv = [sys.executable, "-m", "lesft.deploy.netem", "relay", "--profile", _spec(prof),
                         "--source", h.ip, "--mark", hex(netem.MARK), "--seed", str(i)]
                 for f in fw:
@@ -434,6 +442,35 @@ class Deployment:
                 str(d / "ca.pem"), "--auth-supernode-private-key", str(d / "supernode"),
                 "--node-config", node, "--host", "127.0.0.1", "--port", "9094"])
 
+    def start_clients(self) -> None:
+        """Split learning without aggregation: each device runs `lesft client` against the split server."""
+        for i in range(self.n):
+            d = self.hdir(f"dev{i}")
+            self.start(f"client{i}", f"dev{i}", [
+                _bin("lesft"), "client", "--config", str(self.out / "run.yaml"), "--server",
+                f"{SPLIT_IP}:{SPLIT_PORT}", "--client-id", str(i), "--token-file", str(d / "token.json"),
+                "--tls_ca", str(d / "ca.pem"), "--data", str(d / "data.jsonl"), "--out", str(d / "out")])
+
+    def watch_clients(self) -> int:
+        """Until every `lesft client` has ended: the split server's death stops the run; a device's is reported."""
+        deadline = self._t0 + self.timeout_s if self.timeout_s else None
+        while True:
+            if self.sup.parties["split"].proc.poll() is not None:
+                self.fail(f"split exited (rc {self.sup.parties['split'].proc.returncode}) during the run; see "
+                          "logs/split.log")
+                return 1
+            codes = [self.sup.parties[f"client{i}"].proc.poll() for i in range(self.n)]
+            if all(c is not None for c in codes):
+                for i, c in enumerate(codes):
+                    self.report["parties"][f"client{i}"]["rc"] = c
+                    if c != 0:
+                        self.fail(f"client{i} on dev{i} exited (rc {c}); see logs/client{i}.log")
+                return 0 if all(c == 0 for c in codes) else 1
+            if deadline and time.time() > deadline:
+                self.fail(f"the run took longer than --timeout-s {self.timeout_s:g}: stopped")
+                return 1
+            time.sleep(0.5)
+
     def start_run(self) -> None:
         agg = self.hdir("agg")
         rc = (f'config={_toml_str(self.out / "run.yaml")} out={_toml_str(agg / "out")} clients={self.n} '
@@ -490,7 +527,7 @@ class Deployment:
             signal.signal(s, on_signal)
         self.sup = Supervisor(self.topo.namespaces())
         try:
-            self.log(f"namespaces {self.topo.prefix}-*: split {SPLIT_IP}, agg {AGG_IP}, devices "
+            self.log(f"namespaces {self.topo.prefix}-*: split {SPLIT_IP}, {f'agg {AGG_IP}, ' if self.flower else ''}devices "
                      f"{SUBNET}.10-{10 + self.n - 1}; out {self.out}")
             self.write_report()
             self.credentials()
@@ -499,24 +536,16 @@ class Deployment:
             self.links_up()
             self.verify_links()
             self.start_split()
-            self.start_link()
+            if self.flower:
+                self.start_link()
             self.wait_for("split server serving", lambda: "serving" in _read(self.out / "logs" / "split.log"), 120,
                           "split")
-            self.wait_for("SuperLink health", self.link_healthy, 60, "superlink")
-            self.register_supernodes()
-            self.start_devices()
-            self.start_supernodes()
-            self.start_run()
-            self.log(f"flwr run started ({self.n} devices)")
-            run_rc = self.watch()
-            self.report["flwr_run_rc"] = run_rc
-            adapter = self.hdir("agg") / "out" / "aggregated_adapter.safetensors"
-            if run_rc != 0:
-                self.fail(f"flwr run exited {run_rc}; see logs/flwr_run.log")
-            if not adapter.exists():
-                self.fail("no aggregated adapter was written")
+            if self.flower:
+                self.run_flower()
             else:
-                self.report["aggregated_adapter"] = str(adapter)
+                self.start_clients()
+                self.log(f"{self.n} `lesft client` started ({self.cfg.method} does not aggregate: no Flower)")
+                self.watch_clients()
             rc = 0 if not self.report["failures"] else 1
         except Interrupted as e:
             self.fail(f"interrupted by {e}")
@@ -535,6 +564,23 @@ class Deployment:
         self.write_report()
         self.log(f"done: rc {rc} in {self.report['wall_s']} s; report {self.out / 'report.json'}")
         return rc
+
+    def run_flower(self) -> None:
+        self.wait_for("SuperLink health", self.link_healthy, 60, "superlink")
+        self.register_supernodes()
+        self.start_devices()
+        self.start_supernodes()
+        self.start_run()
+        self.log(f"flwr run started ({self.n} devices)")
+        run_rc = self.watch()
+        self.report["flwr_run_rc"] = run_rc
+        adapter = self.hdir("agg") / "out" / "aggregated_adapter.safetensors"
+        if run_rc != 0:
+            self.fail(f"flwr run exited {run_rc}; see logs/flwr_run.log")
+        if not adapter.exists():
+            self.fail("no aggregated adapter was written")
+        else:
+            self.report["aggregated_adapter"] = str(adapter)
 
     def teardown(self) -> None:
         if self.sup is not None:

@@ -255,9 +255,9 @@ class _Pipe:
                 self.more.clear()
                 await self.more.wait()
             at, data = self.queue.popleft()
-            if self.pace_bps and data:
-                at = max(at, self.next_free)
-                self.next_free = at + len(data) * 8 / self.pace_bps
+            if self.pace_bps and data:  # every byte at the bound, the first chunk's too: a flow held to the
+                at = max(at, self.next_free) + len(data) * 8 / self.pace_bps  # bound's window (about bound x RTT)
+                self.next_free = at  # sends a short message no faster than a long one
             wait = at - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
