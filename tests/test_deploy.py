@@ -388,6 +388,25 @@ def test_tls_on_loopback_with_a_self_signed_certificate(live, tmp_path, assets, 
         server.stop(grace=0)
 
 
+def test_mutual_tls_refuses_a_client_without_a_certificate(live, tmp_path, assets, server_model) -> None:
+    """A server given --tls_ca requires client certificates signed by it: a client presenting one is served, a
+    client with only the CA (no certificate) is refused, and half a client certificate is a clear error."""
+    self_signed(tmp_path)
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    _, cfg, _, service = live
+    server, port = serve(service, "localhost:0", NetArgs(tls_cert=cert, tls_key=key, tls_ca=cert, retries=0,
+                                                         timeout_s=5), {T0: 0})
+    try:
+        ok = RemoteSplit(f"localhost:{port}", T0, cfg, NetArgs(tls_ca=cert, tls_cert=cert, tls_key=key, retries=0))
+        assert ok.hello()["step"] == 0
+        with pytest.raises(RemoteError, match="UNAVAILABLE"):
+            RemoteSplit(f"localhost:{port}", T0, cfg, NetArgs(tls_ca=cert, retries=0, timeout_s=5)).hello()
+        with pytest.raises(ValueError, match="a client certificate needs --tls_cert, --tls_key and --tls_ca"):
+            RemoteSplit(f"localhost:{port}", T0, cfg, NetArgs(tls_ca=cert, tls_cert=cert, retries=0))
+    finally:
+        server.stop(grace=0)
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 1000, 10**6])
 def test_chunks_and_join_round_trip_any_chunk_size(chunk_bytes) -> None:
     from lesft.deploy.wire import MB, chunks, join

@@ -225,7 +225,7 @@ def test_namespaced_deployment_equals_simulation(assets, tmp_path) -> None:
     out = tmp_path / "hosts"
     zombies = _zombies()
     t0 = time.time()
-    p = _hosts(cfg, out, "--link", "4g", "--verify-s", "0.5", "--timeout-s", "300")
+    p = _hosts(cfg, out, "--link", "4g", "--verify-s", "0.5", "--timeout-s", "300", "--client-certs")
     log, _ = p.communicate(timeout=400)
     wall = time.time() - t0
     report = json.loads((out / "report.json").read_text())
@@ -235,7 +235,11 @@ def test_namespaced_deployment_equals_simulation(assets, tmp_path) -> None:
     _assert_nothing_left(out, report, zombies)
     # TLS: the split server and the SuperLink have certificates for their IPs, devices hold the CA only
     assert "IP Address:10.77.0.2" in certs.cert_sans(out / "hosts" / "split" / "split.pem")
-    assert not list((out / "hosts" / "dev0").glob("*.key")) and not (out / "hosts" / "dev0" / "tokens.json").exists()
+    # mTLS (--client-certs): a device holds its own client key only, and the server requires a client certificate
+    assert [p.name for p in (out / "hosts" / "dev0").glob("*.key")] == ["device.key"]
+    assert not (out / "hosts" / "dev0" / "tokens.json").exists()
+    assert "--tls_ca" in report["parties"]["split"]["argv"]
+    assert report["parties"]["split"]["argv"][1] == "server"  # the command is recorded for a real host
     assert len(json.loads((out / "hosts" / "dev0" / "token.json").read_text())) == 1
     assert "registered dev1's SuperNode key" in (out / "logs" / "hosts.log").read_text()
     # the link checks, next to the profile's numbers
@@ -253,6 +257,37 @@ def test_namespaced_deployment_equals_simulation(assets, tmp_path) -> None:
     assert agg
     for k, v in agg.items():
         torch.testing.assert_close(v, ref[f"client0.lora.{k}"], atol=1e-5, rtol=1e-4)
+    srv = load_file(str(out / "hosts" / "split" / "out" / "server_checkpoint" / "tensors.safetensors"))
+    for k in (k for k in ref if k.startswith("server.lora.")):
+        torch.testing.assert_close(srv[k.removeprefix("server.")], ref[k], atol=1e-5, rtol=1e-4)
+
+
+@needs_hosts
+def test_split_learning_without_flower_across_namespaces(assets, tmp_path) -> None:
+    """`sl` never aggregates: no aggregator host, each device runs `lesft client` on its own host over mutual TLS
+    and a shaped link; every device's adapter and the server's equal the simulation's, and nothing is left."""
+    from safetensors.torch import load_file
+
+    from lesft.config import TrainConfig, from_dict
+    from lesft.train import train
+
+    cfg = _config(assets, tmp_path, method="sl", aggregate_every=0, rounds=2)
+    out = tmp_path / "hosts"
+    zombies = _zombies()
+    p = _hosts(cfg, out, "--link", "wifi", "--verify-s", "0", "--timeout-s", "300", "--client-certs")
+    log, _ = p.communicate(timeout=400)
+    report = json.loads((out / "report.json").read_text())
+    assert p.returncode == 0, log[-3000:]
+    assert not any(n.endswith("-agg") for n in report["namespaces"]) and "superlink" not in report["parties"]
+    _assert_nothing_left(out, report, zombies)
+    train(from_dict(TrainConfig, {**yaml.safe_load(cfg.read_text()), "out": str(tmp_path / "sim")}))
+    ref = load_file(str(tmp_path / "sim" / "checkpoint" / "tensors.safetensors"))
+    for i in range(2):
+        dev = load_file(str(out / "hosts" / f"dev{i}" / "out" / "checkpoint" / "tensors.safetensors"))
+        mine = {k: v for k, v in dev.items() if k.startswith(f"client{i}.lora.")}
+        assert mine
+        for k, v in mine.items():
+            torch.testing.assert_close(v, ref[k], atol=1e-5, rtol=1e-4)
     srv = load_file(str(out / "hosts" / "split" / "out" / "server_checkpoint" / "tensors.safetensors"))
     for k in (k for k in ref if k.startswith("server.lora.")):
         torch.testing.assert_close(srv[k.removeprefix("server.")], ref[k], atol=1e-5, rtol=1e-4)

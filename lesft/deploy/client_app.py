@@ -14,11 +14,13 @@ Node config (``flower-supernode --node-config``):
   ``client-id``   this client's id; ``token`` or ``token-file`` its credential
   ``data``        this device's rows (JSONL; or a benchmark name with ``take-share = true``)
   ``out``         this client's run directory
-  optional: ``take-share`` (bool), ``tls-ca``, ``insecure`` (bool), ``worker`` (the Unix socket of this
+  optional: ``take-share`` (bool), ``tls-ca``, ``tls-cert`` and ``tls-key`` (this device's certificate, for a
+  split server that requires one), ``insecure`` (bool), ``worker`` (the Unix socket of this
   device's ``lesft device``)
 
 Reply metrics: ``num-examples``, ``loss``, the rounds done, trained and skipped, ``train_s`` (seconds in
-split training) and ``app_s`` (seconds from the message's arrival in this process to the reply).
+split training), ``app_s`` (seconds from the message's arrival in this process to the reply) and
+``app_start`` (that arrival, wall clock).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ app = ClientApp()
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     node = dict(context.node_config)
     flower_round = int(msg.content["config"]["server-round"])
     if node.get("worker"):  # the device's long-lived worker trains; adapters cross as safetensors, never pickle
@@ -54,5 +56,6 @@ def train(msg: Message, context: Context) -> Message:
         mine, n, metrics = train_for_flower(node, dict(msg.content["arrays"].to_torch_state_dict()), flower_round)
         record = ArrayRecord(mine)
     metrics["app_s"] = time.perf_counter() - t0
+    metrics["app_start"] = wall0  # wall clock: with the ServerApp's, where a round's time goes (bench_flower)
     return Message(RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": n, **metrics})}),
                    reply_to=msg)

@@ -100,7 +100,8 @@ def train_for_flower(node: dict, adapter: dict[str, Any], flower_round: int,
     cfg = replace(cfg, rounds=upto, out=str(node["out"]), resume=True, progress=False,
                   data=str(node.get("data", cfg.data)))
     token = client_token(cid, node.get("token"), node.get("token-file"))
-    net = NetArgs(tls_ca=node.get("tls-ca") or None, insecure=bool(node.get("insecure", False)))
+    net = NetArgs(tls_ca=node.get("tls-ca") or None, tls_cert=node.get("tls-cert") or None,
+                  tls_key=node.get("tls-key") or None, insecure=bool(node.get("insecure", False)))
     t0 = time.perf_counter()
     model, tok = model_source(cfg.model) if model_source is not None else (None, None)
     summary, n_rows = train_remote(cfg, net, str(node["server"]), token, cid, bool(node.get("take-share")),

@@ -201,7 +201,8 @@ class Deployment:
 
     def __init__(self, config: Path, out: Path, links: list[str], verify_s: float = 2.0,
                  step_timeout_s: float = 120.0, round_timeout_s: float = 3600.0, min_clients: int = 0,
-                 timeout_s: float = 0.0, verbose: bool = True, worker: bool = True) -> None:
+                 timeout_s: float = 0.0, verbose: bool = True, worker: bool = True,
+                 client_certs: bool = False) -> None:
         import yaml
 
         from lesft import methods
@@ -218,7 +219,7 @@ class Deployment:
         self.links = parse_links(links, self.n)
         self.verify_s, self.step_timeout_s = verify_s, step_timeout_s
         self.round_timeout_s, self.min_clients, self.timeout_s = round_timeout_s, min_clients, timeout_s
-        self.verbose, self.worker = verbose, worker
+        self.verbose, self.worker, self.client_certs = verbose, worker, client_certs
         self.yaml = yaml
         self.topo = Topology(f"{NS_PREFIX}{secrets.token_hex(3)}")
         self.topo.add("split", SPLIT_IP)
@@ -258,7 +259,9 @@ class Deployment:
         h = self.topo.hosts[host]
         p = self.sup.start(party, argv, self.out / "logs" / f"{party}.log", netns=h.ns, env=self.env(host),
                            cwd=cwd)
-        self.report["parties"][party] = {"host": host, "ip": h.ip, "pid": p.pid, "log": f"logs/{party}.log"}
+        self.report["parties"][party] = {"host": host, "ip": h.ip, "pid": p.pid, "log": f"logs/{party}.log",
+                                         "argv": [str(a) for a in argv]}
+        self.log(f"{party} on {host} ({h.ip}): {' '.join(map(str, argv))}")  # the command a real host would run
         return p
 
     def capture_in(self, host: str, argv: list[str], timeout: float = 60.0) -> subprocess.CompletedProcess:
@@ -300,6 +303,8 @@ class Deployment:
             d = self.hdir(f"dev{i}")
             shutil.copy(ca[0], d / "ca.pem")
             certs.write_private(d / "token.json", json.dumps({str(i): tokens[str(i)]}))  # its own token only
+            if self.client_certs:  # mTLS: the split server accepts only devices with a certificate from the CA
+                certs.make_cert(d, "device", ca, ips=[self.topo.hosts[f"dev{i}"].ip], client=True)
         if self.flower:
             self.flower_credentials(ca)
 
@@ -393,7 +398,8 @@ class Deployment:
         self.start("split", "split", [
             _bin("lesft"), "server", "--config", str(self.out / "run.yaml"), "--listen", f"{SPLIT_IP}:{SPLIT_PORT}",
             "--tokens", str(d / "tokens.json"), "--out", str(d / "out"), "--tls_cert", str(d / "split.pem"),
-            "--tls_key", str(d / "split.key"), "--timeout_s", f"{self.step_timeout_s:g}"])
+            "--tls_key", str(d / "split.key"), "--timeout_s", f"{self.step_timeout_s:g}"]
+            + (["--tls_ca", str(d / "ca.pem")] if self.client_certs else []))
 
     def start_link(self) -> None:
         d = self.hdir("agg")
@@ -437,6 +443,8 @@ class Deployment:
                     f'data={_toml_str(d / "data.jsonl")} out={_toml_str(d / "out")}')
             if self.worker:
                 node += f' worker={_toml_str(d / "device.sock")}'
+            if self.client_certs:
+                node += f' tls-cert={_toml_str(d / "device.pem")} tls-key={_toml_str(d / "device.key")}'
             self.start(f"supernode{i}", f"dev{i}", [
                 _bin("flower-supernode"), "--superlink", f"{AGG_IP}:{LINK_PORT}", "--root-certificates",
                 str(d / "ca.pem"), "--auth-supernode-private-key", str(d / "supernode"),
@@ -449,7 +457,9 @@ class Deployment:
             self.start(f"client{i}", f"dev{i}", [
                 _bin("lesft"), "client", "--config", str(self.out / "run.yaml"), "--server",
                 f"{SPLIT_IP}:{SPLIT_PORT}", "--client-id", str(i), "--token-file", str(d / "token.json"),
-                "--tls_ca", str(d / "ca.pem"), "--data", str(d / "data.jsonl"), "--out", str(d / "out")])
+                "--tls_ca", str(d / "ca.pem"), "--data", str(d / "data.jsonl"), "--out", str(d / "out")]
+                + (["--tls_cert", str(d / "device.pem"), "--tls_key", str(d / "device.key")] if self.client_certs
+                   else []))
 
     def watch_clients(self) -> int:
         """Until every `lesft client` has ended: the split server's death stops the run; a device's is reported."""
@@ -583,6 +593,11 @@ class Deployment:
             self.report["aggregated_adapter"] = str(adapter)
 
     def teardown(self) -> None:
+        if self.sup is not None and "split" in self.sup.parties:  # the split server's peak RSS, before it stops
+            hwm = _read(Path(f"/proc/{self.sup.parties['split'].pid}/status"))
+            m = re.search(r"VmHWM:\s+(\d+) kB", hwm)
+            if m:
+                self.report["split_peak_rss_mb"] = int(m.group(1)) / 1024
         if self.sup is not None:
             for name, p in self.sup.parties.items():
                 if p.proc.poll() is not None and name in self.report["parties"]:
@@ -638,6 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--min-clients", type=int, default=0,
                    help="Flower rounds start with this many devices online (0: all)")
     r.add_argument("--timeout-s", type=float, default=0.0, help="stop the whole run after this long (0: never)")
+    r.add_argument("--client-certs", action="store_true",
+                   help="mutual TLS: each device gets a client certificate from the run's CA, and the split server "
+                        "refuses any caller without one (on top of the per-device tokens)")
     r.add_argument("--no-worker", dest="worker", action="store_false",
                    help="no `lesft device` worker: the ClientApp Flower starts per message trains, loading the "
                         "model each round (slower; for comparison)")
@@ -655,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if why else 0
     dep = Deployment(a.config, a.out, a.link, verify_s=a.verify_s, step_timeout_s=a.step_timeout_s,
                      round_timeout_s=a.round_timeout_s, min_clients=a.min_clients, timeout_s=a.timeout_s,
-                     worker=a.worker)
+                     worker=a.worker, client_certs=a.client_certs)
     return dep.run()
 
 

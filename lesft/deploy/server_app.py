@@ -53,9 +53,11 @@ class LesftStrategy(FedAvg):
         self.lesft_strategy = strategy
         self.started: dict[int, float] = {}  # Flower round -> perf_counter() when its messages were made
         self.round_s: dict[int, float] = {}  # Flower round -> seconds from its messages to its aggregate
+        self.wall: dict[int, list[float]] = {}  # Flower round -> [messages made, replies in] (wall clock)
 
     def configure_train(self, server_round: int, *args, **kw):
         self.started[server_round] = time.perf_counter()
+        self.wall[server_round] = [time.time()]
         return super().configure_train(server_round, *args, **kw)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -65,6 +67,7 @@ class LesftStrategy(FedAvg):
         contents = [m.content for m in valid]
         if server_round in self.started:
             self.round_s[server_round] = time.perf_counter() - self.started[server_round]
+            self.wall[server_round].append(time.time())
         return aggregate_records(self.lesft_strategy, contents), self.train_metrics_aggr_fn(contents, "num-examples")
 
 
@@ -114,5 +117,6 @@ def main(grid: Grid, context: Context) -> None:
     (out / "aggregation.json").write_text(json.dumps({
         "flower_rounds": flower_rounds(cfg), "clients": clients, "wall_s": time.perf_counter() - t0,
         "round_s": {str(r): s for r, s in strategy.round_s.items()},
+        "round_wall": {str(r): w for r, w in strategy.wall.items()},
         "train_metrics": {str(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
     }, indent=2, default=str))

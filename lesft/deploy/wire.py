@@ -21,17 +21,17 @@ import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import grpc
 
-from lesft.messages import message_size
+from lesft.messages import Message, WireFormat, decode, encode_parts, message_size, payload_size
 
 SERVICE = "lesft.SplitServer"
 HELLO = f"/{SERVICE}/Hello"        # unary: JSON hello -> JSON state
 EXCHANGE = f"/{SERVICE}/Exchange"  # stream of chunks (one message) -> stream of chunks (the reply)
 EXCHANGE_ONE = f"/{SERVICE}/ExchangeOne"  # a message that fits one chunk -> stream of chunks (less overhead)
-MB = 1 << 20
+from lesft.units import MB  # noqa: F401  (re-exported)
 
 
 def _help(text: str, **kw):
@@ -56,8 +56,9 @@ class NetArgs:
                          default=8)
     backoff_s: float = _help("Client: first retry delay in seconds (doubles per attempt, capped at 30 s).",
                              default=0.5)
-    tls_cert: str | None = _help("Server: PEM certificate chain. Client: not used.", default=None)
-    tls_key: str | None = _help("Server: PEM private key.", default=None)
+    tls_cert: str | None = _help("Server: PEM certificate chain. Client: its own certificate, for a server that "
+                                 "requires client certificates (mTLS; with --tls_key).", default=None)
+    tls_key: str | None = _help("PEM private key of --tls_cert (server's, or a client's for mTLS).", default=None)
     tls_ca: str | None = _help("Client: PEM CA certificate that signed the server's. Server: with it, require "
                                "client certificates signed by this CA (mTLS).", default=None)
     recv_timeout_s: float = _help("Server: longest time one incoming message may take to arrive in full "
@@ -200,8 +201,12 @@ def call_with_retries(fn: Callable[[], object], net: NetArgs,
 
 def channel(address: str, net: NetArgs) -> grpc.Channel:
     """A channel to the split server: TLS when a CA is given, plaintext only on loopback or ``--insecure``."""
+    if net.tls_cert or net.tls_key:  # this client's own certificate, for a server that requires one (mTLS)
+        if not (net.tls_cert and net.tls_key and net.tls_ca):
+            raise ValueError("a client certificate needs --tls_cert, --tls_key and --tls_ca (the server's CA)")
     if net.tls_ca:
-        creds = grpc.ssl_channel_credentials(root_certificates=_read(net.tls_ca))
+        creds = grpc.ssl_channel_credentials(root_certificates=_read(net.tls_ca), private_key=_read(net.tls_key),
+                                             certificate_chain=_read(net.tls_cert))
         return grpc.secure_channel(address, creds, options=net.grpc_options())
     if not is_loopback(address) and not net.insecure:
         raise ValueError(f"refusing to connect to {address} without TLS: give --tls_ca (the CA of the server's "
@@ -277,3 +282,30 @@ def client_token(client_id: int, token: str | None = None, token_file: str | Non
 
 def metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
+
+
+class RemoteError(ConnectionError):
+    """A lesft server refused a call (the message names the server, the call and why)."""
+
+
+def send_message(msg: Message, wire: WireFormat | str, net: NetArgs, unary: Callable, stream: Callable,
+                 md: tuple[tuple[str, str], ...], timeout: float, call: Callable[[Callable[[], bytearray]], Any],
+                 meter: Any) -> Message:
+    """A client's send-and-receive of one message, for every lesft service: as one request when it fits a
+    chunk (``unary``, about 0.5 ms less per call), else as a chunked stream (``stream``); the chunked reply is
+    joined and decoded. ``call(fn)`` runs ``fn`` with the caller's retries and error mapping; both directions
+    are counted in ``meter`` by message kind."""
+    parts, payload = encode_parts(msg, wire)
+    size = len(parts[0]) + payload
+    one = size <= net.chunk_mb * MB
+
+    def once() -> bytearray:
+        replies = (unary(b"".join(parts), metadata=md, timeout=timeout) if one
+                   else stream(chunks(parts, net.chunk_mb), metadata=md, timeout=timeout))
+        return join(replies, net.max_message_mb)
+
+    reply = call(once)
+    meter.add("client_to_server", msg.kind, payload, size)
+    out = decode(reply)
+    meter.add("server_to_client", out.kind, payload_size(reply), len(reply))
+    return out
