@@ -42,17 +42,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lesft import methods  # noqa: E402
-from lesft.config import TrainConfig  # noqa: E402
 from lesft.data.rows import load_rows  # noqa: E402
 from lesft.data.synthetic import ArithmeticSpec  # noqa: E402
 from lesft.loss import _pack, _rows_logprob, _shift, lesft_loss, subsalient_mask, token_weights  # noqa: E402
-from lesft.model.load import load_model  # noqa: E402
 from lesft.roles import _eval_mode, _pad_cat, _to  # noqa: E402
-from lesft.train import Run  # noqa: E402
 
 CLUSTER_TARGET = 0.05
 LOSS_TARGET = 0.10
+from bench_split import Rounds, make_run  # noqa: E402  (the same config and round stepping as bench_split)
 from timing import parse_with_timing_args, BUSY, _busy_jiffies, _foreign, _self_jiffies, disturbed, med, timed, wait_quiet  # noqa: E402  (bench/ is on sys.path when run as a script)
 PIECE_FOREIGN: list[float] = []  # CPU other processes used while each loss piece was timed (cores)
 
@@ -95,35 +92,24 @@ def main() -> None:
     t_start = time.perf_counter()
 
     spec = ArithmeticSpec() if args.steps is None else ArithmeticSpec(min_steps=args.steps, max_steps=args.steps)
-    cfg = methods.resolve(TrainConfig(
-        method="lesft", model=args.model, clients=args.clients, batch_size=1, grad_accum=1,
-        max_length=args.seq_len, pad_to_multiple=args.seq_len, dtype=args.dtype, client_layers=args.client_layers,
-        device="cpu", progress=False, seed=args.seed, rounds=10**6, samples=args.rows, synthetic=spec,
-    ))
     rows = load_rows("synthetic", args.rows, args.seed, spec)
-    model, tok = load_model(args.model)
-    run = Run(cfg, model, tok, rows)
-    del model
+    run = make_run(args, "lesft", rows, clients=args.clients, synthetic=spec)
+    cfg = run.cfg
 
     # ---------------------------------------------------------------- 1. full rounds
-    r = 0
+    step = Rounds({"lesft": run})
     for _ in range(args.warmup):
-        run.round(r)
-        r += 1
+        step("lesft")
     rounds, server_s, client_s, foreign, retried = [], [], [], [], 0
     box: dict = {}
     deadline = t_start + args.retry_budget
 
     def skip_aggregation() -> None:  # aggregation rounds run untimed; one aggregation is timed below
-        nonlocal r
-        while cfg.aggregate_every and (r + 1) % cfg.aggregate_every == 0:
-            run.round(r)
-            r += 1
+        step.skip_aggregation("lesft")
 
     def one() -> None:
-        nonlocal r
-        box["m"] = run.round(r)
-        r += 1
+        box["m"] = run.round(step.next["lesft"])
+        step.next["lesft"] += 1
 
     def snap() -> tuple[float, float]:
         return run.server.meter.seconds, sum(c.meter.seconds for c in run.clients)
@@ -142,7 +128,7 @@ def main() -> None:
 
     # ---------------------------------------------------------------- 2. realistic inputs
     send = run.transport.send
-    msgs = [send(c.forward(r), "client_to_server") for c in run.clients]
+    msgs = [send(c.forward(step.next["lesft"]), "client_to_server") for c in run.clients]
     server = run.server
 
     def autocast() -> contextlib.AbstractContextManager:  # the server's own: roles._autocast

@@ -45,7 +45,8 @@ from timing import parse_with_timing_args, BUSY, disturbed, med, rotated, timed 
 def make_cfg(args: argparse.Namespace, method: str, **over) -> TrainConfig:
     kw = dict(
         method=method, model=args.model, clients=1, batch_size=1, grad_accum=1,
-        max_length=args.seq_len, pad_to_multiple=args.seq_len, dtype=args.dtype, wire_dtype=args.wire_dtype,
+        max_length=args.seq_len, pad_to_multiple=args.seq_len, dtype=args.dtype,
+        wire_dtype=getattr(args, "wire_dtype", "fp32"),
         client_layers=args.client_layers, device="cpu", progress=False, seed=args.seed, rounds=10**6,
         samples=args.rows,
     )

@@ -21,6 +21,10 @@ import yaml
 from lesft.data.registry import BENCHMARKS
 from lesft.data.synthetic import ArithmeticSpec
 
+#: TrainConfig fields that never change a run's result: owned by the sweep, free to differ between a run and its
+#: resumption, and left out of a report's run keys.
+FREE_FIELDS = ("out", "resume", "overwrite", "progress")
+
 if typing.TYPE_CHECKING:
     from peft import LoraConfig
 
@@ -689,17 +693,18 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "", source: str = ""
         raise ValueError(f"{source}: {e}" if source else str(e)) from None
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML file; a missing file, a syntax error or a non-mapping is an error naming it."""
+def load_yaml(path: str | Path, what: str = "config file", holds: str = "field: value") -> dict[str, Any]:
+    """The mapping in a YAML file; a missing file, a syntax error or a non-mapping is an error naming it
+    (``what`` the file is, and what its mapping ``holds``)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"config file not found: {p}")
+        raise FileNotFoundError(f"{what} not found: {p}")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ValueError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{p}: a config file must hold a mapping of field: value")
+        raise ValueError(f"{p}: a {what} must hold a mapping of {holds}")
     return data
 
 

@@ -237,6 +237,12 @@ def encode(msg: Message, wire: WireFormat | str = "fp32") -> tuple[bytes, int]:
     return b"".join(parts), payload
 
 
+def bounded(t: torch.Tensor, limit: float) -> bool:
+    """True when every value of ``t`` is finite and within [-limit, limit] (what a server accepts of a float tensor
+    it is sent, and lets out of a step)."""
+    return t.numel() == 0 or bool(torch.isfinite(t).all() and t.abs().max() <= limit)
+
+
 def payload_size(data: bytes | bytearray | memoryview) -> int:
     """Tensor bytes of an encoded message: its length minus the length prefix and the header."""
     return len(data) - 8 - int.from_bytes(bytes(data[:8]), "little")

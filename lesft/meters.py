@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-MB = 1024 * 1024
+from lesft.units import MB  # noqa: F401  (re-exported: lesft.meters.MB)
 
 
 def _proc_kb(field: str) -> int:

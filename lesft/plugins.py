@@ -14,11 +14,28 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ENV", "load_plugins"]
+__all__ = ["ENV", "claim", "load_plugins"]
 
 ENV = "LESFT_PLUGINS"
 _loaded: set[str] = set()
+
+
+def claim(table: dict[str, Any], name: str, entry: Any, origin: Any, kind: str, replace: bool = False) -> None:
+    """Put ``entry`` under ``name`` in a registry ``table``. A name already taken by another definition (another
+    module or qualified name than ``origin``'s) is refused unless ``replace``; the same definition registered
+    again (a module imported twice) replaces itself."""
+    where = f"{getattr(origin, '__module__', '?')}.{getattr(origin, '__qualname__', repr(origin))}"
+    old = _ORIGINS.get((id(table), name))
+    if name in table and old is not None and old != where and not replace:
+        raise ValueError(f"{kind} {name!r} is already registered by {old}; {where} cannot take the name: choose "
+                         "another one, or pass replace=True to replace it")
+    table[name] = entry
+    _ORIGINS[(id(table), name)] = where
+
+
+_ORIGINS: dict[tuple[int, str], str] = {}  # (registry, name) -> the definition that registered it
 
 
 def load_plugins(extra: list[str] | tuple[str, ...] = ()) -> list[str]:

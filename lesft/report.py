@@ -52,24 +52,22 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from lesft.config import flatten
+from lesft.config import FREE_FIELDS, flatten
 from lesft.data.contamination import TRAIN_KEYS_FILE, overlap, read_train_keys
 from lesft.errors import ERROR_KINDS, describe
 from lesft.stats import Paired, paired_comparison, seed_spread, wilson_ci
+from lesft.units import DIRECTIONS, MB
 
-__all__ = ["write_report", "add_arguments", "command", "main"]
+__all__ = ["write_report", "add_arguments", "command"]
 
-MB = 1024 * 1024  # the same MB as lesft.meters (not imported: it would import torch)
 RUN_FILES = ("summary.json", "config.yaml", "config.input.yaml", "eval", "error.json", "sweep_point.json",
              "metrics.jsonl")
-IGNORED_KEYS = ("out", "resume", "overwrite", "progress")
 FIGURE_KEYS = (("client_layers", "split point (client layers)"), ("per_client", "samples per client"),
                ("clients", "number of clients"))
 ABLATION_KEYS = ("paths", "lesft.weighting")
 ABLATION_IMPLIES = {"paths": ("loss",)}  # keys an ablation must change with it: the LESFT loss needs paths=dual
 SUMMARY_REQUIRED = {"method": str, "rounds": int, "comm_bytes": dict, "peak_memory_mb": dict, "latency_s": dict}
 MEMORY_SIDES = ("client", "server", "simulation")  # summary.json peak_memory_mb keys; simulation = the process RSS
-DIRECTIONS = ("client_to_server", "server_to_client", "client_to_aggregator", "aggregator_to_client")
 ARROWS = {"client_to_server": "client→server", "server_to_client": "server→client",
           "client_to_aggregator": "client→aggregator", "aggregator_to_client": "aggregator→client"}
 TOKEN_STATS = ("frac_salient", "frac_subsalient", "frac_irrelevant", "mean_weight_salient",
@@ -368,7 +366,7 @@ def _layout(sweep: dict[str, Any] | None, runs: list[Run]) -> Layout:
         keys: list[str] = []
         for r in runs:
             for k in list(r.overrides or {}) + list(r.config):
-                if k not in keys and k not in IGNORED_KEYS:
+                if k not in keys and k not in FREE_FIELDS:
                     keys.append(k)
         grid_keys = []
         for k in keys:  # varying, and not a function of the method (the switches a preset sets)
@@ -1171,18 +1169,3 @@ def command(args: argparse.Namespace) -> int:
     path = write_report(args.dir, baseline=args.baseline, eval_dir=args.eval_dir)
     print(f"report -> {path} (figures in {path.parent / ('figures' + _suffix(args.eval_dir))})")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lesft report", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return command(args)
-    except (FileNotFoundError, ReportError) as e:
-        print(f"lesft report: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

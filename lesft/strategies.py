@@ -37,10 +37,13 @@ __all__ = ["STRATEGIES", "Strategy", "FedAvg", "FFALoRA", "FedSALoRA", "register
 STRATEGIES: dict[str, type["Strategy"]] = {}
 
 
-def register_strategy(name: str) -> Callable[[type["Strategy"]], type["Strategy"]]:
-    """Class decorator: make ``cls`` reachable as ``--aggregation NAME``."""
+def register_strategy(name: str, replace: bool = False) -> Callable[[type["Strategy"]], type["Strategy"]]:
+    """Class decorator: make ``cls`` reachable as ``--aggregation NAME`` (a name another class took is refused
+    unless ``replace``)."""
     def add(cls: type[Strategy]) -> type[Strategy]:
-        STRATEGIES[name] = cls
+        from lesft.plugins import claim
+
+        claim(STRATEGIES, name, cls, cls, "aggregation strategy", replace)
         cls.name = name
         return cls
     return add

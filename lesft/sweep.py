@@ -1,6 +1,6 @@
 """Sweeps: many training runs (and their evaluations) from one YAML spec, resumable and fault-tolerant.
 
-``lesft sweep SPEC.yaml --out DIR [--dry-run] [--jobs N]`` (also ``python -m lesft.sweep ...``).
+``lesft sweep SPEC.yaml --out DIR [--dry-run] [--jobs N]``.
 
 Spec format
 -----------
@@ -107,17 +107,16 @@ from typing import Any, Sequence
 
 import yaml
 
-from lesft.config import TrainConfig, _base_type, apply_overrides, flatten, from_dict, load_yaml, normalised, to_dict
+from lesft.config import (FREE_FIELDS, TrainConfig, _base_type, apply_overrides, flatten, from_dict, load_yaml,
+                          normalised, to_dict)
 from lesft.data.registry import BENCHMARKS
 from lesft.plugins import load_plugins
 from lesft.provenance import git_commit
 
-__all__ = ["BASE_METHOD", "expand", "load_spec", "run_sweep", "add_arguments", "command", "main"]
+__all__ = ["BASE_METHOD", "expand", "load_spec", "run_sweep", "add_arguments", "command"]
 
 BASE_METHOD = "base"
 SPEC_KEYS = ("name", "description", "base", "grid", "runs", "eval")
-#: TrainConfig fields owned by the sweep (or free to differ between a run and its resumption).
-FREE_FIELDS = ("out", "resume", "overwrite", "progress")
 #: For ``method: base`` (no training), the only keys that can change the evaluation.
 BASE_KEYS = ("method", "model", "data", "data_dir", "rationale", "chat_template")
 BASE_PREFIXES = ("synthetic.",)
@@ -192,16 +191,8 @@ def _expand_entry(entry: dict[str, Any], where: str) -> list[dict[str, Any]]:
 
 def load_spec(path: str | Path) -> dict[str, Any]:
     """Read and check a sweep spec (YAML); errors name the file and the offending key."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"sweep spec not found: {p}")
-    try:
-        spec = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(spec, dict):
-        raise ValueError(f"{p}: a sweep spec must be a mapping with keys {', '.join(SPEC_KEYS)}")
-    _check(spec, str(p))
+    spec = load_yaml(path, "sweep spec", f"the keys {', '.join(SPEC_KEYS)}")
+    _check(spec, str(path))
     return spec
 
 
@@ -376,7 +367,7 @@ def _status(p: Point) -> tuple[str, str]:
     evaluated = True
     if p.eval is not None:
         meta = _read_json(d / "sweep_point.json") or {}
-        evaluated = (d / "eval" / "eval.json").is_file() and meta.get("evaluated_with", p.eval) == p.eval
+        evaluated = _evaluated_as(d / "eval" / "eval.json", p.eval, meta)
     if trained and evaluated:
         return "done", ""
     if (d / "error.json").is_file():
@@ -392,6 +383,19 @@ def _status(p: Point) -> tuple[str, str]:
         return "interrupted", f"checkpoint after round {done}, {logged} rounds logged"
     # started but stopped (or still going) before its first checkpoint: it restarts
     return "pending", f"{logged} rounds logged, no checkpoint yet" if logged else ""
+
+
+def _evaluated_as(path: Path, spec: dict[str, Any], meta: dict[str, Any]) -> bool:
+    """Whether ``path`` (a run's eval.json) holds an evaluation made with ``spec``: every key the spec sets agrees
+    with the settings the evaluation recorded itself (so a later ``lesft eval --run`` with other settings is
+    noticed). An eval.json too old to record its settings is judged by the sweep's ``evaluated_with`` marker."""
+    ev = _read_json(path) if path.is_file() else None
+    if ev is None:
+        return False
+    done = ev.get("config")
+    if not isinstance(done, dict):
+        return meta.get("evaluated_with") == spec
+    return all(done.get(k) == v for k, v in spec.items() if k not in ("out", "progress"))
 
 
 def _rounds_logged(d: Path) -> int:
@@ -710,25 +714,18 @@ def command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lesft.sweep --one RUN_DIR``: one prepared run, in a child process of ``lesft sweep --jobs N``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    load_plugins()  # $LESFT_PLUGINS: the parent's --plugin extensions
-    if argv[:1] == ["--one"]:  # child of --jobs: one prepared run directory
-        if len(argv) != 2:
-            print("usage: python -m lesft.sweep --one RUN_DIR", file=sys.stderr)
-            return 2
-        try:
-            return 0 if execute(argv[1])["ok"] else 1
-        except KeyboardInterrupt as e:
-            print(f"lesft sweep: interrupted: {e}", file=sys.stderr)
-            return 130
-    parser = argparse.ArgumentParser(prog="lesft sweep", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return command(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"lesft sweep: error: {e}", file=sys.stderr)
+    if argv[:1] != ["--one"] or len(argv) != 2:
+        print("usage: python -m lesft.sweep --one RUN_DIR (a child of `lesft sweep --jobs N`; run sweeps with "
+              "`lesft sweep`)", file=sys.stderr)
         return 2
+    load_plugins()  # $LESFT_PLUGINS: the parent's --plugin extensions
+    try:
+        return 0 if execute(argv[1])["ok"] else 1
+    except KeyboardInterrupt as e:
+        print(f"lesft sweep: interrupted: {e}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ from collections import defaultdict
 from typing import Protocol
 
 from lesft.messages import Message, WireFormat, decode, encode, wire_format
-
-DIRECTIONS = ("client_to_server", "server_to_client", "client_to_aggregator", "aggregator_to_client")
+from lesft.units import DIRECTIONS
 
 
 class Meter:

@@ -63,3 +63,27 @@ def test_trimmed_mean_drops_the_extremes(extension_file) -> None:
 def test_an_unknown_loss_is_refused_before_anything_loads(capsys) -> None:
     assert main(["train", "--loss", "focla", "--model", "/nonexistent"]) == 2
     assert "unknown loss 'focla'" in capsys.readouterr().err
+
+
+def test_a_taken_name_is_refused_unless_replaced() -> None:
+    """Registering another definition under a name already taken is an error naming both; the same definition again
+    (a module imported twice) and replace=True are fine."""
+    from lesft.objectives import OBJECTIVES, register_objective
+    from lesft.strategies import STRATEGIES, Strategy, register_strategy
+
+    with pytest.raises(ValueError, match=r"loss 'lesft' is already registered by lesft\.objectives\..*replace=True"):
+        register_objective("lesft")(lambda batch, cfg: (None, {}))
+    with pytest.raises(ValueError, match=r"aggregation strategy 'fedavg' is already registered"):
+        register_strategy("fedavg")(type("Mine", (Strategy,), {}))
+
+    def mine(batch, cfg):
+        return None, {}
+
+    try:
+        register_objective("test-taken")(mine)
+        register_objective("test-taken")(mine)  # the same definition again
+        other = register_objective("test-taken", replace=True)(lambda batch, cfg: (None, {}))
+        assert OBJECTIVES["test-taken"].fn is other
+    finally:
+        OBJECTIVES.pop("test-taken", None)
+    assert "fedavg" in STRATEGIES

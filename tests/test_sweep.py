@@ -161,7 +161,8 @@ def test_eval_and_base_method(assets, tmp_path, monkeypatch) -> None:
                       "run_dir": run_dir})
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         res = {"dataset": cfg.dataset, "split": cfg.split, "mode": cfg.mode, "n": cfg.limit, "correct": 1,
-               "accuracy": 1 / cfg.limit, "ci95": [0.0, 0.5]}
+               "accuracy": 1 / cfg.limit, "ci95": [0.0, 0.5],
+               "config": {"dataset": cfg.dataset, "split": cfg.split, "limit": cfg.limit}}
         (Path(cfg.out) / "eval.json").write_text(json.dumps(res))
         return res
 
@@ -182,6 +183,13 @@ def test_eval_and_base_method(assets, tmp_path, monkeypatch) -> None:
     assert [r["action"] for r in res] == ["eval", "eval"] and mtimes(out) == before
     assert [c["limit"] for c in calls[2:]] == [5, 5]
     assert [r["action"] for r in run_sweep(str(tmp_path / "s.yaml"), str(out))] == ["skip", "skip"]
+
+    # `lesft eval --run` with other settings overwrites eval.json (the sweep's marker stays): no longer done
+    e = json.loads((out / "method=sl" / "eval" / "eval.json").read_text())
+    e["config"]["limit"] = 50
+    (out / "method=sl" / "eval" / "eval.json").write_text(json.dumps(e))
+    assert [r["status"] for r in run_sweep(str(tmp_path / "s.yaml"), str(out), dry_run=True)] == ["needs-eval", "done"]
+    run_sweep(str(tmp_path / "s.yaml"), str(out))
 
     spec["base"]["lr"] = 1e-3  # a training-only change: the trained run is stale, the base run is not
     res = run_sweep(write_spec(tmp_path / "s2.yaml", spec), str(out), dry_run=True)

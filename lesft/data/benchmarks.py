@@ -173,15 +173,17 @@ def _records(name: str, split: str, data_dir: Path | None, file: str | None):
     except DataError:
         raise
     except Exception as e:  # ImportError (no `datasets`), no network, unknown split, ...
-        local = f"local file(s) {', '.join(tried)}" if tried else "no local data directory (set LESFT_DATA_DIR)"
+        local = f"local file(s) {', '.join(tried)} not found" if tried else "no local data directory (set LESFT_DATA_DIR)"
+        why = ("the `datasets` package is not installed (pip install datasets)" if isinstance(e, ImportError)
+               else f"{type(e).__name__}: {e}")  # the cause stays chained below, with its traceback
         hint = ""
         if name == "aqua_rat" and split == "train":
             hint = (" The full AQuA-RAT train file (train.json, 97k rows) is not in shared/data; point the split at "
                     "another file, e.g. file='train_flan_subset/aqua_train_flan_subset.jsonl' (2,728 real train rows).")
         raise FileNotFoundError(
-            f"{name} split {split!r}: not found: {local}; hub {hub_id}"
-            f"{f' ({config})' if config else ''} failed: {type(e).__name__}: {e}.{hint}"
-        ) from None
+            f"{name} split {split!r}: {local}, and the hub could not provide {hub_id}"
+            f"{f' ({config})' if config else ''}: {why}.{hint}"
+        ) from e
     return iter(records), stem
 
 

@@ -39,14 +39,18 @@ BENCHMARKS: dict[str, Benchmark] = {}
 
 
 def register_benchmark(name: str, answer_kind: str, splits: tuple[str, ...], eval_split: str,
-                       load: Loader | None = None) -> Benchmark:
+                       load: Loader | None = None, replace: bool = False) -> Benchmark:
     """Make ``name`` usable wherever a benchmark is named. ``load(split, data_dir, seed)`` returns rows
-    ``{id, prompt, target, reference, answer}`` (the prompt already formatted by ``format_question``)."""
+    ``{id, prompt, target, reference, answer}`` (the prompt already formatted by ``format_question``). A name
+    another loader took is refused unless ``replace``."""
     if answer_kind not in ("numeric", "choice"):
         raise ValueError(f"answer_kind must be 'numeric' or 'choice', got {answer_kind!r}")
     if eval_split not in splits:
         raise ValueError(f"eval_split {eval_split!r} is not one of the splits {splits}")
-    BENCHMARKS[name] = Benchmark(name, answer_kind, tuple(splits), eval_split, load)
+    from lesft.plugins import claim
+
+    claim(BENCHMARKS, name, Benchmark(name, answer_kind, tuple(splits), eval_split, load), load or name, "benchmark",
+          replace)
     return BENCHMARKS[name]
 
 

@@ -23,7 +23,8 @@ from typing import Any
 
 from lesft.config import TrainConfig, add_dataclass_args, apply_overrides, from_dict, load_yaml
 from lesft.deploy import generation
-from lesft.deploy.wire import NetArgs
+from lesft.deploy.wire import NetArgs, channel
+from lesft.generation import GenerateConfig, SessionLimits
 
 _OWN = ("command", "config", "listen", "tokens", "server", "token", "token_file", "client_id", "take_share",
         "max_rounds")
@@ -48,7 +49,7 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
                    help="stop after this many finished rounds (0: serve until interrupted)")
     add_dataclass_args(p, TrainConfig)
     add_dataclass_args(p, NetArgs)
-    generation.add_server_arguments(p)
+    add_generation_server_arguments(p)
 
 
 def add_client_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,7 +63,7 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
                         "(experiments on one machine); default: every row of --data is this device's")
     add_dataclass_args(p, TrainConfig)
     add_dataclass_args(p, NetArgs)
-    generation.add_client_arguments(p)
+    add_generation_client_arguments(p)
 
 
 def build_service(cfg: TrainConfig, net: NetArgs, clients: list[int], out: Path | None):
@@ -89,16 +90,16 @@ def run_server(args: argparse.Namespace) -> int:
     from lesft.deploy.service import serve
     from lesft.deploy.wire import load_tokens, server_credentials
 
-    mode, adapter, limits = generation.pop_server_args(args)
+    mode, adapter, limits = pop_generation_server_args(args)
     cfg, net = _split_args(args)
     server_credentials(args.listen, net)  # refuse plaintext on a public address before loading anything
     tokens = load_tokens(args.tokens, cfg.clients)
     if mode == "only":
-        return generation.run_generation_only(cfg, net, tokens, args.listen, adapter, limits)
+        return run_generation_only(cfg, net, tokens, args.listen, adapter, limits)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     service = build_service(cfg, net, sorted(set(tokens.values())), out)
-    gen = generation.build_generation(cfg, generation.server_adapter(adapter, cfg.out), limits) if mode == "on" else None
+    gen = generation.build_generation(cfg, server_adapter(adapter, cfg.out), limits) if mode == "on" else None
     handlers = (generation.generation_handler(gen, tokens, net, cfg.wire_dtype),) if gen is not None else ()
     server, port = serve(service, args.listen, net, tokens, handlers=handlers)
     host = args.listen.rsplit(":", 1)[0]
@@ -144,9 +145,9 @@ def run_client(args: argparse.Namespace) -> int:
     from lesft import methods
     from lesft.deploy.wire import channel, client_token
 
-    action, flags = generation.pop_client_action(args)
+    action, flags = pop_client_action(args)
     if action == "generate":
-        return generation.run_client_generate(args, flags)
+        return run_client_generate(args, flags)
     cfg, net = _split_args(args)
     cfg = methods.resolve(cfg)
     channel(args.server, net).close()  # refuse plaintext to a public address before loading anything
@@ -162,4 +163,98 @@ def run_client(args: argparse.Namespace) -> int:
         return 3
     print(f"lesft client {args.client_id}: done, {summary['rounds']} rounds, final loss {summary['final_loss']:.4f}, "
           f"bytes {summary['comm_bytes']} -> {cfg.out}", flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- lesft server flags
+
+_SERVER_FLAGS = ("generation", "adapter") + tuple(f"gen.{f.name}" for f in fields(SessionLimits))
+
+
+def add_generation_server_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--generation", choices=("off", "on", "only"), default="off",
+                   help="serve split generation too (on) or only (only: no training service)")
+    p.add_argument("--adapter", default=None, help="generation: peft adapter holding the server layers' LoRA "
+                                                   "(SERVER_OUT/adapter or a whole-model RUN/adapter; default: "
+                                                   "OUT/adapter if it exists)")
+    add_dataclass_args(p, SessionLimits, prefix="gen.")
+
+
+def pop_generation_server_args(args: argparse.Namespace) -> tuple[str, str | None, SessionLimits]:
+    """Take the generation flags off ``args`` (the rest is the training config): (mode, adapter, limits)."""
+    got = {k: vars(args).pop(k) for k in _SERVER_FLAGS if k in vars(args)}
+    limits = from_dict(SessionLimits, {k[4:]: v for k, v in got.items() if k.startswith("gen.")})
+    return got.get("generation", "off"), got.get("adapter"), limits
+
+
+def server_adapter(adapter: str | None, out: str) -> str | None:
+    if adapter is None and (Path(out) / "adapter" / "adapter_config.json").is_file():
+        return str(Path(out) / "adapter")
+    return adapter
+
+
+def run_generation_only(cfg: Any, net: NetArgs, tokens: dict[str, int], listen: str, adapter: str | None,
+                        limits: SessionLimits) -> int:
+    """``lesft server --generation only``: serve generation until interrupted."""
+    import signal
+
+    gen = generation.build_generation(cfg, server_adapter(adapter, cfg.out), limits)
+    server, port = generation.serve_generation(gen, listen, net, tokens, cfg.wire_dtype)
+    print(f"lesft server: serving generation ({len(tokens)} clients) on {listen.rsplit(':', 1)[0]}:{port}",
+          flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2).wait()
+    gen.shutdown()
+    return 0
+
+
+# ---------------------------------------------------------------- lesft client generate
+
+_CLIENT_FLAGS = ("action", "run") + tuple(f.name for f in fields(GenerateConfig))
+
+
+def add_generation_client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=("train", "generate"), default="train",
+                   help="train (default): split training; generate: complete prompts through the split server")
+    p.add_argument("--run", help="generate: this client's run directory (config.yaml + adapter/: the client "
+                                 "layers' LoRA are read from it)")
+    add_dataclass_args(p, GenerateConfig)
+
+
+def pop_client_action(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """Take the generation flags off ``args``: (action, those flags)."""
+    got = {k: vars(args).pop(k) for k in _CLIENT_FLAGS if k in vars(args)}
+    return got.pop("action", "train"), got
+
+
+def run_client_generate(args: argparse.Namespace, flags: dict[str, Any]) -> int:
+    """``lesft client generate --run DIR --server HOST:PORT``: this device's layers, the server's rest."""
+    from lesft.deploy.wire import client_token
+    from lesft.generation import SplitGenerator, SplitSpec, complete, cut
+    from lesft.model.load import load_model
+    from lesft.model.split import inspect_decoder, resolve_client_layers
+
+    run = flags.pop("run", None)
+    if not run:
+        raise ValueError("lesft client generate needs --run DIR (this client's run directory)")
+    cfg_gen = from_dict(GenerateConfig, flags)
+    typed = {k for k in ("label_privacy", "chat_template", "wire_dtype") if k in vars(args)}
+    _, net = _split_args(args)
+    channel(args.server, net).close()  # refuse plaintext to a public address before loading anything
+    spec = SplitSpec.from_run(run)
+    for k in typed:
+        setattr(spec, k, getattr(args, k))
+    token = client_token(args.client_id, args.token, args.token_file)
+    model, tokenizer = load_model(spec.model, device="cpu")
+    k = resolve_client_layers(spec.client_layers, len(inspect_decoder(model).layers))
+    bottom, head, _ = cut(model, k, Path(run) / "adapter", spec.label_privacy, server=False)
+    link = generation.RemoteGen(args.server, token, net, spec.wire_dtype)
+    try:
+        complete(SplitGenerator(bottom, link, model.generation_config, head, cfg_gen.gen_seed), tokenizer, cfg_gen,
+                 spec.chat_template)
+    finally:
+        link.shutdown()
     return 0

@@ -16,21 +16,19 @@ the other sessions go on.
 
 from __future__ import annotations
 
-import argparse
 import json
 import threading
-from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import grpc
 
-from lesft.config import add_dataclass_args, from_dict
-from lesft.deploy.wire import (MB, MessageTooLarge, NetArgs, bearer, call_with_retries, channel, check_tokens, chunks,
-                              join, metadata, start_server)
-from lesft.generation import GenerateConfig, GenerationServer, SessionError, SessionLimits, cut
-from lesft.messages import GenReply, GenStep, decode, encode_parts, payload_size
+from lesft.deploy.wire import (MessageTooLarge, NetArgs, RemoteError, bearer, call_with_retries, channel,
+                              check_tokens, chunks, join, metadata, send_message, start_server)
+from lesft.generation import GenerationServer, SessionError, SessionLimits, cut
+from lesft.messages import GenReply, GenStep, decode, encode_parts
 from lesft.transport import Meter
+
+__all__ = ["RemoteError", "RemoteGen", "build_generation", "generation_handler", "serve_generation"]
 
 SERVICE = "lesft.Generation"
 RETRY = {grpc.StatusCode.UNAVAILABLE}
@@ -119,58 +117,9 @@ def build_generation(cfg: Any, adapter: str | None, limits: SessionLimits) -> Ge
     return GenerationServer(top, model.config.hidden_size, limits)
 
 
-# ---------------------------------------------------------------- lesft server flags
-
-_SERVER_FLAGS = ("generation", "adapter") + tuple(f"gen.{f.name}" for f in fields(SessionLimits))
-
-
-def add_server_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--generation", choices=("off", "on", "only"), default="off",
-                   help="serve split generation too (on) or only (only: no training service)")
-    p.add_argument("--adapter", default=None, help="generation: peft adapter holding the server layers' LoRA "
-                                                   "(SERVER_OUT/adapter or a whole-model RUN/adapter; default: "
-                                                   "OUT/adapter if it exists)")
-    add_dataclass_args(p, SessionLimits, prefix="gen.")
-
-
-def pop_server_args(args: argparse.Namespace) -> tuple[str, str | None, SessionLimits]:
-    """Take the generation flags off ``args`` (the rest is the training config): (mode, adapter, limits)."""
-    got = {k: vars(args).pop(k) for k in _SERVER_FLAGS if k in vars(args)}
-    limits = from_dict(SessionLimits, {k[4:]: v for k, v in got.items() if k.startswith("gen.")})
-    return got.get("generation", "off"), got.get("adapter"), limits
-
-
-def server_adapter(adapter: str | None, out: str) -> str | None:
-    if adapter is None and (Path(out) / "adapter" / "adapter_config.json").is_file():
-        return str(Path(out) / "adapter")
-    return adapter
-
-
-def run_generation_only(cfg: Any, net: NetArgs, tokens: dict[str, int], listen: str, adapter: str | None,
-                        limits: SessionLimits) -> int:
-    """``lesft server --generation only``: serve generation until interrupted."""
-    import signal
-
-    gen = build_generation(cfg, server_adapter(adapter, cfg.out), limits)
-    server, port = serve_generation(gen, listen, net, tokens, cfg.wire_dtype)
-    print(f"lesft server: serving generation ({len(tokens)} clients) on {listen.rsplit(':', 1)[0]}:{port}",
-          flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    server.stop(grace=2).wait()
-    gen.shutdown()
-    return 0
-
-
 # ----------------------------------------------------------------------------------------------
 # Client
 # ----------------------------------------------------------------------------------------------
-
-
-class RemoteError(ConnectionError):
-    """The generation server refused a call (the message names why)."""
 
 
 class RemoteGen:
@@ -201,23 +150,9 @@ class RemoteGen:
         return json.loads(reply)["session"]
 
     def step(self, msg: GenStep) -> GenReply:
-        parts, payload = encode_parts(msg, self.wire_dtype)
-        size = len(parts[0]) + payload
-        one = size <= self.net.chunk_mb * MB
-
-        def once() -> bytearray:
-            if one:
-                replies = self._step(b"".join(parts), metadata=self.metadata, timeout=self.net.timeout_s)
-            else:
-                replies = self._stream(chunks(parts, self.net.chunk_mb), metadata=self.metadata,
-                                       timeout=self.net.timeout_s)
-            return join(replies, self.net.max_message_mb)
-
-        reply = self._call(f"step {msg.step} of session {msg.session}", once)  # a retried step gets the same reply
-        self.meter.add("client_to_server", msg.kind, payload, size)
-        out = decode(reply)
-        self.meter.add("server_to_client", out.kind, payload_size(reply), len(reply))
-        return out
+        return send_message(msg, self.wire_dtype, self.net, self._step, self._stream, self.metadata, self.net.timeout_s,
+                            lambda fn: self._call(f"step {msg.step} of session {msg.session}", fn), self.meter)
+        # a retried step gets the same reply (the server keeps its last one)
 
     def close(self, session: str) -> dict[str, Any]:
         reply = self._call("close", lambda: self._close(json.dumps({"session": session}).encode(),
@@ -226,53 +161,3 @@ class RemoteGen:
 
     def shutdown(self) -> None:
         self.channel.close()
-
-
-# ---------------------------------------------------------------- lesft client generate
-
-_CLIENT_FLAGS = ("action", "run") + tuple(f.name for f in fields(GenerateConfig))
-
-
-def add_client_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", nargs="?", choices=("train", "generate"), default="train",
-                   help="train (default): split training; generate: complete prompts through the split server")
-    p.add_argument("--run", help="generate: this client's run directory (config.yaml + adapter/: the client "
-                                 "layers' LoRA are read from it)")
-    add_dataclass_args(p, GenerateConfig)
-
-
-def pop_client_action(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """Take the generation flags off ``args``: (action, those flags)."""
-    got = {k: vars(args).pop(k) for k in _CLIENT_FLAGS if k in vars(args)}
-    return got.pop("action", "train"), got
-
-
-def run_client_generate(args: argparse.Namespace, flags: dict[str, Any]) -> int:
-    """``lesft client generate --run DIR --server HOST:PORT``: this device's layers, the server's rest."""
-    from lesft.deploy.cli import _split_args
-    from lesft.deploy.wire import client_token
-    from lesft.generation import SplitGenerator, SplitSpec, complete
-    from lesft.model.load import load_model
-    from lesft.model.split import inspect_decoder, resolve_client_layers
-
-    run = flags.pop("run", None)
-    if not run:
-        raise ValueError("lesft client generate needs --run DIR (this client's run directory)")
-    cfg_gen = from_dict(GenerateConfig, flags)
-    typed = {k for k in ("label_privacy", "chat_template", "wire_dtype") if k in vars(args)}
-    _, net = _split_args(args)
-    channel(args.server, net).close()  # refuse plaintext to a public address before loading anything
-    spec = SplitSpec.from_run(run)
-    for k in typed:
-        setattr(spec, k, getattr(args, k))
-    token = client_token(args.client_id, args.token, args.token_file)
-    model, tokenizer = load_model(spec.model, device="cpu")
-    k = resolve_client_layers(spec.client_layers, len(inspect_decoder(model).layers))
-    bottom, head, _ = cut(model, k, Path(run) / "adapter", spec.label_privacy, server=False)
-    link = RemoteGen(args.server, token, net, spec.wire_dtype)
-    try:
-        complete(SplitGenerator(bottom, link, model.generation_config, head, cfg_gen.gen_seed), tokenizer, cfg_gen,
-                 spec.chat_template)
-    finally:
-        link.shutdown()
-    return 0

@@ -43,7 +43,7 @@ from lesft.deploy.wire import (EXCHANGE, EXCHANGE_ONE, HELLO, MB, MessageTooLarg
                                chunks, join, start_server)
 from lesft.lora import export_adapter, load_lora_state, lora_state
 from lesft.messages import (Activations, ActivationGrad, CachedActivations, Message, PathBatch, Resend, WireFormat,
-                            decode, encode_parts, payload_size)
+                            bounded, decode, encode_parts, payload_size)
 from lesft.roles import SplitServer
 from lesft.transport import Meter
 
@@ -82,11 +82,6 @@ class Limits:
     max_batch: int = 64      # rows per client message
     max_seq: int = 8192      # tokens per row; position ids must lie in [0, max_seq)
     max_abs: float = 1e6     # largest |value| of activations and gradients, in and out, and of the adapter
-
-
-def bounded(t: torch.Tensor, limit: float) -> bool:
-    """True when every value of ``t`` is finite and within [-limit, limit]."""
-    return t.numel() == 0 or bool(torch.isfinite(t).all() and t.abs().max() <= limit)
 
 
 def _check_path(pb: PathBatch | None, name: str, hidden: int, vocab: int, limits: Limits,

@@ -69,12 +69,15 @@ OBJECTIVES: dict[str, Objective] = {}
 
 
 def register_objective(name: str, needs_reference: bool = False, merge_stats: MergeFn = token_mean_stats,
-                       logprobs: bool = False) -> Callable[[LossFn], LossFn]:
+                       logprobs: bool = False, replace: bool = False) -> Callable[[LossFn], LossFn]:
     """Function decorator: make ``fn(batch, cfg) -> (loss, stats)`` reachable as ``--loss NAME``. With
     ``logprobs=True`` ``fn`` must also take a batch whose ``logits`` is None and whose ``logprobs`` holds the
-    target tokens' log-probabilities (what a chunked LM head gives)."""
+    target tokens' log-probabilities (what a chunked LM head gives). A name another function took is refused
+    unless ``replace``."""
     def add(fn: LossFn) -> LossFn:
-        OBJECTIVES[name] = Objective(name, fn, needs_reference, merge_stats, logprobs)
+        from lesft.plugins import claim
+
+        claim(OBJECTIVES, name, Objective(name, fn, needs_reference, merge_stats, logprobs), fn, "loss", replace)
         return fn
     return add
 
