@@ -36,7 +36,7 @@ from torch import nn
 from transformers import DynamicCache, StoppingCriteriaList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from lesft.lora import adapter_args, merge_lora, part_state
-from lesft.messages import GenReply, GenStep
+from lesft.messages import GenReply, GenStep, bounded
 from lesft.model.split import ClientPart, HeadPart, ServerPart
 from lesft.transport import Loopback, Meter, Transport
 
@@ -106,6 +106,12 @@ class SessionLimits:
     max_batch: int = field(default=64, metadata={"help": "Rows per generation session."})
     idle_s: float = field(default=60.0, metadata={"help": "A session unused this long (seconds) is dropped and "
                                                           "its KV cache freed."})
+    max_abs: float = field(default=1e6, metadata={"help": "Largest |value| of a hidden state a client may send (the "
+                                                          "training service's bound)."})
+    prefill_chunk_tokens: int = field(default=512, metadata={
+        "help": "A prompt's positions go through the server's layers this many at a time, the KV cache growing "
+                "chunk by chunk, so a long prompt's activations are bounded (0: all at once). The tokens are "
+                "the same either way."})
 
 
 @dataclass
@@ -192,7 +198,7 @@ class GenerationServer:
                 if s.positions is None:
                     s.positions = Positions(msg.attention_mask)
                 mask, pos = s.positions.next()
-                out = self.top.middle(msg.hidden.to(self.dtype), mask, pos, s.cache)[:, -1:]
+                out = self._middle(msg.hidden.to(self.dtype), mask, pos, s.cache)
                 if self.label_private:
                     reply = GenReply(msg.session, msg.step, hidden=out)
                 else:
@@ -207,6 +213,18 @@ class GenerationServer:
             s.step, s.length, s.last_used, s.last_reply = s.step + 1, s.length + t, self.clock(), reply
         return reply
 
+    def _middle(self, hidden: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor,
+                cache: DynamicCache) -> torch.Tensor:
+        """The server's layers on the step's new positions [B, T, H], ``prefill_chunk_tokens`` at a time (each
+        chunk attends to the cache the chunks before it filled); the last position's output [B, 1, H]."""
+        t = hidden.shape[1]
+        c = self.limits.prefill_chunk_tokens or t
+        past = mask.shape[1] - t if mask is not None else 0  # the mask covers the cached positions and the new
+        for a in range(0, t, c):
+            b = min(a + c, t)
+            out = self.top.middle(hidden[:, a:b], mask[:, :past + b] if mask is not None else None, pos[:, a:b], cache)
+        return out[:, -1:]
+
     def _check(self, s: _Session, msg: GenStep) -> int:
         """The number of new positions in ``msg``; raise INVALID_ARGUMENT naming what is wrong."""
         h = msg.hidden
@@ -220,6 +238,8 @@ class GenerationServer:
                                  f"{list(h.shape)}{' and a mask' if msg.attention_mask is not None else ''}")
             if not torch.isfinite(h).all():
                 raise ValueError("hidden: contains NaN or infinite values")
+            if not bounded(h, self.limits.max_abs):
+                raise ValueError(f"hidden: values beyond the magnitude limit {self.limits.max_abs:g}")
             m = msg.attention_mask
             if msg.step == 0:
                 if m is None or m.dtype != torch.bool or tuple(m.shape) != tuple(h.shape[:2]):

@@ -71,13 +71,16 @@ def batch(tokenizer, prompts: list[str]):
     return enc["input_ids"], enc["attention_mask"]
 
 
-@pytest.mark.parametrize("arch,k,lp,tie", [("llama", 1, False, True), ("llama", 3, False, False),
-                                           ("qwen2", 2, False, True), ("llama", 2, True, True),
-                                           ("qwen2", 1, True, False)])
-def test_greedy_split_generation_equals_the_merged_model_token_for_token(tokenizer, tmp_path, arch, k, lp, tie):
+@pytest.mark.parametrize("arch,k,lp,tie,chunk", [("llama", 1, False, True, 512), ("llama", 3, False, False, 512),
+                                                 ("qwen2", 2, False, True, 512), ("llama", 2, True, True, 512),
+                                                 ("qwen2", 1, True, False, 512), ("qwen2", 2, False, True, 3),
+                                                 ("llama", 2, True, True, 1)])
+def test_greedy_split_generation_equals_the_merged_model_token_for_token(tokenizer, tmp_path, arch, k, lp, tie, chunk):
+    """... with the prompt's prefill on the server in one piece, or in chunks of 3 positions (under Qwen2's
+    sliding window of 6) or of 1."""
     run = make_run(tmp_path, tokenizer, arch, k, lp, tie)
     ref = merged(run)
-    gen, tok, spec = in_process(run)
+    gen, tok, spec = in_process(run, limits=SessionLimits(prefill_chunk_tokens=chunk))
     assert spec.label_privacy is lp and (gen.head is not None) is lp
     ids, mask = batch(tokenizer, PROMPTS)
     assert (mask == 0).any()  # padding in the batch
@@ -326,3 +329,17 @@ def test_every_generation_flag_has_help():
     add_dataclass_args(p, SessionLimits, prefix="gen.")
     missing = [a.dest for a in p._actions if a.dest != "help" and (not a.help or a.help.startswith(" (default"))]
     assert missing == []
+
+
+def test_a_hidden_state_beyond_the_magnitude_bound_is_refused(tokenizer, tmp_path):
+    """The generation service bounds |hidden| as the training service does (SessionLimits.max_abs, 1e6)."""
+    from lesft.generation import SessionError
+
+    run = make_run(tmp_path, tokenizer, "llama", 1)
+    gen, _, _ = in_process(run)
+    server = gen.link.server
+    sid = server.open(0, {"batch": 1})["session"]
+    h = torch.zeros(1, 3, 32)
+    h[0, 1, 5] = 2e6
+    with pytest.raises(SessionError, match="beyond the magnitude limit 1e\\+06"):
+        server.step(0, GenStep(sid, 0, h, torch.ones(1, 3, dtype=torch.bool)))
