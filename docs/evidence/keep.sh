@@ -10,7 +10,8 @@ set -euo pipefail
 cmd=${1:?usage: keep.sh save|restore [SWEEP_DIR]}
 dir=${2:-runs/evidence}
 keep=docs/evidence/results
-files=(config.input.yaml config.yaml metrics.jsonl summary.json train_keys.json eval/eval.json eval/predictions.jsonl)
+files=(config.input.yaml config.yaml metrics.jsonl summary.json train_keys.json eval/eval.json eval/predictions.jsonl
+       eval-validation/eval.json eval-validation/predictions.jsonl)
 case "$cmd" in
   save)
     for run in "$dir"/*/; do

@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# The validation check of issue 10: the seed-0 adapters of the variants compared so far, evaluated on 300
-# problems of the synthetic *validation* split (disjoint from the test split and from every training row at the
-# level of the equations), then reported paired with splitlora. Settings are picked here, never on the test set.
-#   bash docs/evidence/validation.sh [SWEEP_DIR] [RUN ...]
+# The validation check of issue 10: adapters evaluated on 300 problems of the synthetic *validation* split
+# (disjoint from the test split and from every training row at the level of the equations), then reported
+# paired with splitlora. Settings are picked here, never on the test set.
+#   bash docs/evidence/validation.sh [SWEEP_DIR] [RUN ...]   # the runs named (default: the seed-0 trio of issue 10)
+#   bash docs/evidence/validation.sh [SWEEP_DIR] --all       # every trained run that still has its adapter
+# Only runs trained on this machine have an adapter (docs/evidence/results keeps no adapters): `keep.sh save`
+# keeps each run's eval-validation/ beside its test evaluation.
 set -euo pipefail
 dir=${1:-runs/evidence}; shift || true
 runs=("$@")
+if [ "${runs[0]:-}" = "--all" ]; then
+  runs=()
+  for d in "$dir"/*/; do
+    [ -f "$d/adapter/adapter_config.json" ] && [ -f "$d/summary.json" ] && runs+=("$(basename "$d")")
+  done
+fi
 [ ${#runs[@]} -gt 0 ] || runs=("seed=0__method=splitlora" "seed=0__method=lesft" "method=lesft__lesft.weighting=uniform-1__seed=0")
 lesft=${LESFT:-.venv/bin/lesft}
 for r in "${runs[@]}"; do
