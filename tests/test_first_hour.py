@@ -322,7 +322,8 @@ def test_help_imports_no_torch_and_is_grouped(argv) -> None:
 
 
 def test_report_error_bars_are_the_wilson_bounds() -> None:
-    from lesft.report import Cell, _yerr
+    from lesft.report.figures import _yerr
+    from lesft.report.tables import Cell
     from lesft.stats import wilson_ci
 
     lo, hi = wilson_ci(0, 5)

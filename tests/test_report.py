@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lesft.report import MB, write_report
+from lesft.report import write_report
+from lesft.units import MB
 
 GRID = {"method": ["sl", "lesft"], "client_layers": ["1/2", "1/4"], "seed": [0, 1]}
 
@@ -188,7 +189,9 @@ def test_hundred_runs_fast(tmp_path: Path) -> None:
 def test_ablation_figure_pools_only_runs_that_differ_in_the_key(tmp_path: Path) -> None:
     """Seen in the evidence study: NLFT mode (lesft.nlft_lambda=0.5, weighting adaptive) was pooled into the
     `adaptive` bar beside plain lesft. Each bar must hold only the runs that differ in the ablated key."""
-    from lesft.report import _ablation_groups, _collect, _layout
+    from lesft.report.figures import _ablation_groups
+    from lesft.report.runs import _collect
+    from lesft.report.tables import _layout
 
     root = tmp_path / "sweep"
     grid = {"seed": [0, 1], "method": ["lesft"]}
@@ -214,7 +217,8 @@ def test_ablation_figure_pools_only_runs_that_differ_in_the_key(tmp_path: Path) 
 
 
 def test_rows_per_step_counts_the_rows_behind_one_step_of_the_head() -> None:
-    from lesft.report import Run, _rows_per_step
+    from lesft.report.runs import Run
+    from lesft.report.tables import _rows_per_step
 
     def run(split: bool, clients: int, **config) -> Run:
         return Run("r", Path("."), None, config={"batch_size": 1, "grad_accum": 4, **config},
