@@ -215,7 +215,7 @@ def test_jobs_run_in_child_processes(assets, tmp_path) -> None:
 
 def test_a_field_added_since_a_run_does_not_make_it_stale() -> None:
     from lesft.config import TrainConfig, to_dict
-    from lesft.sweep import _config_diff
+    from lesft.sweep.status import _config_diff
 
     now = to_dict(TrainConfig())
     old = {k: v for k, v in now.items() if k != "label_privacy"}  # a run made before the field existed
@@ -225,7 +225,7 @@ def test_a_field_added_since_a_run_does_not_make_it_stale() -> None:
 
 def test_a_killed_child_names_its_signal() -> None:
     """A Ctrl-C during evaluation (exit -2) is not reported as running out of memory; SIGKILL may be."""
-    from lesft.sweep import _signal_cause
+    from lesft.sweep.point import _signal_cause
     assert "SIGINT" in _signal_cause(2) and "memory" not in _signal_cause(2)
     assert "SIGTERM" in _signal_cause(15) and "retries" in _signal_cause(15)
     assert "out of memory" in _signal_cause(9)
@@ -237,7 +237,7 @@ def test_a_killed_child_counts_its_attempts(tmp_path, monkeypatch) -> None:
     import subprocess
     import types
 
-    from lesft.sweep import _spawn
+    from lesft.sweep.point import _spawn
 
     point = types.SimpleNamespace(dir=tmp_path, name="p")
     monkeypatch.setattr(subprocess, "run", lambda *a, **kw: types.SimpleNamespace(returncode=-9))

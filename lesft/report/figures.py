@@ -229,7 +229,7 @@ def _figures(runs: list[Run], lay: Layout, fig_dir: Path, problems: list[str], p
     made: list[tuple[str, str]] = []
     jobs: list[tuple[str, str, Any]] = []
     if paired and baseline:
-        from lesft.sweep import _slug  # the run directories' slug
+        from lesft.sweep.spec import _slug  # the run directories' slug
 
         jobs.append((f"paired_vs_{_slug(baseline)}.png", f"Paired difference to {baseline}",
                      lambda p: _fig_paired(list(paired), lay, baseline, p)))
