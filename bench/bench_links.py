@@ -85,7 +85,8 @@ def compute_from(out: Path, cfg: dict) -> "plan.Compute":
 
 def main() -> int:
     from lesft import plan
-    from lesft.config import TrainConfig, from_dict
+    from lesft.config import TrainConfig
+    from lesft.typed import from_dict
     from lesft.deploy.netem import PROFILES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 def steps(model_dir: Path, clients: list[int], silent: int | None, n: int, timeout: float) -> list[float]:
     from test_hostile import act, make_cfg, wire
 
-    from lesft.config import to_dict
+    from lesft.typed import to_dict
     from lesft.deploy.cli import build_service
     from lesft.deploy.wire import NetArgs
 

@@ -16,7 +16,9 @@ import argparse
 import sys
 from typing import Any, Callable, NamedTuple, Sequence
 
-from lesft.config import TRAIN_SECTIONS, TrainConfig, add_dataclass_args, build_config, did_you_mean, from_dict, load_yaml
+from lesft.config import TRAIN_SECTIONS, TrainConfig
+from lesft.flags import add_dataclass_args
+from lesft.typed import build_config, did_you_mean, from_dict, load_yaml
 
 
 class Command(NamedTuple):
@@ -96,7 +98,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    from lesft.config import _parse_bool
+    from lesft.flags import _parse_bool
     from lesft.generation import GenerateConfig
 
     p.add_argument("--run", required=True, help="a `lesft train` output directory (model, split, adapter)")

@@ -5,6 +5,8 @@ targets (:mod:`lesft.distill`), ``lesft generate`` and the benches use; it takes
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 

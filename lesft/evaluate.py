@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lesft.config import DEFAULT_STOP, KNOWN_DATASETS, MC_DATASETS, EvalConfig, load_yaml  # torch-free
+from lesft.config import DEFAULT_STOP, KNOWN_DATASETS, MC_DATASETS, EvalConfig
+from lesft.typed import load_yaml  # torch-free
 from lesft.data.contamination import problem_keys
 from lesft.decoding import _bar, _device, generate  # re-exported: decoding has its own module
 from lesft.data.prompts import render_prompt

@@ -471,7 +471,7 @@ class SplitSpec:
 
     @classmethod
     def from_run(cls, run_dir: str | Path) -> "SplitSpec":
-        from lesft.config import load_yaml
+        from lesft.typed import load_yaml
 
         p = Path(run_dir) / "config.yaml"
         if not p.is_file():

@@ -136,7 +136,7 @@ def export_merged(out_dir: str | Path, run_dir: str | None = None, model: str | 
     """A full model with the adapter merged in (peft's ``merge_and_unload``), written with
     ``save_pretrained`` together with its tokenizer: ``AutoModelForCausalLM.from_pretrained(out_dir)``
     loads it with plain transformers. ``run_dir`` gives the defaults: its ``model`` and ``RUN/adapter``."""
-    from lesft.config import load_yaml
+    from lesft.typed import load_yaml
     from lesft.model.load import load_for_eval
 
     out = Path(out_dir)

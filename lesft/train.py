@@ -29,7 +29,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lesft import methods
 from lesft.checkpoint import CKPT, find_checkpoint, load_checkpoint, open_checkpoint, save_checkpoint
-from lesft.config import TrainConfig, flatten, load_yaml, normalised, save_yaml, to_dict
+from lesft.config import TrainConfig
+from lesft.typed import flatten, load_yaml, normalised, save_yaml, to_dict
 from lesft.data.partition import length_buckets, partition_dirichlet, partition_iid, per_client_sample
 from lesft.data.rows import load_rows
 from lesft.data.samples import build_sample

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import rows
 from lesft.cli import build_parser, main
-from lesft.config import TrainConfig, apply_overrides, from_dict
+from lesft.config import TrainConfig
+from lesft.typed import apply_overrides, from_dict
 from lesft.data.prompts import reference_text
 from lesft.data.rows import DataError, load_jsonl, load_rows
 from lesft.data.samples import IGNORE_INDEX, build_sample, collate
@@ -115,7 +116,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, capsys) -> None:
 def test_demo_yaml_matches_builtin_defaults() -> None:
     from pathlib import Path
 
-    from lesft.config import load_yaml
+    from lesft.typed import load_yaml
     from lesft.demo import DEMO_DEFAULTS
 
     assert load_yaml(Path(__file__).parents[1] / "configs" / "demo.yaml") == DEMO_DEFAULTS
@@ -124,7 +125,7 @@ def test_demo_yaml_matches_builtin_defaults() -> None:
 def test_every_config_field_has_help() -> None:
     import argparse
 
-    from lesft.config import add_dataclass_args
+    from lesft.flags import add_dataclass_args
 
     p = argparse.ArgumentParser()
     add_dataclass_args(p, TrainConfig)

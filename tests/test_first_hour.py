@@ -346,7 +346,7 @@ def test_tensorboard_logs_loss_when_installed(assets, tmp_path) -> None:
 
 
 def test_a_config_saved_before_type_checks_still_resumes(tmp_path) -> None:
-    from lesft.config import normalised
+    from lesft.typed import normalised
     from lesft.sweep.status import _config_diff
 
     old = {"client_layers": 2, "lr": "2e-4", "lora": {"r": 8}}  # as written unchecked: int and str

@@ -21,7 +21,8 @@ from flwr.app import Context, Message, RecordDict  # noqa: E402
 from flwr.serverapp import Grid  # noqa: E402
 
 from lesft import methods  # noqa: E402
-from lesft.config import TrainConfig, from_dict, to_dict  # noqa: E402
+from lesft.config import TrainConfig
+from lesft.typed import from_dict, to_dict  # noqa: E402
 from lesft.deploy.cli import build_service  # noqa: E402
 from lesft.deploy.client_app import app as client_app  # noqa: E402
 from lesft.deploy.server_app import app as server_app  # noqa: E402

@@ -15,7 +15,8 @@ import torch
 
 from conftest import make_model
 from lesft import methods
-from lesft.config import TrainConfig, save_yaml
+from lesft.config import TrainConfig
+from lesft.typed import save_yaml
 from lesft.evaluate import DEFAULT_STOP, generate, load_for_eval
 from lesft.generation import GenerationServer, SessionError, SessionLimits, in_process
 from lesft.lora import LoraArgs, add_lora, export_adapter, lora_state
@@ -321,7 +322,7 @@ def test_a_generation_past_the_servers_token_limit_is_a_clear_error(tokenizer, t
 def test_every_generation_flag_has_help():
     import argparse
 
-    from lesft.config import add_dataclass_args
+    from lesft.flags import add_dataclass_args
     from lesft.generation import GenerateConfig
 
     p = argparse.ArgumentParser()

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from lesft import methods
-from lesft.config import TrainConfig, to_dict
+from lesft.config import TrainConfig
+from lesft.typed import to_dict
 from lesft.deploy.cli import build_service
 from lesft.deploy.remote import RemoteError, RemoteSplit
 from lesft.deploy.service import Limits, SplitService, serve
@@ -245,7 +246,7 @@ def test_hostile_input_is_refused_with_its_code_and_logged(live, name) -> None:
     address, cfg, net, service = live
     what, code, words = HOSTILE[name]
     if what == "hello-seed":  # a full config that differs in one field
-        from lesft.config import to_dict
+        from lesft.typed import to_dict
 
         mine = to_dict(service.cfg)
         what = ("hello", json.dumps({"config": {**mine, "seed": mine["seed"] + 1}}).encode())

@@ -218,7 +218,8 @@ def test_namespaced_deployment_equals_simulation(assets, tmp_path) -> None:
     left running."""
     from safetensors.torch import load_file
 
-    from lesft.config import TrainConfig, from_dict
+    from lesft.config import TrainConfig
+    from lesft.typed import from_dict
     from lesft.train import train
 
     cfg = _config(assets, tmp_path)
@@ -268,7 +269,8 @@ def test_split_learning_without_flower_across_namespaces(assets, tmp_path) -> No
     and a shaped link; every device's adapter and the server's equal the simulation's, and nothing is left."""
     from safetensors.torch import load_file
 
-    from lesft.config import TrainConfig, from_dict
+    from lesft.config import TrainConfig
+    from lesft.typed import from_dict
     from lesft.train import train
 
     cfg = _config(assets, tmp_path, method="sl", aggregate_every=0, rounds=2)

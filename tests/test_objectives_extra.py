@@ -11,7 +11,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from conftest import make_model, rows
 from lesft import methods
-from lesft.config import TrainConfig, build_config
+from lesft.config import TrainConfig
+from lesft.typed import build_config
 from lesft.frozen import adapters_disabled, frozen_target_logprobs
 from lesft.lora import LoraArgs
 from lesft.objectives import ObjectiveBatch, get_objective

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from lesft import plan
-from lesft.config import TrainConfig, from_dict
+from lesft.config import TrainConfig
+from lesft.typed import from_dict
 from lesft.deploy.netem import Profile
 from lesft.train import train
 

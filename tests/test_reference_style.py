@@ -9,7 +9,8 @@ import re
 
 import pytest
 
-from lesft.config import TrainConfig, build_config
+from lesft.config import TrainConfig
+from lesft.typed import build_config
 from lesft.data.benchmarks import load_benchmark
 from lesft.data.rows import load_rows
 from lesft.data.synthetic import (_TEMPLATES, ArithmeticSpec, check_answer, generate_arithmetic, solution_key,

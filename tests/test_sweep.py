@@ -214,7 +214,8 @@ def test_jobs_run_in_child_processes(assets, tmp_path) -> None:
 
 
 def test_a_field_added_since_a_run_does_not_make_it_stale() -> None:
-    from lesft.config import TrainConfig, to_dict
+    from lesft.config import TrainConfig
+    from lesft.typed import to_dict
     from lesft.sweep.status import _config_diff
 
     now = to_dict(TrainConfig())

@@ -28,7 +28,8 @@ from lesft.audit.attacks import (GradientLabels, LinearInverter, NearestState, b
                                  public_sequences)
 from lesft.audit.score import score
 from lesft.audit.view import Received, Recorder, Truth, capture, record_training
-from lesft.config import TrainConfig, to_dict
+from lesft.config import TrainConfig
+from lesft.typed import to_dict
 from lesft.data.rows import load_rows
 from lesft.messages import PathBatch, WireFormat
 from lesft.meters import MB
@@ -92,7 +93,7 @@ class AuditConfig:
 def audit_config(data: dict[str, Any], overrides: dict[str, Any]) -> AuditConfig:
     """Defaults <- ``data`` (a YAML mapping, nested) <- ``overrides`` (dotted keys), so that a partial
     ``run:`` group keeps the audit's own run defaults."""
-    from lesft.config import apply_overrides, from_dict
+    from lesft.typed import apply_overrides, from_dict
 
     def merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v

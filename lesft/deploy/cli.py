@@ -21,7 +21,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from lesft.config import TrainConfig, add_dataclass_args, apply_overrides, from_dict, load_yaml
+from lesft.config import TrainConfig
+from lesft.flags import add_dataclass_args
+from lesft.typed import apply_overrides, from_dict, load_yaml
 from lesft.deploy import generation
 from lesft.deploy.wire import NetArgs, channel
 from lesft.generation import GenerateConfig, SessionLimits

@@ -89,7 +89,8 @@ def train_for_flower(node: dict, adapter: dict[str, Any], flower_round: int,
     device worker's kept copy); without it the model is loaded from disk."""
     from lesft import methods
     from lesft.checkpoint import CKPT, open_checkpoint
-    from lesft.config import TrainConfig, from_dict, load_yaml
+    from lesft.config import TrainConfig
+    from lesft.typed import from_dict, load_yaml
     from lesft.deploy.cli import train_remote
     from lesft.deploy.wire import NetArgs, client_token
 

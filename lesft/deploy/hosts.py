@@ -206,7 +206,8 @@ class Deployment:
         import yaml
 
         from lesft import methods
-        from lesft.config import TrainConfig, from_dict, load_yaml
+        from lesft.config import TrainConfig
+        from lesft.typed import from_dict, load_yaml
 
         self.config_path = config.resolve()
         self.out = out.resolve()

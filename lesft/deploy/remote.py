@@ -17,7 +17,8 @@ from typing import Any
 import grpc
 import torch
 
-from lesft.config import TrainConfig, to_dict
+from lesft.config import TrainConfig
+from lesft.typed import to_dict
 from lesft.deploy.wire import (EXCHANGE, EXCHANGE_ONE, HELLO, NetArgs, RemoteError, call_with_retries, channel,
                               metadata, send_message)
 from lesft.exchange import Resync

@@ -31,7 +31,8 @@ from flwr.serverapp.strategy import FedAvg
 from safetensors.torch import save_file
 
 from lesft import methods
-from lesft.config import TrainConfig, from_dict, load_yaml
+from lesft.config import TrainConfig
+from lesft.typed import from_dict, load_yaml
 from lesft.lora import export_adapter, lora_state
 from lesft.strategies import Strategy, get_strategy
 

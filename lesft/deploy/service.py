@@ -38,7 +38,8 @@ import grpc
 import torch
 
 from lesft.checkpoint import _load_optimizer, _optimizer_state, open_checkpoint, write_checkpoint
-from lesft.config import TrainConfig, to_dict
+from lesft.config import TrainConfig
+from lesft.typed import to_dict
 from lesft.deploy.wire import (EXCHANGE, EXCHANGE_ONE, HELLO, MB, MessageTooLarge, NetArgs, bearer, check_tokens,
                                chunks, join, start_server)
 from lesft.lora import export_adapter, load_lora_state, lora_state

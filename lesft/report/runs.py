@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from lesft.config import flatten
+from lesft.typed import flatten
 from lesft.stats import wilson_ci
 from lesft.units import DIRECTIONS
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from lesft.config import TrainConfig, from_dict, load_yaml
+from lesft.config import TrainConfig
+from lesft.typed import from_dict, load_yaml
 from lesft.data.registry import BENCHMARKS
 from lesft.sweep.spec import BASE_METHOD
 from lesft.sweep.status import Point, _read_json

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 
-from lesft.config import TrainConfig, _base_type, load_yaml
+from lesft.config import TrainConfig
+from lesft.typed import _base_type, load_yaml
 
 
 BASE_METHOD = "base"

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 
-from lesft.config import FREE_FIELDS, TrainConfig, apply_overrides, flatten, from_dict, load_yaml, normalised, to_dict
+from lesft.config import FREE_FIELDS, TrainConfig
+from lesft.typed import apply_overrides, flatten, from_dict, load_yaml, normalised, to_dict
 from lesft.sweep.spec import BASE_KEYS, BASE_METHOD, BASE_PREFIXES, _flatten, expand
 
 
