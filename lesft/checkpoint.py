@@ -27,7 +27,9 @@ from lesft.lora import load_lora_state, lora_state
 CKPT = "checkpoint"
 
 
-def _optimizer_state(opt: torch.optim.Optimizer | None, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+def optimizer_state(opt: torch.optim.Optimizer | None, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """An optimizer's state for a checkpoint: its tensors go into ``tensors`` under ``prefix``, the rest (param groups,
+    which keys each parameter has) is returned as JSON. The simulation's and the split server's checkpoints use it."""
     if opt is None:
         return None
     sd = opt.state_dict()
@@ -37,7 +39,8 @@ def _optimizer_state(opt: torch.optim.Optimizer | None, prefix: str, tensors: di
     return {"param_groups": sd["param_groups"], "state_keys": {str(i): list(st) for i, st in sd["state"].items()}}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer | None, meta: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+def load_optimizer(opt: torch.optim.Optimizer | None, meta: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+    """The inverse of :func:`optimizer_state`."""
     if opt is None or meta is None:
         return
     state = {int(i): {k: tensors[f"{prefix}.{i}.{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
@@ -138,7 +141,7 @@ def save_checkpoint(run, rounds_done: int, out: Path, extra: dict[str, Any] | No
         p = f"client{c.cid}"
         tensors.update({f"{p}.lora.{k}": v for k, v in lora_state(c.bottom).items()})
         clients.append({
-            "optimizer": _optimizer_state(c.optimizer, f"{p}.opt", tensors),
+            "optimizer": optimizer_state(c.optimizer, f"{p}.opt", tensors),
             "stream": [c.stream.epoch, c.stream.pos],
             "meter": c.meter.state(),
         })
@@ -146,7 +149,7 @@ def save_checkpoint(run, rounds_done: int, out: Path, extra: dict[str, Any] | No
     if run.server is not None:
         s = run.server
         tensors.update({f"server.lora.{k}": v for k, v in lora_state(s.top).items()})
-        server = {"optimizer": _optimizer_state(s.optimizer, "server.opt", tensors), "meter": s.meter.state()}
+        server = {"optimizer": optimizer_state(s.optimizer, "server.opt", tensors), "meter": s.meter.state()}
     state = {
         "rounds_done": rounds_done,
         "clients": clients,
@@ -181,13 +184,13 @@ def load_checkpoint(run, opened: tuple[Path, dict[str, Any], dict[str, torch.Ten
     for c, cs in zip(run.clients, state["clients"]):
         if c.trainable:
             load_lora_state(c.bottom, sub(f"client{c.cid}.lora."))
-        _load_optimizer(c.optimizer, cs["optimizer"], f"client{c.cid}.opt", tensors)
+        load_optimizer(c.optimizer, cs["optimizer"], f"client{c.cid}.opt", tensors)
         c.stream.epoch, c.stream.pos = cs["stream"]
         c.stream._order = c.stream._shuffle()
         c.meter.load(cs["meter"])
     if run.server is not None:
         load_lora_state(run.server.top, sub("server.lora."))
-        _load_optimizer(run.server.optimizer, state["server"]["optimizer"], "server.opt", tensors)
+        load_optimizer(run.server.optimizer, state["server"]["optimizer"], "server.opt", tensors)
         run.server.meter.load(state["server"]["meter"])
     if run.aggregator is not None:
         run.aggregator.rounds = state["aggregator_rounds"]

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 import grpc
 import torch
 
-from lesft.checkpoint import _load_optimizer, _optimizer_state, open_checkpoint, write_checkpoint
+from lesft.checkpoint import load_optimizer, optimizer_state, open_checkpoint, write_checkpoint
 from lesft.config import TrainConfig
 from lesft.typed import to_dict
 from lesft.deploy.wire import (EXCHANGE, EXCHANGE_ONE, HELLO, MB, MessageTooLarge, NetArgs, bearer, check_tokens,
@@ -598,7 +598,7 @@ class SplitService:
         whose reply was lost when the server died gets it from the restarted server)."""
         s = self.server
         tensors = {f"lora.{k}": v for k, v in lora_state(s.top).items()}
-        opt = _optimizer_state(s.optimizer, "opt", tensors)
+        opt = optimizer_state(s.optimizer, "opt", tensors)
         replies = {}
         for cid, (step, phase, reply) in self.replies.items():
             if not isinstance(reply, ServiceError):
@@ -615,7 +615,7 @@ class SplitService:
     def _load(self, path: Path) -> None:
         path, state, tensors = open_checkpoint(path)  # verified; falls back to .old, and says so
         load_lora_state(self.server.top, {k[5:]: v for k, v in tensors.items() if k.startswith("lora.")})
-        _load_optimizer(self.server.optimizer, state["optimizer"], "opt", tensors)
+        load_optimizer(self.server.optimizer, state["optimizer"], "opt", tensors)
         self.server.meter.load(state["meter"])
         self.meter.load(state["bytes"])
         self.step = state["step"]
