@@ -23,7 +23,8 @@ from lesft.config import TrainConfig
 from lesft.typed import to_dict
 from lesft.deploy.cli import build_service
 from lesft.deploy.remote import RemoteError, RemoteSplit
-from lesft.deploy.service import Limits, SplitService, serve
+from lesft.deploy.checks import Limits
+from lesft.deploy.service import SplitService, serve
 from lesft.deploy.wire import EXCHANGE, EXCHANGE_ONE, HELLO, NetArgs, load_tokens
 from lesft.lora import LoraArgs, lora_state
 from lesft.messages import Activations, ActivationGrad, AdapterUpload, PathBatch, encode
@@ -657,7 +658,7 @@ def test_the_adaptive_deadline_ends_the_wait_for_a_silent_client_early(server_mo
 def test_resync_answers_say_what_is_the_case(server_model) -> None:
     """A message for the step being computed without its client, for a closed step, and for a step far ahead:
     FAILED_PRECONDITION 'resync: ...' saying which (it used to say 'step 3 is closed or unknown' for all)."""
-    from lesft.deploy.service import ServiceError
+    from lesft.deploy.checks import ServiceError
 
     service = build_service(make_cfg(server_model), NetArgs(timeout_s=1.0, retries=0), [0, 1], None)
     service.step = 3

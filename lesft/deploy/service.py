@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
-import gc
 import json
 import threading
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -39,29 +36,19 @@ import torch
 
 from lesft.checkpoint import load_optimizer, optimizer_state, open_checkpoint, write_checkpoint
 from lesft.config import TrainConfig
-from lesft.typed import to_dict
+from lesft.deploy.admission import Admission
+from lesft.deploy.checks import AGREE, Limits, ServiceError, check_path
 from lesft.deploy.wire import (EXCHANGE, EXCHANGE_ONE, HELLO, MB, MessageTooLarge, NetArgs, bearer, check_tokens,
                                chunks, join, start_server)
 from lesft.lora import export_adapter, load_lora_state, lora_state
-from lesft.messages import (Activations, ActivationGrad, CachedActivations, Message, PathBatch, Resend, WireFormat,
+from lesft.messages import (Activations, ActivationGrad, CachedActivations, Message, Resend, WireFormat,
                             bounded, decode, encode_parts, payload_size)
 from lesft.roles import SplitServer
 from lesft.transport import Meter
-
-# Config fields that client and server must agree on (a client with others is refused at hello).
-AGREE = ("client_layers", "split", "client_trainable", "paths", "loss", "label_privacy", "grad_accum",
-         "dtype", "seed", "lora", "lesft")  # the wire formats may differ: each message names its own
+from lesft.typed import to_dict
 
 
 Parts = list  # an encoded message as ``messages.encode_parts`` pieces
-
-
-class ServiceError(Exception):
-    """An error answered to one call; ``code`` is a ``grpc.StatusCode``, ``step`` the micro-step if known."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, step: int | None = None) -> None:
-        super().__init__(message)
-        self.code, self.step = code, step
 
 
 class StepRejected(FloatingPointError):
@@ -76,111 +63,6 @@ def stale(step: int, now: int, why: str = "") -> ServiceError:
     """FAILED_PRECONDITION 'resync: ...' (the client rejoins at the next round start), saying why."""
     why = why or (f"step {step} is closed" if step < now else f"step {step} is unknown")
     return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"resync: {why}; the server is at step {now}", step)
-
-
-@dataclass
-class Limits:
-    max_batch: int = 64      # rows per client message
-    max_seq: int = 8192      # tokens per row; position ids must lie in [0, max_seq)
-    max_abs: float = 1e6     # largest |value| of activations and gradients, in and out, and of the adapter
-
-
-def _check_path(pb: PathBatch | None, name: str, hidden: int, vocab: int, limits: Limits,
-                labels: bool | None) -> None:
-    """Raise ValueError naming what is wrong with one path of an incoming message."""
-    if pb is None:
-        raise ValueError(f"{name}: missing")
-    h = pb.hidden
-    if h.dim() != 3 or h.shape[2] != hidden:
-        raise ValueError(f"{name}.hidden: shape {list(h.shape)}, expected [B, T, {hidden}]")
-    b, t = h.shape[:2]
-    if not 1 <= b <= limits.max_batch or not 1 <= t <= limits.max_seq:
-        raise ValueError(f"{name}.hidden: batch {b} x sequence {t} outside the limits "
-                         f"[1, {limits.max_batch}] x [1, {limits.max_seq}]")
-    if not h.is_floating_point():
-        raise ValueError(f"{name}.hidden: dtype {h.dtype}, expected a float")
-    if not torch.isfinite(h).all():
-        raise ValueError(f"{name}.hidden: contains NaN or infinite values")
-    if not bounded(h, limits.max_abs):
-        raise ValueError(f"{name}.hidden: values beyond the magnitude limit {limits.max_abs:g}")
-    for key in ("attention_mask", "position_ids") + (("labels",) if labels else ()):
-        v = getattr(pb, key)
-        if v is None or tuple(v.shape) != (b, t) or v.dtype != torch.int64:
-            raise ValueError(f"{name}.{key}: expected int64 [{b}, {t}], got "
-                             f"{None if v is None else f'{v.dtype} {list(v.shape)}'}")
-    m, pos = pb.attention_mask, pb.position_ids
-    if ((m != 0) & (m != 1)).any() or not (m == 1).any(dim=1).all():
-        raise ValueError(f"{name}.attention_mask: values must be 0 or 1, with at least one 1 per row")
-    if ((pos < 0) | (pos >= limits.max_seq)).any():
-        raise ValueError(f"{name}.position_ids: outside [0, {limits.max_seq})")
-    if labels is False and pb.labels is not None:
-        raise ValueError(f"{name}.labels: the server is label-private and refuses target ids")
-    if labels and ((pb.labels != -100) & ((pb.labels < 0) | (pb.labels >= vocab))).any():
-        raise ValueError(f"{name}.labels: ids outside [0, {vocab}) other than -100")
-
-
-TRIM_BYTES = 16 * MB  # a refused or cancelled call that had received this much hands freed memory back
-
-
-def release_memory() -> None:
-    """Give the allocator's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere). Without it
-    the chunks of a large message that was cut off stay in the C allocator's per-thread arenas: freed, reusable
-    by this process, but still resident (measured: bench/bench_cancel.py)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class Admission:
-    """Per-client caps: open calls (``max_streams``) and bytes held by calls still receiving (``max_bytes``)."""
-
-    def __init__(self, max_streams: int, max_bytes: int) -> None:
-        self.max_streams, self.max_bytes = max_streams, max_bytes
-        self.lock = threading.Lock()
-        self.streams: dict[int, int] = defaultdict(int)
-        self.bytes: dict[int, int] = defaultdict(int)
-        self.dropped: dict[int, int] = {}  # bytes received by a client's last call that failed
-
-    def trim_after_failure(self, cid: int) -> None:
-        """If client ``cid``'s last call failed holding >= TRIM_BYTES, give the freed memory back (call it after
-        the exception is handled: until then its traceback keeps the received buffer alive)."""
-        with self.lock:
-            held = self.dropped.pop(cid, 0)
-        if held >= TRIM_BYTES:
-            release_memory()
-
-    @contextlib.contextmanager
-    def enter(self, cid: int) -> Iterator[Callable[[int], None]]:
-        """One call of client ``cid``; yields ``take(n)``, which reserves ``n`` more received bytes."""
-        exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
-        with self.lock:
-            if self.streams[cid] >= self.max_streams:
-                raise ServiceError(exhausted, f"client {cid} already has {self.streams[cid]} calls open "
-                                              f"(--max_streams {self.max_streams})")
-            self.streams[cid] += 1
-        held = 0
-
-        def take(n: int) -> None:
-            nonlocal held
-            with self.lock:
-                if self.bytes[cid] + n > self.max_bytes:
-                    raise ServiceError(exhausted, f"client {cid} has {self.bytes[cid] / MB:.1f} MiB in flight "
-                                                  f"(--max_inflight_mb {self.max_bytes / MB:g})")
-                self.bytes[cid] += n
-                held += n
-
-        ok = False
-        try:
-            yield take
-            ok = True
-        finally:
-            with self.lock:
-                self.streams[cid] -= 1
-                self.bytes[cid] -= held
-                if not ok:
-                    self.dropped[cid] = held  # the caller trims once the exception (and its buffers) is gone
 
 
 class SplitService:
@@ -543,12 +425,12 @@ class SplitService:
                 raise ValueError(f"step {msg.step!r} is not a non-negative integer")
             lp = self.cfg.label_privacy
             if isinstance(msg, Activations):
-                _check_path(msg.base, "base", self.hidden, self.vocab, self.limits, labels=not lp)
+                check_path(msg.base, "base", self.hidden, self.vocab, self.limits, labels=not lp)
                 if (self.cfg.paths == "dual") != (msg.reference is not None):
                     raise ValueError(f"reference path {'missing' if msg.reference is None else 'not expected'} "
                                      f"(server paths={self.cfg.paths})")
                 if msg.reference is not None:
-                    _check_path(msg.reference, "reference", self.hidden, self.vocab, self.limits, labels=not lp)
+                    check_path(msg.reference, "reference", self.hidden, self.vocab, self.limits, labels=not lp)
                 if not lp and not (msg.base.labels[:, 1:] != -100).any():
                     raise ValueError("base.labels: no target tokens (every label is -100)")
                 rows = msg.batch_rows
