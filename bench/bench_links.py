@@ -41,8 +41,9 @@ def config(method: str, extra: dict) -> dict:
 
 
 def deploy(cfg_path: Path, out: Path, link: str) -> dict:
-    if (out / "report.json").exists() and json.loads((out / "report.json").read_text()).get("rc") == 0:
-        return json.loads((out / "report.json").read_text())  # done before: measured once
+    done = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else {}
+    if done.get("rc") == 0:
+        return done  # done before: measured once
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "lesft.deploy.hosts", "run", str(cfg_path), "--out", str(out),
                         "--link", link, "--verify-s", "1", "--timeout-s", "1200"], env=env, cwd=ROOT,
@@ -72,15 +73,13 @@ def measured(out: Path, n: int, flower: bool) -> dict:
     return m
 
 
-def compute_from(out: Path, cfg: dict) -> "plan.Compute":
+def compute_from(m: dict, cfg: dict, out: Path) -> "plan.Compute":
+    """Busy seconds per row from a measured run (``measured``'s per-round compute over the rows of a round)."""
     from lesft import plan
 
-    n, rows = cfg["clients"], cfg["batch_size"] * cfg["grad_accum"]
-    dev = [json.loads((out / "hosts" / f"dev{i}" / "out" / "summary.json").read_text()) for i in range(n)]
-    srv = json.loads((out / "hosts" / "split" / "out" / "server_summary.json").read_text())
-    client = statistics.mean(s["latency_s"]["client"] / (s["rounds"] * rows) for s in dev)
-    server = srv["server_busy_s"] / (srv["rounds_done"] * rows * n)
-    return plan.Compute(client, server, f"the lan run ({out})")
+    rows = cfg["batch_size"] * cfg["grad_accum"]
+    return plan.Compute(m["device_compute"] / rows, m["server_compute"] / (rows * cfg["clients"]),
+                        f"the lan run ({out})")
 
 
 def main() -> int:
@@ -111,7 +110,7 @@ def main() -> int:
             deploy(d / "run.yaml", out, link)
             m = measured(out, raw["clients"], method != "sl")
             if calib is None:  # lan calibrates: busy seconds per row, and Flower's own overhead per aggregation
-                calib = compute_from(out, raw)
+                calib = compute_from(m, raw, out)
                 lan = plan.round_time(traffic, PROFILES["lan"], calib)
                 over = max(0.0, m.get("aggregation_extra", 0.0) - lan["aggregation"] * traffic.rounds)
             p = plan.round_time(traffic, PROFILES[link], calib, over)

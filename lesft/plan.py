@@ -93,18 +93,17 @@ def traffic(cfg: TrainConfig) -> Traffic:
         for step in range(rounds * cfg.grad_accum):
             picked = stream.next_rows()
             n.append(len(picked))
+            b = collate([stream.samples[i] for i in picked], pad_id, cfg.pad_to_multiple)
             if cfg.frozen_cache_mb and tuple(picked) in sent:  # named by reference (assumes the cache holds it)
                 u.append(len(encode(CachedActivations(cid, step, picked), wire)[0]))
             else:
                 sent.add(tuple(picked))
-                b = collate([stream.samples[i] for i in picked], pad_id, cfg.pad_to_multiple)
                 msg = Activations(cid, step, _path(b.ids, b.mask, b.labels, hidden),
                                   _path(b.ref_ids, b.ref_mask, b.ref_labels, hidden) if b.ref_ids is not None else None)
                 msg.rows = picked if cfg.frozen_cache_mb else None  # the key the server caches it under
                 u.append(len(encode(msg, wire)[0]))
             if cfg.client_trainable:
-                t = collate([stream.samples[i] for i in picked], pad_id, cfg.pad_to_multiple).ids.shape
-                d.append(len(encode(ActivationGrad(cid, step, torch.zeros(*t, hidden)), wire)[0]))
+                d.append(len(encode(ActivationGrad(cid, step, torch.zeros(*b.ids.shape, hidden)), wire)[0]))
             else:
                 d.append(0)
         up.append(u)
@@ -148,20 +147,17 @@ class Compute:
     def from_run(cls, run_dir: str | Path) -> "Compute":
         """From a finished run's ``summary.json`` (``latency_s``: mean busy seconds per client, and the
         server's) and the rows it trained: rounds x grad_accum x batch_size per client."""
+        from lesft.typed import load_yaml
+
         s = json.loads((Path(run_dir) / "summary.json").read_text())
-        per_client = s["rounds"] * _field(run_dir, "grad_accum") * _field(run_dir, "batch_size")
+        cfg = load_yaml(Path(run_dir) / "config.yaml")
+        per_client = s["rounds"] * int(cfg["grad_accum"]) * int(cfg["batch_size"])
         clients = len(s["samples_per_client"])
         if not s["latency_s"].get("server"):
             raise ValueError(f"{run_dir}: the run has no split server time (latency_s.server); pass "
                              "--server-s-per-row")
         return cls(s["latency_s"]["client"] / per_client, s["latency_s"]["server"] / (per_client * clients),
                    f"measured in {run_dir}")
-
-
-def _field(run_dir: str | Path, name: str) -> int:
-    import yaml
-
-    return int(yaml.safe_load((Path(run_dir) / "config.yaml").read_text())[name])
 
 
 def one_way(nbytes: float, prof: Profile, direction: str) -> float:
