@@ -462,26 +462,6 @@ class Deployment:
                 + (["--tls_cert", str(d / "device.pem"), "--tls_key", str(d / "device.key")] if self.client_certs
                    else []))
 
-    def watch_clients(self) -> int:
-        """Until every `lesft client` has ended: the split server's death stops the run; a device's is reported."""
-        deadline = self._t0 + self.timeout_s if self.timeout_s else None
-        while True:
-            if self.sup.parties["split"].proc.poll() is not None:
-                self.fail(f"split exited (rc {self.sup.parties['split'].proc.returncode}) during the run; see "
-                          "logs/split.log")
-                return 1
-            codes = [self.sup.parties[f"client{i}"].proc.poll() for i in range(self.n)]
-            if all(c is not None for c in codes):
-                for i, c in enumerate(codes):
-                    self.report["parties"][f"client{i}"]["rc"] = c
-                    if c != 0:
-                        self.fail(f"client{i} on dev{i} exited (rc {c}); see logs/client{i}.log")
-                return 0 if all(c == 0 for c in codes) else 1
-            if deadline and time.time() > deadline:
-                self.fail(f"the run took longer than --timeout-s {self.timeout_s:g}: stopped")
-                return 1
-            time.sleep(0.5)
-
     def start_run(self) -> None:
         agg = self.hdir("agg")
         rc = (f'config={_toml_str(self.out / "run.yaml")} out={_toml_str(agg / "out")} clients={self.n} '
@@ -489,15 +469,15 @@ class Deployment:
         self.start("flwr_run", "agg", [_bin("flwr"), "run", str(REPO / "deploy" / "flower"), "lesft", "--stream",
                                        "--run-config", rc], cwd=REPO / "deploy" / "flower")
 
-    def watch(self) -> int:
-        """Until ``flwr run`` ends: an essential party's death stops the run; a device's is reported."""
-        essential = {"split", "superlink"}
+    def watch(self, finishers: list[str], essential: set[str]) -> dict[str, int] | None:
+        """Until every party in ``finishers`` has ended; return their exit codes. Any other party that ends
+        meanwhile is reported as a failure; when it is ``essential``, or at the --timeout-s deadline, the run
+        stops at once and None is returned."""
         seen: set[str] = set()
         deadline = self._t0 + self.timeout_s if self.timeout_s else None
         while True:
-            run = self.sup.parties["flwr_run"].proc
             for name, rc in self.sup.exited().items():
-                if name in seen or name == "flwr_run" or name.startswith(("probe", "sink")) or ":" in name:
+                if name in seen or name in finishers or name.startswith(("probe", "sink")) or ":" in name:
                     continue
                 seen.add(name)
                 self.report["parties"][name]["rc"] = rc
@@ -505,12 +485,13 @@ class Deployment:
                           f"see {self.report['parties'][name]['log']}")
                 if name in essential:
                     self.log(f"{name} is essential: stopping the run")
-                    return 1
-            if run.poll() is not None:
-                return run.returncode
+                    return None
+            codes = {f: self.sup.parties[f].proc.poll() for f in finishers}
+            if all(c is not None for c in codes.values()):
+                return codes
             if deadline and time.time() > deadline:
                 self.fail(f"the run took longer than --timeout-s {self.timeout_s:g}: stopped")
-                return 1
+                return None
             time.sleep(0.5)
 
     def fail(self, msg: str) -> None:
@@ -556,7 +537,12 @@ class Deployment:
             else:
                 self.start_clients()
                 self.log(f"{self.n} `lesft client` started ({self.cfg.method} does not aggregate: no Flower)")
-                self.watch_clients()
+                codes = self.watch([f"client{i}" for i in range(self.n)], {"split"}) or {}
+                for name, c in codes.items():
+                    self.report["parties"][name]["rc"] = c
+                    if c != 0:
+                        self.fail(f"{name} on {self.report['parties'][name]['host']} exited (rc {c}); see "
+                                  f"{self.report['parties'][name]['log']}")
             rc = 0 if not self.report["failures"] else 1
         except Interrupted as e:
             self.fail(f"interrupted by {e}")
@@ -583,7 +569,8 @@ class Deployment:
         self.start_supernodes()
         self.start_run()
         self.log(f"flwr run started ({self.n} devices)")
-        run_rc = self.watch()
+        codes = self.watch(["flwr_run"], {"split", "superlink"})
+        run_rc = 1 if codes is None else codes["flwr_run"]
         self.report["flwr_run_rc"] = run_rc
         adapter = self.hdir("agg") / "out" / "aggregated_adapter.safetensors"
         if run_rc != 0:
