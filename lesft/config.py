@@ -62,7 +62,7 @@ class LoraArgs:
         )
 
 
-_CLUSTER_ON_CHOICES = ("hidden",)
+_CLUSTER_ON_CHOICES = ("hidden", "reference")
 
 
 #: The named weighting measured to do better than the paper's: its salient up-weighting only, every other token at
@@ -156,9 +156,11 @@ class LossConfig:
         default="hidden",
         metadata={
             "help": (
-                "Which representations are clustered. 'hidden' (only option so far): the server's "
-                "final hidden state on the BASE path (the input of the LM head) at the position that "
-                "predicts each target token, i.e. base_hidden[b, t-1] for the target token labels[b, t]."
+                "Which final hidden states (the input of the LM head, detached) are clustered by cosine "
+                "similarity, at the position that predicts each target token (hidden[b, t-1] for the "
+                "target labels[b, t]). 'hidden': the BASE path's, the one trained. 'reference': the "
+                "reference path's, the one whose probabilities p~ mark the salient tokens (the paper "
+                "does not say which path; this is the ablation)."
             )
         },
     )

@@ -243,6 +243,7 @@ def lesft_loss(
     ref_labels: Tensor,
     base_hidden: Tensor | None,
     cfg: LossConfig,
+    ref_hidden: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """LESFT token-weighted loss.
 
@@ -257,6 +258,8 @@ def lesft_loss(
             ``base_labels[b, t]``. Detached. If ``None``, no token is sub-salient: every non-salient
             token is irrelevant (exponent gamma_irrelevant).
         cfg: :class:`LossConfig`.
+        ref_hidden: ``[B, T_ref, H]`` hidden states of the reference path, clustered instead of ``base_hidden``
+            when ``cfg.cluster_on == "reference"`` (``ref_hidden[b, t-1]`` for target ``ref_labels[b, t]``).
 
     The k-th target token of sample b on the base path is matched with the k-th target token of
     sample b on the reference path; counts and token ids must agree (``ValueError`` otherwise).
@@ -274,11 +277,12 @@ def lesft_loss(
     nll = -_rows_logprob(sl_b[m_b], tgt_b)  # [M] float32
     with torch.no_grad():
         ref_logp = _rows_logprob(sl_r.detach()[m_r], tgt_r)
-    return _weighted(nll, ref_logp, m_b, base_labels, base_hidden, cfg)
+    return _weighted(nll, ref_logp, m_b, _clustered(base_hidden, base_labels, ref_hidden, ref_labels, cfg), cfg)
 
 
 def lesft_from_logprobs(logp: Tensor, ref_logp: Tensor, base_labels: Tensor, ref_labels: Tensor,
-                        base_hidden: Tensor | None, cfg: LossConfig) -> tuple[Tensor, dict[str, float]]:
+                        base_hidden: Tensor | None, cfg: LossConfig,
+                        ref_hidden: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
     """:func:`lesft_loss` from the target tokens' log-probabilities on the base path ``logp`` ``[M]`` (with
     graph) and on the reference path ``ref_logp`` ``[M]`` (row-major target order, as
     :func:`chunked_target_logprobs` gives them); the same checks, weights and statistics."""
@@ -287,7 +291,25 @@ def lesft_from_logprobs(logp: Tensor, ref_logp: Tensor, base_labels: Tensor, ref
     _aligned_targets(lab_b, m_b, lab_r, m_r)
     with torch.no_grad():
         ref_logp = ref_logp.detach()
-    return _weighted(-logp, ref_logp, m_b, base_labels, base_hidden, cfg)
+    return _weighted(-logp, ref_logp, m_b, _clustered(base_hidden, base_labels, ref_hidden, ref_labels, cfg), cfg)
+
+
+def _clustered(base_hidden: Tensor | None, base_labels: Tensor, ref_hidden: Tensor | None, ref_labels: Tensor,
+               cfg: LossConfig) -> Tensor | None:
+    """The hidden states ``cfg.cluster_on`` names at the position that predicts each target token: ``[M, H]``
+    float32 in row-major target order (the same order on both paths, :func:`_aligned_targets` checked), or None
+    (no sub-salient token)."""
+    hidden, labels = (ref_hidden, ref_labels) if cfg.cluster_on == "reference" else (base_hidden, base_labels)
+    if hidden is None:
+        if cfg.cluster_on == "reference" and base_hidden is not None:
+            raise ValueError("--lesft.cluster_on reference needs the reference path's hidden states (ref_hidden); "
+                             "pass them, or use --lesft.cluster_on hidden")
+        return None
+    if hidden.dim() != 3 or hidden.shape[:2] != labels.shape:
+        raise ValueError(f"the clustered hidden states must be [B, T, H] = {tuple(labels.shape)} + [H], "
+                         f"got {tuple(hidden.shape)}")
+    targets = labels[:, 1:] != IGNORE_INDEX
+    return hidden.detach()[:, :-1][targets.to(hidden.device)].float()
 
 
 def _aligned_targets(lab_b: Tensor, m_b: Tensor, lab_r: Tensor, m_r: Tensor) -> tuple[Tensor, Tensor]:
@@ -310,10 +332,11 @@ def _aligned_targets(lab_b: Tensor, m_b: Tensor, lab_r: Tensor, m_r: Tensor) -> 
     return tgt_b, tgt_r
 
 
-def _weighted(nll: Tensor, ref_logp: Tensor, m_b: Tensor, base_labels: Tensor, base_hidden: Tensor | None,
+def _weighted(nll: Tensor, ref_logp: Tensor, m_b: Tensor, h: Tensor | None,
               cfg: LossConfig) -> tuple[Tensor, dict[str, float]]:
-    """The LESFT loss and statistics from the base path's per-token NLL ``[M]`` (with graph) and the reference
-    path's log-probabilities ``[M]`` (no graph); ``m_b`` ``[B, T-1]`` marks the base path's target positions."""
+    """The LESFT loss and statistics from the base path's per-token NLL ``[M]`` (with graph), the reference
+    path's log-probabilities ``[M]`` (no graph) and the clustered hidden states ``[M, H]`` (or None: no
+    sub-salient token); ``m_b`` ``[B, T-1]`` marks the base path's target positions."""
     cnt_b = m_b.sum(1)
     rows, _ = m_b.nonzero(as_tuple=True)  # sample id of each flat target token
     M = nll.numel()
@@ -322,13 +345,8 @@ def _weighted(nll: Tensor, ref_logp: Tensor, m_b: Tensor, base_labels: Tensor, b
     with torch.no_grad():
         ref_p = ref_logp.exp().to(nll.device)  # [M]
         salient = ref_p > cfg.p_sal
-        if base_hidden is not None and M > 0:
-            if base_hidden.dim() != 3 or base_hidden.shape[:2] != base_labels.shape:
-                raise ValueError(
-                    f"base_hidden must be [B, T_base, H] = {tuple(base_labels.shape)} + [H], got {tuple(base_hidden.shape)}"
-                )
-            h = base_hidden.detach()[:, :-1][m_b.to(base_hidden.device)].float().to(nll.device)  # [M, H]
-            h_packed, valid = _pack(h, m_b.to(nll.device))
+        if h is not None and M > 0:
+            h_packed, valid = _pack(h.to(nll.device), m_b.to(nll.device))
             sal_packed, _ = _pack(salient, m_b.to(nll.device))
             sub_packed = subsalient_mask(h_packed, sal_packed, valid, cfg.tau, cfg.window)
             subsalient = sub_packed[valid]  # back to flat row-major order

@@ -92,7 +92,7 @@ def head_losses(
         logits, final = top(base.hidden, base.attention_mask, base.position_ids)
         if ref is not None:
             with _eval_mode(top):
-                ref_logits, _ = top(ref.hidden, ref.attention_mask, ref.position_ids)
+                ref_logits, ref_final = top(ref.hidden, ref.attention_mask, ref.position_ids)
     out = []
     for b0, b1 in bounds:
         labels = base.labels[b0:b1]
@@ -110,6 +110,7 @@ def head_losses(
         else:
             batch = ObjectiveBatch(logits[b0:b1], labels, final[b0:b1].detach(),
                                    ref_logits[b0:b1] if ref_logits is not None else None, ref_labels)
+        batch.ref_hidden = ref_final[b0:b1].detach() if ref_final is not None else None
         if isinstance(top, ServerPart) and top.head is not None:
             batch.frozen_logprobs = functools.partial(_frozen_slice, top, base, b0, b1, cfg.head_chunk_tokens,
                                                       frozen_input)

@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_model, make_tokenizer, rows
 from lesft import methods
-from lesft.config import TrainConfig
+from lesft.config import LossConfig, TrainConfig
 from lesft.lora import LoraArgs
 from lesft.train import Run
 
@@ -58,11 +58,13 @@ def test_chunked_step_equals_the_whole_step(method, kw, tmp_path) -> None:
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k and k.startswith("client"))
 
 
+REF = {"lesft": LossConfig(tau=0.3, cluster_on="reference")}  # the reference path's states reach the loss both ways
 HEAD_CASES = [("splitlora", {}), ("lesft", {}), ("sl", {"label_privacy": True}), ("lesft", {"label_privacy": True}),
-              ("centralized", {})]
+              ("centralized", {}), ("lesft", REF), ("lesft", {"label_privacy": True, **REF})]
 
 
-@pytest.mark.parametrize("method,kw", HEAD_CASES, ids=[f"{m}{'-lp' if k else ''}" for m, k in HEAD_CASES])
+@pytest.mark.parametrize("method,kw", HEAD_CASES, ids=[f"{m}{'-lp' if 'label_privacy' in k else ''}"
+                                                       f"{'-ref' if 'lesft' in k else ''}" for m, k in HEAD_CASES])
 def test_chunked_head_equals_the_whole_logits(method, kw, tmp_path) -> None:
     """Chunks of 7 target positions split sequences (char-level targets hold 10+ tokens); 10**6 holds them all."""
     whole = chunked_run(method, tmp_path, 0, head_chunk_tokens=0, **kw)  # [rows, T, V] logits, all rows at once

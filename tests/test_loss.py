@@ -384,6 +384,28 @@ def test_matches_slow_reference_with_misaligned_paths(kw):
     torch.testing.assert_close(bl.grad, bl2.grad.float(), rtol=1e-4, atol=1e-6)
 
 
+def test_cluster_on_reference_clusters_the_reference_paths_states():
+    """``cluster_on="reference"`` clusters the reference path's hidden state at the position that predicts each
+    target token: the same as the slow reference given those states moved, by a loop over labels, to the base
+    path's positions that predict the same target tokens."""
+    bl, blab, rl, rlab, bh = _random_batch(seed=3)
+    rh = torch.randn(rlab.shape[0], rlab.shape[1], bh.shape[-1], generator=torch.Generator().manual_seed(9))
+    moved = torch.zeros_like(bh)
+    for b in range(blab.shape[0]):
+        base_pos = [t for t in range(1, blab.shape[1]) if blab[b, t] != IGNORE_INDEX]
+        ref_pos = [t for t in range(1, rlab.shape[1]) if rlab[b, t] != IGNORE_INDEX]
+        for pb, pr in zip(base_pos, ref_pos, strict=True):
+            moved[b, pb - 1] = rh[b, pr - 1]
+    cfg = LossConfig(tau=0.3, cluster_on="reference")
+    loss, stats = lesft_loss(bl, blab, rl, rlab, bh, cfg, ref_hidden=rh)
+    exp = _slow_lesft(bl, blab, rl, rlab, moved, tau=0.3)
+    assert loss.item() == pytest.approx(float(exp), rel=1e-5)
+    on_base, base_stats = lesft_loss(bl, blab, rl, rlab, bh, LossConfig(tau=0.3), ref_hidden=rh)
+    assert base_stats["frac_subsalient"] != stats["frac_subsalient"]  # the choice matters on this batch
+    with pytest.raises(ValueError, match="cluster_on reference needs"):
+        lesft_loss(bl, blab, rl, rlab, bh, cfg)
+
+
 def test_bf16_logits():
     bl, blab, rl, rlab, bh = _random_batch(seed=2)
     cfg = LossConfig(tau=0.3)
@@ -445,7 +467,7 @@ def test_mismatched_target_ids_raise():
 
 def test_bad_hidden_shape_raises():
     bl, blab, rl, rlab, bh = _random_batch()
-    with pytest.raises(ValueError, match="base_hidden"):
+    with pytest.raises(ValueError, match="clustered hidden states must be"):
         lesft_loss(bl, blab, rl, rlab, bh[:, :-1], LossConfig())
 
 
@@ -473,6 +495,7 @@ def test_config_defaults_and_help():
         ("window", -1), ("window", 1.5),
         ("weighting", "foo"), ("weighting", "uniform=abc"), ("weighting", "uniform=-1"),
         ("cluster_on", "logits"),
+        ("cluster_on", "base"),
         ("nlft_lambda", -0.1),
     ],
 )

@@ -41,5 +41,6 @@ def _lesft_stats(parts: list[SliceLoss]) -> dict[str, float]:
 def _lesft(batch: ObjectiveBatch, cfg: "TrainConfig") -> tuple[Tensor, dict[str, float]]:
     if batch.logits is None:
         return lesft_from_logprobs(batch.logprobs, batch.ref_logprobs, batch.labels, batch.ref_labels, batch.hidden,
-                                   cfg.lesft)
-    return lesft_loss(batch.logits, batch.labels, batch.ref_logits, batch.ref_labels, batch.hidden, cfg.lesft)
+                                   cfg.lesft, ref_hidden=batch.ref_hidden)
+    return lesft_loss(batch.logits, batch.labels, batch.ref_logits, batch.ref_labels, batch.hidden, cfg.lesft,
+                      ref_hidden=batch.ref_hidden)

@@ -41,6 +41,7 @@ class ObjectiveBatch:
     ref_labels: Tensor | None = None
     logprobs: Tensor | None = None      # [M] log p of each target token (row-major), when logits is None
     ref_logprobs: Tensor | None = None  # [M] the same on the reference path (no graph)
+    ref_hidden: Tensor | None = None    # [B, T_ref, H] the reference path's final hidden states (detached)
     # () -> [M] log p of each target token under the frozen base (adapters off, no graph), computed only when
     # called (Rho-1's reference model); None where this party cannot compute it (label-private client head)
     frozen_logprobs: Callable[[], Tensor] | None = None
