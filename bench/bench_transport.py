@@ -28,7 +28,7 @@ from lesft import methods  # noqa: E402
 from lesft.config import TrainConfig  # noqa: E402
 from lesft.data.rows import load_rows  # noqa: E402
 from lesft.deploy.remote import RemoteSplit  # noqa: E402
-from lesft.deploy.service import serve  # noqa: E402
+from lesft.deploy.endpoint import serve  # noqa: E402
 from lesft.deploy.wire import NetArgs  # noqa: E402
 from lesft.messages import ActivationGrad, Activations, PathBatch, decode, encode  # noqa: E402
 from lesft.model.load import load_model  # noqa: E402

@@ -19,7 +19,7 @@ from lesft import methods
 from lesft.config import TrainConfig
 from lesft.deploy.cli import build_service
 from lesft.deploy.remote import RemoteError, RemoteSplit
-from lesft.deploy.service import serve
+from lesft.deploy.endpoint import serve
 from lesft.deploy.wire import NetArgs, channel, server_credentials
 from lesft.lora import LoraArgs
 from lesft.messages import Activations, PathBatch
@@ -601,7 +601,7 @@ def test_frozen_cache_over_grpc_equals_the_simulation(tokenizer, server_model, t
     from dataclasses import replace
 
     from lesft.deploy.cli import build_service
-    from lesft.deploy.service import serve
+    from lesft.deploy.endpoint import serve
     from lesft.lora import lora_state
 
     from conftest import make_model, rows

@@ -26,7 +26,7 @@ from lesft.typed import from_dict, to_dict  # noqa: E402
 from lesft.deploy.cli import build_service  # noqa: E402
 from lesft.deploy.client_app import app as client_app  # noqa: E402
 from lesft.deploy.server_app import app as server_app  # noqa: E402
-from lesft.deploy.service import serve  # noqa: E402
+from lesft.deploy.endpoint import serve  # noqa: E402
 from lesft.deploy.wire import NetArgs  # noqa: E402
 from lesft.train import train  # noqa: E402
 

@@ -24,7 +24,8 @@ from lesft.typed import to_dict
 from lesft.deploy.cli import build_service
 from lesft.deploy.remote import RemoteError, RemoteSplit
 from lesft.deploy.checks import Limits
-from lesft.deploy.service import SplitService, serve
+from lesft.deploy.endpoint import serve
+from lesft.deploy.service import SplitService
 from lesft.deploy.wire import EXCHANGE, EXCHANGE_ONE, HELLO, NetArgs, load_tokens
 from lesft.lora import LoraArgs, lora_state
 from lesft.messages import Activations, ActivationGrad, AdapterUpload, PathBatch, encode

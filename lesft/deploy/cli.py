@@ -89,7 +89,7 @@ def build_service(cfg: TrainConfig, net: NetArgs, clients: list[int], out: Path 
 
 
 def run_server(args: argparse.Namespace) -> int:
-    from lesft.deploy.service import serve
+    from lesft.deploy.endpoint import serve
     from lesft.deploy.wire import load_tokens, server_credentials
 
     mode, adapter, limits = pop_generation_server_args(args)
