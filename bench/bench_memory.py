@@ -9,10 +9,11 @@ Targets:
   3. A default SmolLM2 round no slower than unchunked (<= 1.05 x; timed here only as a side note: one round each,
      on a machine that may be busy -- see bench_split.py for careful timing).
 
-Each case is one ``lesft train`` process; its resident set is polled every 0.2 s (the peak RSS of the process), and
+Each case is one ``lesft train`` process; its resident set and swapped pages are polled every 0.2 s (the peak RSS,
+and the peak RSS + swap: on a machine with swap on, what the process would need without it), and
 its summary.json gives the server role's own peak (tensors held + transient growth, see README "Memory").
 
-    .venv/bin/python bench/bench_memory.py [--skip-qwen] [--json out.json]
+    .venv/bin/python bench/bench_memory.py [--skip-qwen] [--device cuda] [--json out.json]
 """
 
 from __future__ import annotations
@@ -30,28 +31,33 @@ ROOT = Path(__file__).resolve().parents[1]
 UNCHUNKED = ["--server_chunk_rows", "0", "--head_chunk_tokens", "0"]
 
 
-def rss_mb(pid: int) -> float:
+def memory_mb(pid: int) -> tuple[float, float]:
+    """(resident, resident + swapped) MB of process ``pid``: with swap on, what the process would need without it."""
+    fields = {}
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+                if line.startswith(("VmRSS:", "VmSwap:")):
+                    fields[line.split(":")[0]] = int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    rss = fields.get("VmRSS", 0.0)
+    return rss, rss + fields.get("VmSwap", 0.0)
 
 
-def train(args: list[str], out: Path) -> dict:
-    """Run ``lesft train ARGS --out OUT``; its peak RSS (MB, polled), wall seconds and summary.json."""
+def train(args: list[str], out: Path, device: str = "cpu") -> dict:
+    """Run ``lesft train ARGS --out OUT``; its peak RSS (MB, polled), wall seconds and summary.json (whose
+    per-side peaks are ``torch.cuda.max_memory_allocated`` on a GPU)."""
     cmd = [sys.executable, "-m", "lesft.cli", "train", *args, "--out", str(out), "--progress", "false",
-           "--device", "cpu", "--checkpoint_every", "0"]
+           "--device", device, "--checkpoint_every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    peak = 0.0
+    peak = peak_all = 0.0
     try:
         while proc.poll() is None:
-            peak = max(peak, rss_mb(proc.pid))
+            rss, rss_swap = memory_mb(proc.pid)
+            peak, peak_all = max(peak, rss), max(peak_all, rss_swap)
             time.sleep(0.2)
     finally:
         if proc.poll() is None:
@@ -61,7 +67,7 @@ def train(args: list[str], out: Path) -> dict:
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else None
     if summary is None:
         print(log[-3000:], file=sys.stderr)
-    return {"peak_rss_mb": peak, "wall_s": wall, "rc": proc.returncode,
+    return {"peak_rss_mb": peak, "peak_rss_swap_mb": peak_all, "wall_s": wall, "rc": proc.returncode,
             "server_peak_mb": (summary or {}).get("peak_memory_mb", {}).get("server"),
             "server_s": (summary or {}).get("latency_s", {}).get("server")}
 
@@ -74,17 +80,22 @@ def main() -> None:
     ap.add_argument("--skip-smollm2", action="store_true", help="only target 2")
     ap.add_argument("--qwen-tokens", type=int, default=512, help="tokens per row of the Qwen-shaped step")
     ap.add_argument("--qwen-tokenizer", default=str(ROOT.parent / "shared" / "models" / "qwen2.5-tokenizer"))
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: the per-side peaks in summary.json are then "
+                    "torch.cuda.max_memory_allocated (the GPU script runs it so)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     res: dict[str, dict] = {}
+    label = "smollm2" if args.model == "smollm2-135m" else Path(args.model).name  # the first cases' model
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for n in ([] if args.skip_smollm2 else args.clients):
             for name, extra in (("unchunked", UNCHUNKED), ("default", [])):
-                key = f"smollm2 {n} clients {name}"
+                key = f"{label} {n} clients {name}"
                 res[key] = train(["--method", "lesft", "--model", args.model, "--data", "synthetic",
                                   "--samples", str(2 * n), "--clients", str(n), "--batch_size", "2", "--grad_accum", "1",
-                                  "--rounds", "1", *extra], tmp / key.replace(" ", "_"))
+                                  "--rounds", "1", *extra], tmp / key.replace(" ", "_"), args.device)
+                if args.json:  # after every case: a stopped run keeps what it measured
+                    Path(args.json).write_text(json.dumps(res, indent=2))
                 print(f"{key:40s} peak RSS {res[key]['peak_rss_mb']:8.0f} MB  server peak "
                       f"{res[key]['server_peak_mb'] or 0:8.0f} MB  server {res[key]['server_s'] or 0:6.1f} s  "
                       f"rc {res[key]['rc']}", flush=True)
@@ -98,25 +109,30 @@ def main() -> None:
                                   "--samples", "16", "--clients", "4", "--batch_size", "4", "--grad_accum", "1",
                                   "--rounds", "1", "--max_length", str(args.qwen_tokens),
                                   "--pad_to_multiple", str(args.qwen_tokens), *extra],
-                                 tmp / key.replace(" ", "_"))
-                print(f"{key:40s} peak RSS {res[key]['peak_rss_mb']:8.0f} MB  server peak "
-                      f"{res[key]['server_peak_mb'] or 0:8.0f} MB  server {res[key]['server_s'] or 0:6.1f} s  "
-                      f"rc {res[key]['rc']}", flush=True)
+                                 tmp / key.replace(" ", "_"), args.device)
+                if args.json:  # after every case: a stopped run keeps what it measured
+                    Path(args.json).write_text(json.dumps(res, indent=2))
+                print(f"{key:40s} peak RSS {res[key]['peak_rss_mb']:8.0f} MB  RSS + swap "
+                      f"{res[key]['peak_rss_swap_mb']:8.0f} MB  server peak {res[key]['server_peak_mb'] or 0:8.0f} MB  "
+                      f"server {res[key]['server_s'] or 0:6.1f} s  rc {res[key]['rc']}", flush=True)
     lo, hi = args.clients
     for name in ([] if args.skip_smollm2 else ("unchunked", "default")):
-        a, b = res[f"smollm2 {lo} clients {name}"], res[f"smollm2 {hi} clients {name}"]
+        a, b = res[f"{label} {lo} clients {name}"], res[f"{label} {hi} clients {name}"]
+        ratio = (f"{b['server_peak_mb'] / a['server_peak_mb']:.2f}" if a["server_peak_mb"] and b["server_peak_mb"]
+                 else "n/a")
         print(f"RESULT  {name}: peak RSS {hi} / {lo} clients = {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}"
-              f"{'  (target <= 1.6)' if name == 'default' else ''}")
-    a, b = res.get(f"smollm2 {lo} clients unchunked", {}), res.get(f"smollm2 {lo} clients default", {})
+              f"{'  (target <= 1.6)' if name == 'default' else ''}; server peak (summary.json) {ratio}")
+    a, b = res.get(f"{label} {lo} clients unchunked", {}), res.get(f"{label} {lo} clients default", {})
     if a.get("server_s") and b.get("server_s"):
-        print(f"RESULT  SmolLM2 {lo}-client round, server seconds default / unchunked = {b['server_s'] / a['server_s']:.2f}"
+        print(f"RESULT  {label} {lo}-client round, server seconds default / unchunked = {b['server_s'] / a['server_s']:.2f}"
               " (one round each; noisy on a busy machine)")
     if not args.skip_qwen:
         a, b = res[f"qwen2.5-0.5b 16x{args.qwen_tokens} unchunked"], res[f"qwen2.5-0.5b 16x{args.qwen_tokens} default"]
-        if a["server_peak_mb"] and b["server_peak_mb"]:
-            print(f"RESULT  Qwen2.5-0.5B shape, 16 x {args.qwen_tokens}: server peak default / unchunked = "
-                  f"{b['server_peak_mb'] / a['server_peak_mb']:.2f} (target <= 0.5); process peak RSS "
-                  f"{b['peak_rss_mb'] / a['peak_rss_mb']:.2f}")
+        if a["rc"] == 0 and b["rc"] == 0:
+            print(f"RESULT  Qwen2.5-0.5B shape, 16 x {args.qwen_tokens}: process peak RSS + swap default / unchunked = "
+                  f"{b['peak_rss_swap_mb'] / a['peak_rss_swap_mb']:.2f} (target <= 0.5; the server part alone is "
+                  f"smaller still, the client part being in both); server peak from summary.json "
+                  f"{(b['server_peak_mb'] or 0) / (a['server_peak_mb'] or 1):.2f} (counts resident pages only)")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
 

@@ -9,8 +9,10 @@
 #
 # `all` joins and checks the weights, runs the evidence study (configs/studies/gpu/evidence.yaml, stopped
 # after $EVIDENCE_S seconds: the sweep resumes where it stopped on a later call) and the Table 2 overhead
-# sweep on a random Qwen2.5-0.5B-shaped model (configs/studies/gpu/table2_random.yaml), then copies reports
-# and per-run results (no adapters) to $OUT. `smoke` runs the same pipeline here on the CPU at tiny size.
+# sweep on a random Qwen2.5-0.5B-shaped model (configs/studies/gpu/table2_random.yaml), then issue 29's memory
+# points (bench/bench_memory.py --device cuda: torch.cuda.max_memory_allocated per side, with and without chunks,
+# stopped after $MEMORY_S seconds), then copies reports and per-run results (no adapters) to $OUT. `smoke` runs
+# the same pipeline here on the CPU at tiny size.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STEP=${1:-all}
@@ -18,7 +20,8 @@ G=.gpu
 PY=${PY:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export LESFT_CACHE=$PWD/$G/cache
-EVIDENCE_S=${EVIDENCE_S:-330}
+EVIDENCE_S=${EVIDENCE_S:-270}
+MEMORY_S=${MEMORY_S:-120}
 TABLE2_S=${TABLE2_S:-150}
 JOBS=${JOBS:-8}
 OUT=${OUT:-$G/out}
@@ -73,6 +76,7 @@ for name, keep in (("evidence", ["base", "lesft", "splitlora"]), ("table2_random
     pathlib.Path(f".gpu/smoke_{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 PYEOF
       ev_spec=$G/smoke_evidence.yaml; t2_spec=$G/smoke_table2_random.yaml; JOBS=2; runs=$G/smoke_runs
+      memory_args=(--device cpu --model $G/tiny --clients 2 4 --skip-qwen)
     else
       if [ -f $G/part1 ]; then cat $G/part0 $G/part1 > $G/smollm2.gguf && rm -f $G/part0 $G/part1; fi
       test "$(sha256sum < $G/smollm2.gguf | cut -d' ' -f1)" = "$(cat $G/part1.sha256)" \
@@ -80,6 +84,7 @@ PYEOF
       export LESFT_SMOLLM2_GGUF=$PWD/$G/smollm2.gguf
       $PY bench/random_model.py --shape qwen2.5-0.5b --tokenizer $G/qwen-tokenizer --out $G/qwen2.5-0.5b-random
       ev_spec=configs/studies/gpu/evidence.yaml; t2_spec=configs/studies/gpu/table2_random.yaml; runs=runs/gpu
+      memory_args=(--device cuda --qwen-tokenizer $G/qwen-tokenizer)
       nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
     fi
     t0=$(date +%s)
@@ -87,8 +92,11 @@ PYEOF
     t1=$(date +%s)
     sweep "$t2_spec" "$runs/table2" "$TABLE2_S" 1
     t2=$(date +%s)
+    mkdir -p "$OUT"
+    timeout --signal=INT --kill-after=20 "$MEMORY_S" $PY bench/bench_memory.py "${memory_args[@]}" \
+      --json "$OUT/memory.json" > "$OUT/memory.txt" 2>&1 || echo "memory points stopped (rc $?)"
     collect "$runs/evidence" evidence
     collect "$runs/table2" table2
-    echo "evidence $((t1 - t0)) s, table2 $((t2 - t1)) s -> $OUT" | tee "$OUT/timing.txt" ;;
+    echo "evidence $((t1 - t0)) s, table2 $((t2 - t1)) s, memory $(($(date +%s) - t2)) s -> $OUT" | tee "$OUT/timing.txt" ;;
   *) echo "usage: bench/gpu/run.sh split|stage|all|smoke"; exit 2 ;;
 esac
