@@ -72,6 +72,43 @@ def train(args: list[str], out: Path, device: str = "cpu") -> dict:
             "server_s": (summary or {}).get("latency_s", {}).get("server")}
 
 
+def deployed(flags: list[str], clients: int, out: Path, device: str = "cpu") -> dict:
+    """``lesft server`` and ``clients`` ``lesft client`` processes on loopback for one round of ``flags``: the server
+    process's own peak RSS and RSS + swap (MB, polled), and its server_summary.json. Every process is gone after."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1"}
+    common = [*flags, "--progress", "false", "--device", device, "--checkpoint_every", "0"]
+    out.mkdir(parents=True, exist_ok=True)
+    server = subprocess.Popen([sys.executable, "-m", "lesft.cli", "server", "--listen", "127.0.0.1:0", "--tokens",
+                               str(out / "tokens.json"), "--max-rounds", "1", *common, "--out", str(out / "server")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    procs, log, peak, peak_all, t0 = [server], [], 0.0, 0.0, time.perf_counter()
+    try:
+        for line in server.stdout:  # until it serves
+            log.append(line)
+            if "serving" in line:
+                address = line.split(" on ")[1].split(",")[0]
+                break
+        else:
+            raise RuntimeError("the server did not start:\n" + "".join(log[-30:]))
+        procs += [subprocess.Popen([sys.executable, "-m", "lesft.cli", "client", "--server", address, "--token-file",
+                                    str(out / "tokens.json"), "--client-id", str(i), "--take-share", *common,
+                                    "--out", str(out / f"client{i}")], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.STDOUT, env=env, cwd=ROOT) for i in range(clients)]
+        while server.poll() is None:
+            rss, rss_swap = memory_mb(server.pid)
+            peak, peak_all = max(peak, rss), max(peak_all, rss_swap)
+            time.sleep(0.2)
+        rcs = [p.wait(120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    summary = out / "server" / "server_summary.json"
+    return {"peak_rss_mb": peak, "peak_rss_swap_mb": peak_all, "wall_s": time.perf_counter() - t0,
+            "rc": max(rcs, key=abs), "server_summary": json.loads(summary.read_text()) if summary.is_file() else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -82,6 +119,8 @@ def main() -> None:
     ap.add_argument("--qwen-tokenizer", default=str(ROOT.parent / "shared" / "models" / "qwen2.5-tokenizer"))
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: the per-side peaks in summary.json are then "
                     "torch.cuda.max_memory_allocated (the GPU script runs it so)")
+    ap.add_argument("--deployed", action="store_true", help="target 2 with `lesft server` and 4 `lesft client` "
+                    "processes on loopback: the server process's own peak, polled (not the simulation's process)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     res: dict[str, dict] = {}
@@ -105,11 +144,14 @@ def main() -> None:
                             "--tokenizer", args.qwen_tokenizer, "--out", str(model)], check=True, cwd=ROOT)
             for name, extra in (("unchunked", UNCHUNKED), ("default", [])):
                 key = f"qwen2.5-0.5b 16x{args.qwen_tokens} {name}"
-                res[key] = train(["--method", "splitlora", "--model", str(model), "--data", "synthetic",
-                                  "--samples", "16", "--clients", "4", "--batch_size", "4", "--grad_accum", "1",
-                                  "--rounds", "1", "--max_length", str(args.qwen_tokens),
-                                  "--pad_to_multiple", str(args.qwen_tokens), *extra],
-                                 tmp / key.replace(" ", "_"), args.device)
+                flags = ["--method", "splitlora", "--model", str(model), "--data", "synthetic", "--samples", "16",
+                         "--clients", "4", "--batch_size", "4", "--grad_accum", "1", "--rounds", "1",
+                         "--max_length", str(args.qwen_tokens), "--pad_to_multiple", str(args.qwen_tokens), *extra]
+                if args.deployed:
+                    res[key] = deployed(flags, 4, tmp / key.replace(" ", "_"), args.device)
+                    res[key].update(server_peak_mb=None, server_s=None)
+                else:
+                    res[key] = train(flags, tmp / key.replace(" ", "_"), args.device)
                 if args.json:  # after every case: a stopped run keeps what it measured
                     Path(args.json).write_text(json.dumps(res, indent=2))
                 print(f"{key:40s} peak RSS {res[key]['peak_rss_mb']:8.0f} MB  RSS + swap "
@@ -128,7 +170,10 @@ def main() -> None:
               " (one round each; noisy on a busy machine)")
     if not args.skip_qwen:
         a, b = res[f"qwen2.5-0.5b 16x{args.qwen_tokens} unchunked"], res[f"qwen2.5-0.5b 16x{args.qwen_tokens} default"]
-        if a["rc"] == 0 and b["rc"] == 0:
+        if a["rc"] == 0 and b["rc"] == 0 and args.deployed:
+            print(f"RESULT  Qwen2.5-0.5B shape, 16 x {args.qwen_tokens}, deployed: the server process's peak RSS + swap "
+                  f"default / unchunked = {b['peak_rss_swap_mb'] / a['peak_rss_swap_mb']:.2f} (target <= 0.5)")
+        elif a["rc"] == 0 and b["rc"] == 0:
             print(f"RESULT  Qwen2.5-0.5B shape, 16 x {args.qwen_tokens}: process peak RSS + swap default / unchunked = "
                   f"{b['peak_rss_swap_mb'] / a['peak_rss_swap_mb']:.2f} (target <= 0.5; the server part alone is "
                   f"smaller still, the client part being in both); server peak from summary.json "
