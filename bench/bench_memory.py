@@ -98,7 +98,12 @@ def deployed(flags: list[str], clients: int, out: Path, device: str = "cpu") -> 
             rss, rss_swap = memory_mb(server.pid)
             peak, peak_all = max(peak, rss), max(peak_all, rss_swap)
             time.sleep(0.2)
-        rcs = [p.wait(120) for p in procs]
+        rcs = []
+        for p in procs:  # the clients back-propagate after the server's last reply (slowly, when swapped out)
+            try:
+                rcs.append(p.wait(1800))
+            except subprocess.TimeoutExpired:
+                rcs.append(-9)
     finally:
         for p in procs:
             if p.poll() is None:
