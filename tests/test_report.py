@@ -167,6 +167,22 @@ def test_without_sweep_json_and_with_wilson_fallback(tmp_path: Path) -> None:
     assert "notes" not in md
 
 
+def test_a_field_missing_from_an_older_config_reads_as_its_default(tmp_path: Path) -> None:
+    """Two seed-0 runs of one method in a plain folder: one from before ``cut_noise`` existed (its config lacks
+    the field: it ran with the default, 0), one with ``cut_noise: 3``. They are two cells of one seed each, not
+    one cell "of 2 seeds" (what the report printed when it read the missing field as "any value")."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    write_run(root, "old", "splitlora", "1/4", 0, acc=(40, 100, 0.30, 0.50))
+    d = write_run(root, "noisy", "splitlora", "1/4", 0, acc=(20, 100, 0.13, 0.29))
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    (d / "config.yaml").write_text(yaml.safe_dump({**cfg, "cut_noise": 3.0}))
+    md = write_report(str(root)).read_text()
+    cells = [c for c in _row(md, "## Accuracy", "splitlora")[1:] if c]
+    assert sorted(cells) == ["**40.0 [30.0, 50.0] (n=100)**", "20.0 [13.0, 29.0] (n=100)"], cells
+    assert "2 seeds" not in md
+
+
 def test_missing_directory_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         write_report(str(tmp_path / "nope"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -90,6 +92,25 @@ class Run:
         return self.config.get("seed"), self.config.get("data_seed", self.config.get("seed"))
 
 
+@functools.cache
+def config_defaults() -> dict[str, Any]:
+    """Every ``TrainConfig`` field's declared default, flat (dotted keys); not the fields whose default is None
+    (unset: derived from other fields, as ``data_seed`` from ``seed``)."""
+    from lesft.config import TrainConfig
+
+    def declared(cls: type) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                v = f.default_factory()
+                out[f.name] = declared(type(v)) if dataclasses.is_dataclass(v) else v
+        return out
+
+    return {k: v for k, v in flatten(declared(TrainConfig)).items() if v is not None}
+
+
 def _load_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
@@ -145,7 +166,10 @@ def _read_run(run: Run, problems: list[str], want_eval: bool) -> None:
             try:
                 cfg = yaml.load(p.read_text(), Loader=_Loader)
                 if isinstance(cfg, dict):
-                    run.config = flatten(cfg)
+                    # a field missing from an older run's config had its default's behaviour (a new field's
+                    # default is what the code did before it): without it, such a run would look like "any
+                    # value" and be pooled with runs that set the field
+                    run.config = {**config_defaults(), **flatten(cfg)}
                     break
             except yaml.YAMLError as e:
                 problems.append(f"`{run.name}`: {name} is not valid YAML ({str(e).splitlines()[0]})")
