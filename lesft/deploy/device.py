@@ -165,9 +165,14 @@ class Worker:
                 raise FileExistsError(f"--socket {path} exists and is not a socket: choose another path")
         p.parent.mkdir(parents=True, exist_ok=True)
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        srv.bind(path)
-        os.chmod(path, 0o600)  # only this device's user may hand it rounds
+        # bound, restricted and listening under a temporary name first, then renamed: whoever sees ``path``
+        # can connect at once, and never while it is open to others (only this device's user may hand it rounds)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        srv.bind(str(tmp))
+        os.chmod(tmp, 0o600)
         srv.listen(4)
+        os.replace(tmp, path)
         srv.settimeout(0.5)
         print(f"lesft device: ready on {path}", flush=True)
         try:
