@@ -45,6 +45,16 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return rss, rss + fields.get("VmSwap", 0.0)
 
 
+def watch(proc: subprocess.Popen) -> tuple[float, float]:
+    """Poll ``proc`` every 0.2 s until it ends: its peak (resident, resident + swapped) MB."""
+    peak = peak_all = 0.0
+    while proc.poll() is None:
+        rss, rss_swap = memory_mb(proc.pid)
+        peak, peak_all = max(peak, rss), max(peak_all, rss_swap)
+        time.sleep(0.2)
+    return peak, peak_all
+
+
 def train(args: list[str], out: Path, device: str = "cpu") -> dict:
     """Run ``lesft train ARGS --out OUT``; its peak RSS (MB, polled), wall seconds and summary.json (whose
     per-side peaks are ``torch.cuda.max_memory_allocated`` on a GPU)."""
@@ -53,12 +63,8 @@ def train(args: list[str], out: Path, device: str = "cpu") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    peak = peak_all = 0.0
     try:
-        while proc.poll() is None:
-            rss, rss_swap = memory_mb(proc.pid)
-            peak, peak_all = max(peak, rss), max(peak_all, rss_swap)
-            time.sleep(0.2)
+        peak, peak_all = watch(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -81,7 +87,7 @@ def deployed(flags: list[str], clients: int, out: Path, device: str = "cpu") -> 
     server = subprocess.Popen([sys.executable, "-m", "lesft.cli", "server", "--listen", "127.0.0.1:0", "--tokens",
                                str(out / "tokens.json"), "--max-rounds", "1", *common, "--out", str(out / "server")],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-    procs, log, peak, peak_all, t0 = [server], [], 0.0, 0.0, time.perf_counter()
+    procs, log, t0 = [server], [], time.perf_counter()
     try:
         for line in server.stdout:  # until it serves
             log.append(line)
@@ -94,10 +100,7 @@ def deployed(flags: list[str], clients: int, out: Path, device: str = "cpu") -> 
                                     str(out / "tokens.json"), "--client-id", str(i), "--take-share", *common,
                                     "--out", str(out / f"client{i}")], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.STDOUT, env=env, cwd=ROOT) for i in range(clients)]
-        while server.poll() is None:
-            rss, rss_swap = memory_mb(server.pid)
-            peak, peak_all = max(peak, rss), max(peak_all, rss_swap)
-            time.sleep(0.2)
+        peak, peak_all = watch(server)
         rcs = []
         for p in procs:  # the clients back-propagate after the server's last reply (slowly, when swapped out)
             try:
@@ -109,9 +112,22 @@ def deployed(flags: list[str], clients: int, out: Path, device: str = "cpu") -> 
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    summary = out / "server" / "server_summary.json"
+    path = out / "server" / "server_summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
     return {"peak_rss_mb": peak, "peak_rss_swap_mb": peak_all, "wall_s": time.perf_counter() - t0,
-            "rc": max(rcs, key=abs), "server_summary": json.loads(summary.read_text()) if summary.is_file() else None}
+            "rc": max(rcs, key=abs), "server_peak_mb": None,  # the polled figures are the server's own here
+            "server_s": summary.get("server_busy_s"), "server_summary": summary or None}
+
+
+def record(res: dict[str, dict], key: str, result: dict, json_path: str | None) -> None:
+    """Keep ``result`` as ``res[key]``, print its line, and (``json_path``) write every result so far: a stopped
+    run keeps what it measured."""
+    res[key] = result
+    if json_path:
+        Path(json_path).write_text(json.dumps(res, indent=2))
+    print(f"{key:40s} peak RSS {result['peak_rss_mb']:8.0f} MB  RSS + swap {result['peak_rss_swap_mb']:8.0f} MB  "
+          f"server peak {result['server_peak_mb'] or 0:8.0f} MB  server {result['server_s'] or 0:6.1f} s  "
+          f"rc {result['rc']}", flush=True)
 
 
 def main() -> None:
@@ -135,14 +151,10 @@ def main() -> None:
         for n in ([] if args.skip_smollm2 else args.clients):
             for name, extra in (("unchunked", UNCHUNKED), ("default", [])):
                 key = f"{label} {n} clients {name}"
-                res[key] = train(["--method", "lesft", "--model", args.model, "--data", "synthetic",
-                                  "--samples", str(2 * n), "--clients", str(n), "--batch_size", "2", "--grad_accum", "1",
-                                  "--rounds", "1", *extra], tmp / key.replace(" ", "_"), args.device)
-                if args.json:  # after every case: a stopped run keeps what it measured
-                    Path(args.json).write_text(json.dumps(res, indent=2))
-                print(f"{key:40s} peak RSS {res[key]['peak_rss_mb']:8.0f} MB  server peak "
-                      f"{res[key]['server_peak_mb'] or 0:8.0f} MB  server {res[key]['server_s'] or 0:6.1f} s  "
-                      f"rc {res[key]['rc']}", flush=True)
+                record(res, key, train(["--method", "lesft", "--model", args.model, "--data", "synthetic",
+                                        "--samples", str(2 * n), "--clients", str(n), "--batch_size", "2",
+                                        "--grad_accum", "1", "--rounds", "1", *extra],
+                                       tmp / key.replace(" ", "_"), args.device), args.json)
         if not args.skip_qwen:
             model = tmp / "qwen"
             subprocess.run([sys.executable, str(ROOT / "bench" / "random_model.py"), "--shape", "qwen2.5-0.5b",
@@ -152,16 +164,9 @@ def main() -> None:
                 flags = ["--method", "splitlora", "--model", str(model), "--data", "synthetic", "--samples", "16",
                          "--clients", "4", "--batch_size", "4", "--grad_accum", "1", "--rounds", "1",
                          "--max_length", str(args.qwen_tokens), "--pad_to_multiple", str(args.qwen_tokens), *extra]
-                if args.deployed:
-                    res[key] = deployed(flags, 4, tmp / key.replace(" ", "_"), args.device)
-                    res[key].update(server_peak_mb=None, server_s=None)
-                else:
-                    res[key] = train(flags, tmp / key.replace(" ", "_"), args.device)
-                if args.json:  # after every case: a stopped run keeps what it measured
-                    Path(args.json).write_text(json.dumps(res, indent=2))
-                print(f"{key:40s} peak RSS {res[key]['peak_rss_mb']:8.0f} MB  RSS + swap "
-                      f"{res[key]['peak_rss_swap_mb']:8.0f} MB  server peak {res[key]['server_peak_mb'] or 0:8.0f} MB  "
-                      f"server {res[key]['server_s'] or 0:6.1f} s  rc {res[key]['rc']}", flush=True)
+                run = tmp / key.replace(" ", "_")
+                record(res, key, deployed(flags, 4, run, args.device) if args.deployed else
+                       train(flags, run, args.device), args.json)
     lo, hi = args.clients
     for name in ([] if args.skip_smollm2 else ("unchunked", "default")):
         a, b = res[f"{label} {lo} clients {name}"], res[f"{label} {hi} clients {name}"]
