@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import typing
 from dataclasses import fields, is_dataclass
 from typing import Any
 
-from lesft.typed import _base_type, _field_types
+from lesft.typed import _base_type, _field_types, field_default
 
 
 def _parse_bool(s: str) -> bool:
@@ -39,7 +38,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         if is_dataclass(tp):
             add_dataclass_args(parser, tp, prefix=f"{name}.", title=f"--{name}.* ({f.metadata.get('help', '').rstrip('.')})")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = field_default(f)
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
         flags = [f"--{name}"] + [f"--{a}" for a in f.metadata.get("aliases", ())]
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}

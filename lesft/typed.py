@@ -38,6 +38,24 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's declared default (its ``default_factory`` called); ``dataclasses.MISSING`` if required."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def declared_defaults(cls: type) -> dict[str, Any]:
+    """Every field's declared default, nested dataclasses as dicts; required fields left out. Unlike
+    ``to_dict(cls())``, nothing ``__post_init__`` derives (``TrainConfig.data_seed`` stays None)."""
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        v = field_default(f)
+        if v is not dataclasses.MISSING:
+            out[f.name] = declared_defaults(type(v)) if is_dataclass(v) else v
+    return out
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -13,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from lesft.typed import flatten
+from lesft.typed import declared_defaults, flatten
 from lesft.stats import wilson_ci
 from lesft.units import DIRECTIONS
 
@@ -98,17 +97,7 @@ def config_defaults() -> dict[str, Any]:
     (unset: derived from other fields, as ``data_seed`` from ``seed``)."""
     from lesft.config import TrainConfig
 
-    def declared(cls: type) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                out[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                v = f.default_factory()
-                out[f.name] = declared(type(v)) if dataclasses.is_dataclass(v) else v
-        return out
-
-    return {k: v for k, v in flatten(declared(TrainConfig)).items() if v is not None}
+    return {k: v for k, v in flatten(declared_defaults(TrainConfig)).items() if v is not None}
 
 
 def _load_json(path: Path) -> Any:
