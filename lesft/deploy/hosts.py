@@ -480,9 +480,7 @@ class Deployment:
                 if name in seen or name in finishers or name.startswith(("probe", "sink")) or ":" in name:
                     continue
                 seen.add(name)
-                self.report["parties"][name]["rc"] = rc
-                self.fail(f"{name} on {self.report['parties'][name]['host']} exited (rc {rc}) during the run; "
-                          f"see {self.report['parties'][name]['log']}")
+                self.ended(name, rc, during_run=True)
                 if name in essential:
                     self.log(f"{name} is essential: stopping the run")
                     return None
@@ -493,6 +491,14 @@ class Deployment:
                 self.fail(f"the run took longer than --timeout-s {self.timeout_s:g}: stopped")
                 return None
             time.sleep(0.5)
+
+    def ended(self, name: str, rc: int, during_run: bool) -> None:
+        """Record party ``name``'s exit code; a failure if it ended during the run or with rc != 0."""
+        party = self.report["parties"][name]
+        party["rc"] = rc
+        if during_run or rc != 0:
+            self.fail(f"{name} on {party['host']} exited (rc {rc}){' during the run' if during_run else ''}; "
+                      f"see {party['log']}")
 
     def fail(self, msg: str) -> None:
         self.report["failures"].append(msg)
@@ -539,10 +545,7 @@ class Deployment:
                 self.log(f"{self.n} `lesft client` started ({self.cfg.method} does not aggregate: no Flower)")
                 codes = self.watch([f"client{i}" for i in range(self.n)], {"split"}) or {}
                 for name, c in codes.items():
-                    self.report["parties"][name]["rc"] = c
-                    if c != 0:
-                        self.fail(f"{name} on {self.report['parties'][name]['host']} exited (rc {c}); see "
-                                  f"{self.report['parties'][name]['log']}")
+                    self.ended(name, c, during_run=False)
             rc = 0 if not self.report["failures"] else 1
         except Interrupted as e:
             self.fail(f"interrupted by {e}")
