@@ -273,6 +273,10 @@ class EvalConfig:
         "gets the measured cost under 'inference'. Label-private runs pick the tokens on the client.",
         default=False,
     )
+    device: str = _help(
+        "Where the model answers: cpu, cuda or auto (cuda when available). Split inference runs on the CPU.",
+        default="auto",
+    )
     progress: bool = _help("Show a progress bar over the questions.", default=True)
     out: str | None = _help(
         "Folder for predictions.jsonl and eval.json (None: RUN_DIR/eval with a run directory, else nothing "
@@ -292,6 +296,8 @@ class EvalConfig:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ValueError(f"device must be cpu, cuda[:i] or auto, got {self.device!r}")
         if self.split_inference and self.mode != "generate":
             raise ValueError("split_inference runs mode 'generate' only")
         if "{letter}" not in self.choice_template:

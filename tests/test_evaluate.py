@@ -222,6 +222,9 @@ def test_eval_config_validation() -> None:
         EvalConfig(mode="beam")
     with pytest.raises(ValueError, match="limit"):
         EvalConfig(limit=-1)
+    with pytest.raises(ValueError, match="device must be cpu, cuda"):
+        EvalConfig(device="gpu")
+    assert EvalConfig(device="cuda:1").device == "cuda:1"
     assert EvalConfig(stop="###").stop == ["###"]
     assert "<|im_end|>" in EvalConfig().stop
     from dataclasses import fields
@@ -388,3 +391,13 @@ def test_smollm2_synthetic_end_to_end(tmp_path) -> None:
     one = generate(model, tok, [render_prompt(tok, data[0]["prompt"], True)], 40, 1, cfg.stop)
     assert one[0] == preds[0]["completion"]
     assert time.perf_counter() - t0 < 60
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_for_eval_on_cuda_answers_as_on_cpu(tmp_path, tok) -> None:
+    model_dir, run = _fake_run(tmp_path, tok)
+    cpu, _ = ev.load_for_eval(str(model_dir), str(run / "adapter"))
+    gpu, _ = ev.load_for_eval(str(model_dir), str(run / "adapter"), "cuda")
+    assert next(gpu.parameters()).device.type == "cuda"
+    ids = torch.tensor([[1, 5, 9, 13]])
+    torch.testing.assert_close(gpu(input_ids=ids.cuda()).logits.cpu(), cpu(input_ids=ids).logits, rtol=1e-3, atol=1e-3)

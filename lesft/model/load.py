@@ -126,10 +126,12 @@ def load_model(
     return model, tok
 
 
-def load_for_eval(model: str, adapter: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base model via :func:`lesft.model.load.load_model`, with the peft ``adapter`` directory merged
-    into it when given; in eval mode."""
-    base, tokenizer = load_model(model)
+def load_for_eval(
+    model: str, adapter: str | None = None, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model via :func:`lesft.model.load.load_model` on ``device``, with the peft ``adapter``
+    directory merged into it when given; in eval mode."""
+    base, tokenizer = load_model(model, device=device)
     if adapter:
         path = Path(adapter)
         if not (path / "adapter_config.json").is_file():
