@@ -358,7 +358,7 @@ class Client:
         if self._pending is None:
             raise RuntimeError(f"client {self.cid}: gradient for step {msg.step} without a pending forward")
         with self.meter.measure():
-            self._pending.backward(msg.grad.to(self._pending.dtype))
+            self._pending.backward(msg.grad.to(self._pending.device, self._pending.dtype))  # a decoded grad is on the CPU
             self._pending = None
 
     def local_step(self) -> SliceLoss:

@@ -5,15 +5,17 @@
 #
 #   here:      bash bench/gpu/run.sh split        # .gpu/: the GGUF in two parts + sha256, the Qwen2.5 tokenizer
 #   device 1:  carry [.gpu/part0, .gpu/qwen-tokenizer]   command: bash bench/gpu/run.sh stage
-#   device 2:  carry [.gpu/part1]                        command: bash bench/gpu/run.sh all
+#   device 2:  carry [.gpu/part1, .gpu/part1.sha256]     command: bash bench/gpu/run.sh all
 #
 # Issue 30's second round (configs/studies/gpu/evidence_round2.yaml): the same two calls with `round2` in place of
 # `all`; `stage` also installs the wheels that `split` put in .gpu/wheels (this project's transformers, peft and gguf)
 # and runs the round2 pipeline on a tiny random model on the GPU (`round2-smoke` does that on this CPU):
 #
 #   device 1:  carry [.gpu/part0, .gpu/wheels]           command: bash bench/gpu/run.sh stage
-#   device 2:  carry [.gpu/part1]                        command: TOTAL_S=480 bash bench/gpu/run.sh round2
+#   device 2:  carry [.gpu/part1, .gpu/part1.sha256]     command: TOTAL_S=480 JOBS=12 bash bench/gpu/run.sh round2
 #
+# A call carries at most 64 MiB with the tracked tree (28 MB, most of it docs/evidence and docs/wire): session 15 took those
+# two folders out of the index for its calls (git rm --cached + .git/info/exclude, undone after) so that part0 + wheels fit.
 # `round2` trains and tests (sweep, stopped after TOTAL_S - VALID_S - 40 s), evaluates every finished run on 300
 # validation problems (stopped VALID_S later), and returns one tarball of reports and per-run results (no adapters).
 #
@@ -50,6 +52,14 @@ collect() {  # collect SWEEP_DIR NAME: reports + small per-run files into $OUT/N
       if [ -f "$run/$f" ]; then install -D -m 644 "$run/$f" "$dst/$r/$f"; fi
     done
   done
+}
+
+join_weights() {  # the two parts carried in two calls -> .gpu/smollm2.gguf, checked against the checksum `split` wrote
+  test -s $G/part1.sha256 || { echo "no $G/part1.sha256: carry it with $G/part1"; exit 1; }
+  if [ -f $G/part1 ]; then cat $G/part0 $G/part1 > $G/smollm2.gguf; fi
+  test "$(sha256sum < $G/smollm2.gguf | cut -d' ' -f1)" = "$(cat $G/part1.sha256)" \
+    || { echo "SmolLM2 GGUF: checksum mismatch (re-run split here and both device calls)"; exit 1; }
+  rm -f $G/part0 $G/part1
 }
 
 sweep() {  # sweep SPEC DIR SECONDS JOBS: stop after SECONDS (resumable), never fail the script
@@ -95,9 +105,7 @@ pathlib.Path(".gpu/smoke_round2.yaml").write_text(yaml.safe_dump(spec, sort_keys
 PYEOF
       spec=$G/smoke_round2.yaml; runs=$G/smoke_runs/round2; model=$G/tiny-char; limit=4; JOBS=2
     else
-      if [ -f $G/part1 ]; then cat $G/part0 $G/part1 > $G/smollm2.gguf && rm -f $G/part0 $G/part1; fi
-      test "$(sha256sum < $G/smollm2.gguf | cut -d' ' -f1)" = "$(cat $G/part1.sha256)" \
-        || { echo "SmolLM2 GGUF: checksum mismatch (re-run split here and both device calls)"; exit 1; }
+      join_weights
       export LESFT_SMOLLM2_GGUF=$PWD/$G/smollm2.gguf
       $PY -c 'from lesft.model.load import load_model; load_model("smollm2-135m")' >/dev/null  # convert once, not per job
       nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
@@ -137,9 +145,7 @@ PYEOF
       ev_spec=$G/smoke_evidence.yaml; t2_spec=$G/smoke_table2_random.yaml; JOBS=2; runs=$G/smoke_runs
       memory_args=(--device cpu --model $G/tiny --clients 2 4 --skip-qwen)
     else
-      if [ -f $G/part1 ]; then cat $G/part0 $G/part1 > $G/smollm2.gguf && rm -f $G/part0 $G/part1; fi
-      test "$(sha256sum < $G/smollm2.gguf | cut -d' ' -f1)" = "$(cat $G/part1.sha256)" \
-        || { echo "SmolLM2 GGUF: checksum mismatch (re-run split here and both device calls)"; exit 1; }
+      join_weights
       export LESFT_SMOLLM2_GGUF=$PWD/$G/smollm2.gguf
       $PY bench/random_model.py --shape qwen2.5-0.5b --tokenizer $G/qwen-tokenizer --out $G/qwen2.5-0.5b-random
       ev_spec=configs/studies/gpu/evidence.yaml; t2_spec=configs/studies/gpu/table2_random.yaml; runs=runs/gpu
