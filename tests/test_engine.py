@@ -340,3 +340,13 @@ def test_a_memory_peak_that_cannot_be_measured_is_said(monkeypatch, capsys) -> N
     assert meters._reset_cpu_peak() is False and meters._reset_cpu_peak() is False
     assert "clear_refs is not writable" in meters.peak_caveat()
     assert capsys.readouterr().err.count("warning") == 1  # said once
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["splitlora", "lesft"])
+def test_a_split_run_on_cuda_matches_the_cpu(method, tokenizer, tmp_path) -> None:
+    """Every message crosses the wire through the CPU, so each receiver moves it to its own device (the
+    client's backward once did not: every split run on CUDA failed at its first step)."""
+    cpu = run_all(make_run(method, tokenizer, tmp_path / "cpu"))
+    gpu = run_all(make_run(method, tokenizer, tmp_path / "gpu", device="cuda"))
+    torch.testing.assert_close([x["loss"] for x in gpu], [x["loss"] for x in cpu], rtol=1e-3, atol=1e-4)

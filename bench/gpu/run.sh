@@ -112,7 +112,9 @@ PYEOF
     fi
     sweep "$spec" "$runs" $((TOTAL_S - VALID_S - 40 - ($(date +%s) - t0))) "$JOBS"
     t1=$(date +%s)
-    ls -d "$runs"/*/adapter 2>/dev/null | xargs -r -n1 dirname | timeout --signal=INT --kill-after=10 "$VALID_S" \
+    # in the spec's order (seed by seed, baselines first), so that a stopped validation still holds whole pairs
+    $PY -c 'import sys; from lesft.sweep.spec import expand, load_spec; print(*(n for n, _ in expand(load_spec(sys.argv[1]))), sep="\n")' \
+      "$spec" | while read -r name; do if [ -d "$runs/$name/adapter" ]; then echo "$runs/$name"; fi; done | timeout --signal=INT --kill-after=10 "$VALID_S" \
       xargs -r -P "$JOBS" -I{} sh -c "test -f {}/eval-validation/eval.json || { $PY -m lesft.cli eval --run {} \
         --split validation --limit $limit --seed 0 --batch_size 150 --max_new_tokens 128 --device auto \
         --progress false --out {}/eval-validation.part >{}/validation.log 2>&1 && mv {}/eval-validation.part {}/eval-validation; }" \
