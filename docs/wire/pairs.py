@@ -5,7 +5,9 @@ uncompressed run of the same method, seed and rows (the evidence study's), paire
 
 Per cell: seeds finished, bytes per 25-round run each way (MB = 2^20 B, client<->server only; aggregation is
 the same fp32 adapters in every cell), accuracy, and the paired difference in points with its bootstrap
-interval and exact McNemar p (lesft.stats; seeds pooled as question x seed pairs).
+interval over questions (clustered: each question keeps its seeds), the exact McNemar p (seeds pooled as question x
+seed pairs, optimistic), the sign-flip p (the question as the unit) and the mean over seeds with its t interval
+(lesft.stats).
 """
 
 from __future__ import annotations
@@ -38,11 +40,19 @@ def correct(run: Path) -> dict[str, bool]:
     return {str(d["id"]): bool(d["correct"]) for d in rows}
 
 
-def pair_name(name: str) -> str:
-    """The uncompressed run of the same method and seed, as the evidence study names it."""
-    method = re.search(r"method=([a-z]+)", name).group(1)
-    seed = re.search(r"seed=(\d+)", name).group(1)
-    return f"seed={seed}__method={method}"
+WIRE_KEYS = r"__(?:wire_dtype|reference_wire|grad_wire|pack_ints)=[^_]+"
+
+
+def pair_name(name: str, found: dict[str, Path]) -> str:
+    """The uncompressed run of the same point: the name without its wire keys, from the same study where it has one
+    (the GPU round's `boost`), else as the evidence study names a plain method and seed (``seed=S__method=M``)."""
+    plain = re.sub(WIRE_KEYS, "", name)
+    if plain in found:
+        return plain
+    m = re.fullmatch(r"method=([a-z0-9]+)__seed=(\d+)", plain)
+    if m is None:
+        raise SystemExit(f"no uncompressed pair {plain!r} for {name!r}")
+    return f"seed={m.group(2)}__method={m.group(1)}"
 
 
 def main() -> None:
@@ -52,12 +62,13 @@ def main() -> None:
     for name in found:
         if "wire" in name:  # a compressed run: its cell is its name without the seed
             cells[re.sub(r"__seed=\d+", "", name)].append(name)
-    print("| run | seeds | up MB | down MB | accuracy | uncompressed | difference, points [95 %] | discordant | McNemar p |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| run | seeds | up MB | down MB | accuracy | uncompressed | difference, points [95 %, questions] | discordant "
+          "| McNemar p | sign-flip p | over seeds [95 % t] |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for cell, names in sorted(cells.items()):
         a, b, up, down = [], [], [], []
         for n in sorted(names):
-            mine, base = correct(found[n]), correct(found[pair_name(n)])
+            mine, base = correct(found[n]), correct(found[pair_name(n, found)])
             keys = sorted(k for k in mine if k in base)
             a.append([mine[k] for k in keys])
             b.append([base[k] for k in keys])
@@ -69,7 +80,15 @@ def main() -> None:
         acc_b = sum(map(sum, b)) / sum(map(len, b))
         print(f"| `{cell.replace('__', ' ')}` | {len(names)} | {sum(up) / len(up):.1f} | {sum(down) / len(down):.1f} | "
               f"{100 * acc_a:.1f} % | {100 * acc_b:.1f} % | {100 * p.diff:+.1f} [{100 * p.low:+.1f}, {100 * p.high:+.1f}] | "
-              f"{p.only_method} / {p.only_baseline} | {p.p_value:.2g} |")
+              f"{p.only_method} / {p.only_baseline} | {p.p_value:.2g} | {p.p_sign_flip:.2g} | {over_seeds(p)} |")
+
+
+def over_seeds(p) -> str:
+    """The mean of the per-seed differences with its t interval (points); '-' with one seed."""
+    if p.seed_t is None or len(p.per_seed) < 2:
+        return "–"
+    mean, low, high = p.seed_t[:3]
+    return f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
 if __name__ == "__main__":
