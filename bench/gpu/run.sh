@@ -16,6 +16,7 @@
 #
 # A call carries at most 64 MiB with the tracked tree (28 MB, most of it docs/evidence and docs/wire): session 15 took those
 # two folders out of the index for its calls (git rm --cached + .git/info/exclude, undone after) so that part0 + wheels fit.
+# SPEC=configs/studies/gpu/evidence_validation.yaml runs the CPU study's other cells the same way, for their validation.
 # `round2` trains and tests (sweep, stopped after TOTAL_S - VALID_S - 40 s), evaluates every finished run on 300
 # validation problems (stopped VALID_S later), and returns one tarball of reports and per-run results (no adapters).
 #
@@ -90,7 +91,7 @@ case "$STEP" in
     timeout 150 bash "$0" round2-smoke || echo "round2-smoke failed (rc $?)" ;;
   round2|round2-smoke)
     TOTAL_S=${TOTAL_S:-480}; VALID_S=${VALID_S:-90}; t0=$(date +%s)
-    spec=configs/studies/gpu/evidence_round2.yaml; runs=runs/gpu/round2; model=smollm2-135m; limit=300
+    spec=${SPEC:-configs/studies/gpu/evidence_round2.yaml}; runs=runs/gpu/$(basename "$spec" .yaml); model=smollm2-135m; limit=300
     if [ "$STEP" = round2-smoke ]; then  # the same pipeline at tiny size: a random 4-layer model, 2 runs, 4 questions
       $PY - <<'PYEOF'
 import pathlib, sys, yaml
