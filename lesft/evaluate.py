@@ -33,7 +33,7 @@ from lesft.data.contamination import problem_keys
 from lesft.decoding import _bar, _device, generate  # re-exported: decoding has its own module
 from lesft.data.prompts import render_prompt
 from lesft.data.registry import answer_kind, get_benchmark
-from lesft.model.load import load_for_eval, resolve_device  # load_for_eval re-exported: its home is model loading
+from lesft.model.load import load_for_eval  # re-exported: its home is model loading
 from lesft.stats import wilson_ci
 
 __all__ = [
@@ -303,7 +303,7 @@ def run_eval(
 
         lm, tokenizer, _ = in_process(run_dir, adapter)
     else:
-        lm, tokenizer = load_for_eval(model, adapter, resolve_device(cfg.device))
+        lm, tokenizer = load_for_eval(model, adapter, cfg.device)
     meta = {"model": model, "adapter": adapter, "run_dir": run_dir, "split_inference": cfg.split_inference}
     result = evaluate_rows(lm, tokenizer, rows, cfg.dataset, cfg, meta=meta)
     return dict(result, **meta, out=cfg.out)

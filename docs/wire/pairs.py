@@ -85,7 +85,7 @@ def main() -> None:
 
 def over_seeds(p) -> str:
     """The mean of the per-seed differences with its t interval (points); '-' with one seed."""
-    if p.seed_t is None or len(p.per_seed) < 2:
+    if p.seed_t is None:  # one seed
         return "–"
     mean, low, high = p.seed_t[:3]
     return f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"

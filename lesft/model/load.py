@@ -127,11 +127,11 @@ def load_model(
 
 
 def load_for_eval(
-    model: str, adapter: str | None = None, device: str | torch.device = "cpu"
+    model: str, adapter: str | None = None, device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base model via :func:`lesft.model.load.load_model` on ``device``, with the peft ``adapter``
-    directory merged into it when given; in eval mode."""
-    base, tokenizer = load_model(model, device=device)
+    """The base model via :func:`lesft.model.load.load_model` on ``device`` (cpu, cuda[:i] or auto; see
+    :func:`resolve_device`), with the peft ``adapter`` directory merged into it when given; in eval mode."""
+    base, tokenizer = load_model(model, device=resolve_device(device))
     if adapter:
         path = Path(adapter)
         if not (path / "adapter_config.json").is_file():

@@ -127,11 +127,10 @@ def _evaluate(d: Path, cfg: TrainConfig, spec: dict[str, Any]) -> dict[str, Any]
     if ecfg.dataset == "synthetic" and cfg.data == "synthetic" and cfg.synthetic != ArithmeticSpec() and not ecfg.file:
         # the same questions as the trained runs (run_eval passes a run's difficulty only with a run_dir)
         from lesft.data.benchmarks import load_benchmark
-        from lesft.model.load import resolve_device
 
         rows = load_benchmark("synthetic", ecfg.split, ecfg.data_dir, n=ecfg.limit or None, seed=ecfg.seed,
                               spec=cfg.synthetic)
-        lm, tok = ev.load_for_eval(cfg.model, None, resolve_device(ecfg.device))
+        lm, tok = ev.load_for_eval(cfg.model, None, ecfg.device)
         meta = {"model": cfg.model, "adapter": None, "run_dir": str(d)}
         return dict(ev.evaluate_rows(lm, tok, rows, "synthetic", ecfg, meta=meta), **meta)
     return ev.run_eval(ecfg, model=cfg.model, adapter=None)
