@@ -31,7 +31,7 @@ from lesft.model.load import load_model  # noqa: E402
 from lesft.train import Run  # noqa: E402
 
 from bench_split import Rounds  # noqa: E402  (the same round stepping as bench_split)
-from timing import BUSY, disturbed, med, parse_with_timing_args, rotated, timed  # noqa: E402
+from timing import BUSY, disturbed, interleaved, med, parse_with_timing_args  # noqa: E402
 
 TARGET = 1.05
 CASES = {"chunked (default)": {}, "unchunked": {"server_chunk_rows": 0, "head_chunk_tokens": 0}}
@@ -56,16 +56,9 @@ def main() -> None:
     for name in runs:
         for _ in range(args.warmup):
             step(name)
-    wall = {n: [] for n in runs}
-    foreign = {n: [] for n in runs}
-    retried = 0
-    for rep in range(args.reps):
-        for name in rotated(runs, rep):
-            dt, fo, tries, _ = timed(lambda: step(name), args.retries, prepare=lambda: step.skip_aggregation(name),
-                                     deadline=t_start + args.retry_budget, quiet_wait=args.quiet_wait)
-            wall[name].append(dt)
-            foreign[name].append(fo)
-            retried += tries
+    got = interleaved({n: (lambda n=n: step(n)) for n in runs}, args.reps, args.retries,
+                      prepare=step.skip_aggregation, deadline=t_start + args.retry_budget, quiet_wait=args.quiet_wait)
+    wall, foreign, retried = got.wall, got.foreign, got.retried
     a, b = wall["chunked (default)"], wall["unchunked"]
     paired = sorted(x / y for x, y in zip(a, b))
     print(f"bench_chunk_time  model={args.model}  lesft, {base.clients} clients x {base.grad_accum} micro-steps, "

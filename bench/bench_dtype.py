@@ -38,7 +38,7 @@ from lesft.data.prompts import render_prompt  # noqa: E402
 from lesft.data.rows import load_rows  # noqa: E402
 from lesft.evaluate import DEFAULT_STOP, generate  # noqa: E402
 from lesft.model.load import load_model  # noqa: E402
-from timing import BUSY, disturbed, med, parse_with_timing_args, rotated, timed  # noqa: E402
+from timing import BUSY, disturbed, interleaved, med, parse_with_timing_args, timed  # noqa: E402
 
 DTYPES = ("fp32", "bf16")
 
@@ -111,17 +111,10 @@ def main() -> None:
         for _ in range(args.warmup):
             one_round(k)
 
-    wall = {k: [] for k in keys}
-    foreign = {k: [] for k in keys}
-    retried = 0
-    deadline = t_start + args.retry_budget
-    for rep in range(args.reps):
-        for k in rotated(keys, rep):
-            dt, fo, tries, _ = timed(lambda k=k: one_round(k), args.retries, prepare=lambda k=k: one_round.skip_aggregation(k),
-                                     deadline=deadline, quiet_wait=args.quiet_wait)
-            retried += tries
-            wall[k].append(dt)
-            foreign[k].append(fo)
+    got = interleaved({k: (lambda k=k: one_round(k)) for k in keys}, args.reps, args.retries,
+                      prepare=one_round.skip_aggregation, deadline=t_start + args.retry_budget,
+                      quiet_wait=args.quiet_wait)
+    wall, foreign, retried = got.wall, got.foreign, got.retried
     del runs
 
     gen = time_generation(args)

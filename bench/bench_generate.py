@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import disturbed, med, parse_with_timing_args, rotated, timed  # noqa: E402
+from timing import disturbed, interleaved, med, parse_with_timing_args  # noqa: E402
 
 from lesft.data.prompts import render_prompt  # noqa: E402
 from lesft.data.synthetic import generate_arithmetic  # noqa: E402
@@ -107,22 +107,20 @@ def main() -> None:
     same_one = torch.equal(outs["split/1"], outs["grpc/1"])
     steps = {m: o.shape[1] - (enc if m in ("unsplit", "split") else one)["input_ids"].shape[1] for m, o in outs.items()}
 
-    walls: dict[str, list[float]] = {m: [] for m in modes}
-    foreign: dict[str, list[float]] = {m: [] for m in modes}
-    stats0 = {"split/1": None, "grpc/1": None}
-    t_start = time.perf_counter()
-    for rep in range(args.reps):
-        for m in rotated(modes, rep):
-            g = {"split/1": split, "grpc/1": remote}.get(m)
-            if g is not None:
-                g.totals = dict.fromkeys(g.totals, 0)  # this call's numbers only
-            dt, f, _, _ = timed(modes[m], args.retries, deadline=t_start + args.retry_budget,
-                                quiet_wait=args.quiet_wait)
-            walls[m].append(dt)
-            foreign[m].append(f)
-            if g is not None:
-                stats0[m] = stats0[m] or []
-                stats0[m].append(g.inference_stats())
+    counted = {"split/1": split, "grpc/1": remote}  # the modes whose generator counts its own work
+    stats0: dict = {m: [] for m in counted}
+
+    def reset(m: str) -> None:
+        if m in counted:
+            counted[m].totals = dict.fromkeys(counted[m].totals, 0)  # this call's numbers only
+
+    def read(m: str) -> None:
+        if m in counted:
+            stats0[m].append(counted[m].inference_stats())
+
+    got = interleaved(modes, args.reps, args.retries, before=reset, after=read,
+                      deadline=time.perf_counter() + args.retry_budget, quiet_wait=args.quiet_wait)
+    walls, foreign = got.wall, got.foreign
     per_tok = {m: med(walls[m]) / max(steps[m], 1) for m in modes}
     r_split = per_tok["split"] / per_tok["unsplit"]
     r_grpc = per_tok["grpc/1"] / per_tok["split/1"]

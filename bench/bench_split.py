@@ -40,7 +40,7 @@ from lesft.train import Run  # noqa: E402
 
 SPLIT_TARGET = 1.05
 LESFT_TARGET = 1.5
-from timing import parse_with_timing_args, BUSY, disturbed, med, rotated, timed  # noqa: E402  (bench/ is on sys.path when run as a script)
+from timing import parse_with_timing_args, BUSY, disturbed, interleaved, med, timed  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 def make_cfg(args: argparse.Namespace, method: str, **over) -> TrainConfig:
     kw = dict(
@@ -111,27 +111,16 @@ def main() -> None:
         for _ in range(args.warmup):
             one_round(m)
 
-    wall = {m: [] for m in names}
-    server_s = {m: [] for m in names}
-    client_s = {m: [] for m in names}
-    foreign = {m: [] for m in names}
-    retried = 0
-    deadline = t_start + args.retry_budget
-    for rep in range(args.reps):
-        for m in rotated(names, rep):
-            run = runs[m]
+    def snap(m: str) -> tuple[float, float]:
+        run = runs[m]
+        return (run.server.meter.seconds if run.server else 0.0, run.clients[0].meter.seconds)
 
-            def snap(run: Run = run) -> tuple[float, float]:
-                return (run.server.meter.seconds if run.server else 0.0, run.clients[0].meter.seconds)
-
-            dt, fo, tries, (ds, dc) = timed(lambda: one_round(m), args.retries,
-                                            prepare=lambda: one_round.skip_aggregation(m),
-                                            snap=snap, deadline=deadline, quiet_wait=args.quiet_wait)
-            retried += tries
-            wall[m].append(dt)
-            foreign[m].append(fo)
-            server_s[m].append(ds)
-            client_s[m].append(dc)
+    got = interleaved({m: (lambda m=m: one_round(m)) for m in names}, args.reps, args.retries,
+                      prepare=one_round.skip_aggregation, snap=snap, deadline=t_start + args.retry_budget,
+                      quiet_wait=args.quiet_wait)
+    wall, foreign, retried = got.wall, got.foreign, got.retried
+    server_s = {m: [d[0] for d in got.deltas[m]] for m in names}
+    client_s = {m: [d[1] for d in got.deltas[m]] for m in names}
 
     # aggregation of the lesft run (1 client: upload, |D_i|-weighted average, broadcast), timed alone
     agg_s = med([timed(lambda: runs["lesft"].aggregate(runs["lesft"].clients), 0)[0] for _ in range(3)])

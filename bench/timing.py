@@ -7,6 +7,7 @@ import argparse
 import os
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -83,6 +84,38 @@ def rotated(items, rep: int) -> list:
     items = list(items)
     k = rep % len(items)
     return items[k:] + items[:k]
+
+
+@dataclass
+class Interleaved:
+    """What :func:`interleaved` measured, per key, in the order the repetitions ran."""
+    wall: dict = field(default_factory=dict)      # key -> seconds per kept call
+    foreign: dict = field(default_factory=dict)   # key -> other processes' CPU during it, in cores
+    deltas: dict = field(default_factory=dict)    # key -> snap(key) deltas over each kept call
+    retried: int = 0                              # re-takes of disturbed calls, all keys together
+
+
+def interleaved(fns: dict, reps: int, retries: int = 0, *, prepare=None, before=None, after=None, snap=None,
+                deadline: float = float("inf"), quiet_wait: float = 0.0) -> Interleaved:
+    """Time ``fns[key]()`` ``reps`` times per key, the keys in :func:`rotated` order each repetition, each
+    call through :func:`timed`. ``prepare(key)`` runs before every attempt (untimed), ``before(key)`` and
+    ``after(key)`` once around a key's timed call (e.g. to reset its counters, then read them), ``snap(key)``
+    gives the counters whose deltas over the call are kept."""
+    out = Interleaved({k: [] for k in fns}, {k: [] for k in fns}, {k: [] for k in fns})
+    for rep in range(reps):
+        for k in rotated(fns, rep):
+            if before is not None:
+                before(k)
+            dt, fo, tries, d = timed(fns[k], retries, prepare=None if prepare is None else lambda k=k: prepare(k),
+                                     snap=None if snap is None else lambda k=k: snap(k), deadline=deadline,
+                                     quiet_wait=quiet_wait)
+            out.wall[k].append(dt)
+            out.foreign[k].append(fo)
+            out.deltas[k].append(d)
+            out.retried += tries
+            if after is not None:
+                after(k)
+    return out
 
 
 def med(xs: list[float]) -> float:
