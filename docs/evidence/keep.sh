@@ -4,6 +4,10 @@
 #                                                    # the report -> report_partial.md, its figures -> figures/
 #   bash docs/evidence/keep.sh restore [SWEEP_DIR]   # docs/evidence/results/* -> SWEEP_DIR, so that
 #                                                    # `lesft sweep` counts those runs as done and skips them
+#   bash docs/evidence/keep.sh adopt RETRAIN_DIR     # the validation of runs trained again (issue 30 part 4:
+#                                                    # configs/studies/cpu/evidence_validation.yaml) -> the kept
+#                                                    # run's eval-validation/, only where the retrained run's 500
+#                                                    # test completions equal the kept run's, every one of them
 # A run's directory under runs/ is not tracked (adapters, checkpoints); what is kept is what the report reads:
 # the configs, metrics, summary, training-row hashes and the evaluation with its predictions.
 set -euo pipefail
@@ -34,5 +38,29 @@ case "$cmd" in
       cp -r "$keep/$run" "$dir/$run"
     done
     echo "restored $(ls "$keep" | wc -l) finished runs into $dir" ;;
-  *) echo "keep.sh: unknown command '$cmd' (save or restore)" >&2; exit 2 ;;
+  adopt)
+    [ -n "${2:-}" ] || { echo "usage: keep.sh adopt RETRAIN_DIR" >&2; exit 2; }
+    python3 - "$dir" "$keep" <<'PY'
+import json, shutil, sys
+from pathlib import Path
+
+src, keep = Path(sys.argv[1]), Path(sys.argv[2])
+by_keys = {frozenset(d.name.split("__")): d for d in keep.iterdir() if d.is_dir()}  # grid and runs name keys in other orders
+answers = lambda f: [(r["id"], r["completion"]) for r in map(json.loads, f.open())]
+for run in sorted(d for d in src.iterdir() if (d / "eval-validation" / "predictions.jsonl").is_file()):
+    kept = by_keys.get(frozenset(run.name.split("__")))
+    if kept is None or not (kept / "eval" / "predictions.jsonl").is_file():
+        print(f"{run.name}: no kept run with these keys; not adopted")
+    elif (kept / "eval-validation" / "predictions.jsonl").is_file():
+        print(f"{run.name}: {kept.name} is validated already")
+    elif answers(run / "eval" / "predictions.jsonl") != answers(kept / "eval" / "predictions.jsonl"):
+        print(f"{run.name}: NOT adopted: its test completions differ from {kept.name}'s (not the same training)")
+    else:
+        (kept / "eval-validation").mkdir()
+        for f in ("eval.json", "predictions.jsonl"):
+            shutil.copy(run / "eval-validation" / f, kept / "eval-validation" / f)
+        print(f"{run.name}: adopted into {kept.name} (its 500 test completions equal the kept run's)")
+PY
+    ;;
+  *) echo "keep.sh: unknown command '$cmd' (save, restore or adopt)" >&2; exit 2 ;;
 esac

@@ -1,11 +1,16 @@
-"""The GPU round's validation cells against plain CE (`splitlora`), recomputed from the kept predictions.
+"""Every validated cell of the evidence study against plain CE (`splitlora`), recomputed from the kept predictions.
 
     .venv/bin/python docs/evidence/validation_pairs.py
 
-The GPU round (docs/evidence/results-gpu) did not validate its own `splitlora`. The baseline here is the CPU
-`splitlora` of the same seed: seed 0 from issue 10's validation check, seeds 1-2 trained again in session 15
-(configs/studies/cpu/evidence_again.yaml; their 500 test answers equal the committed runs' on every question).
-So each pair crosses hardware; on the test split a seed's GPU run answers as its CPU run on 99.5 % of questions.
+A cell is a method and its settings, at the seeds whose adapter was evaluated on the 300 validation problems
+(`eval-validation/predictions.jsonl` of a run in docs/evidence/results, the CPU study, or docs/evidence/results-gpu,
+the GPU round). The baseline is the CPU `splitlora` of the same seed in the cell's column: with the cell's other
+settings where `splitlora` has them (`lesft epochs=8` against `splitlora epochs=8`), plain `splitlora` otherwise
+(seed 0 from issue 10's validation check, seeds 1-2 trained again in session 15 with the same test completions as
+the kept runs). A GPU cell's pairs cross
+hardware; on the test split a seed's GPU run answers as its CPU run on 99.5 % of the questions (session 15).
+CPU cells whose runs were trained again for their validation (configs/studies/cpu/evidence_validation.yaml) were
+adopted only where the 500 test completions equal the kept run's (`keep.sh adopt`), so they are the kept runs.
 Per cell: the seeds' accuracies, the paired difference in points with its cluster-bootstrap interval over
 questions, discordant question x seed pairs, the pooled McNemar p, the sign-flip p (question as the unit) and
 the mean over seeds with its t interval (lesft.stats).
@@ -22,40 +27,65 @@ sys.path.insert(0, str(ROOT))
 
 from lesft.stats import paired_comparison  # noqa: E402
 
-GPU = ROOT / "docs/evidence/results-gpu"
-CELLS = ["method=lesft", "method=lesft__lesft.weighting=boost", "method=lesft__lesft.weighting=boost__synthetic.reference_style=worded",
-         "method=lesft__lesft.weighting=boost__wire_dtype=bf16__reference_wire=int4__pack_ints=true",
-         "method=lesft__synthetic.reference_style=worded", "method=splitlora__loss=dft"]
+SOURCES = {"CPU": ROOT / "docs/evidence/results", "GPU": ROOT / "docs/evidence/results-gpu"}
+BASELINE = frozenset({"method=splitlora"})
 
 
 def load(path: Path) -> dict[str, bool]:
     return {str(r["id"]): bool(r["correct"]) for r in map(json.loads, path.open())}
 
 
-def baseline(seed: int) -> dict[str, bool]:
-    return load(ROOT / f"docs/evidence/validation/seed={seed}__method=splitlora/predictions.jsonl")
+def validated(root: Path) -> dict[frozenset, dict[int, Path]]:
+    """cell (its run-name keys without the seed) -> seed -> validation predictions, for every validated run."""
+    cells: dict[frozenset, dict[int, Path]] = {}
+    for f in sorted(root.glob("*/eval-validation/predictions.jsonl")):
+        keys = f.parent.parent.name.split("__")  # the sweep names a run by its keys, in grid or runs order
+        seed = next(int(k.split("=")[1]) for k in keys if k.startswith("seed="))
+        cells.setdefault(frozenset(k for k in keys if not k.startswith("seed=")), {})[seed] = f
+    return cells
+
+
+def name(cell: frozenset) -> str:
+    rest = sorted(k for k in cell if not k.startswith("method="))
+    return " ".join([next(k for k in cell if k.startswith("method=")).split("=", 1)[1], *rest])
+
+
+def baseline_of(cell: frozenset, cpu: dict[frozenset, dict[int, Path]]) -> frozenset:
+    """`splitlora` with the cell's settings (its column) where such a CPU cell is validated, else plain `splitlora`."""
+    same = BASELINE | {k for k in cell if not k.startswith("method=")}
+    return same if same in cpu and same != cell else BASELINE
 
 
 def main() -> None:
-    ids = sorted(baseline(0))
-    print("| GPU cell, 300 validation problems | seeds | accuracy by seed | `splitlora` (CPU) by seed | Δ, points [95 %, questions] "
-          "| discordant | McNemar p | sign-flip p | over seeds [95 % t], p |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for cell in CELLS:
-        a, b = [], []
-        for s in (0, 1, 2):
-            path = GPU / f"{cell}__seed={s}" / "eval-validation" / "predictions.jsonl"
-            if path.is_file():
-                mine, base = load(path), baseline(s)
-                assert sorted(mine) == ids == sorted(base), f"{cell} seed {s}: not the same questions"
+    cpu = validated(SOURCES["CPU"])
+    ids = sorted(load(cpu[BASELINE][0]))
+    print("| cell, 300 validation problems | trained on | seeds | accuracy by seed | baseline (CPU) | baseline by seed "
+          "| Δ, points [95 %, questions] | discordant | McNemar p | sign-flip p | over seeds [95 % t], p |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for hw, root in SOURCES.items():
+        for cell, seeds in sorted(validated(root).items(), key=lambda c: name(c[0])):
+            if hw == "CPU" and cell == BASELINE:
+                continue
+            ref = baseline_of(cell, cpu)
+            a, b = [], []
+            for s in sorted(seeds):
+                if s not in cpu[ref]:
+                    continue  # that seed's baseline is not validated
+                mine, base = load(seeds[s]), load(cpu[ref][s])
+                assert sorted(mine) == ids == sorted(base), f"{name(cell)} seed {s}: not the same questions"
                 a.append([mine[k] for k in ids])
                 b.append([base[k] for k in ids])
-        p = paired_comparison(a, b)
-        acc = ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in a)
-        accb = ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in b)
-        seeds = "–" if len(a) < 2 else f"{100 * p.seed_t[0]:+.1f} [{100 * p.seed_t[1]:+.1f}, {100 * p.seed_t[2]:+.1f}], {p.seed_t[3]:.2g}"
-        print(f"| `{cell.replace('__', ' ')}` | {len(a)} | {acc} | {accb} | {100 * p.diff:+.1f} [{100 * p.low:+.1f}, {100 * p.high:+.1f}] "
-              f"| {p.only_method} / {p.only_baseline} | {p.p_value:.2g} | {p.p_sign_flip:.2g} | {seeds} |")
+            if not a:
+                continue
+            p = paired_comparison(a, b)
+            acc = ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in a)
+            accb = ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in b)
+            over = "–" if p.seed_t is None else \
+                f"{100 * p.seed_t[0]:+.1f} [{100 * p.seed_t[1]:+.1f}, {100 * p.seed_t[2]:+.1f}], {p.seed_t[3]:.2g}"
+            used = [s for s in sorted(seeds) if s in cpu[ref]]
+            print(f"| `{name(cell)}` | {hw} | {', '.join(map(str, used))} | {acc} | `{name(ref)}` | {accb} "
+                  f"| {100 * p.diff:+.1f} [{100 * p.low:+.1f}, {100 * p.high:+.1f}] | {p.only_method} / {p.only_baseline} "
+                  f"| {p.p_value:.2g} | {p.p_sign_flip:.2g} | {over} |")
 
 
 if __name__ == "__main__":
