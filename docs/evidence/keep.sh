@@ -6,8 +6,10 @@
 #                                                    # `lesft sweep` counts those runs as done and skips them
 #   bash docs/evidence/keep.sh adopt RETRAIN_DIR     # the validation of runs trained again (issue 30 part 4:
 #                                                    # configs/studies/cpu/evidence_validation.yaml) -> the kept
-#                                                    # run's eval-validation/, only where the retrained run's 500
-#                                                    # test completions equal the kept run's, every one of them
+#                                                    # run's eval-validation/ where the retrained run's 500 test
+#                                                    # completions equal the kept run's, every one of them; else
+#                                                    # (another CPU's kernels) the whole run -> results-again/, a
+#                                                    # twin like a GPU run, never mixed with the kept one
 # A run's directory under runs/ is not tracked (adapters, checkpoints); what is kept is what the report reads:
 # the configs, metrics, summary, training-row hashes and the evaluation with its predictions.
 set -euo pipefail
@@ -45,6 +47,9 @@ import json, shutil, sys
 from pathlib import Path
 
 src, keep = Path(sys.argv[1]), Path(sys.argv[2])
+again = keep.parent / "results-again"
+small = ("config.input.yaml", "config.yaml", "metrics.jsonl", "summary.json", "train_keys.json", "eval/eval.json",
+         "eval/predictions.jsonl", "eval-validation/eval.json", "eval-validation/predictions.jsonl")
 by_keys = {frozenset(d.name.split("__")): d for d in keep.iterdir() if d.is_dir()}  # grid and runs name keys in other orders
 answers = lambda f: [(r["id"], r["completion"]) for r in map(json.loads, f.open())]
 for run in sorted(d for d in src.iterdir() if (d / "eval-validation" / "predictions.jsonl").is_file()):
@@ -53,8 +58,13 @@ for run in sorted(d for d in src.iterdir() if (d / "eval-validation" / "predicti
         print(f"{run.name}: no kept run with these keys; not adopted")
     elif (kept / "eval-validation" / "predictions.jsonl").is_file():
         print(f"{run.name}: {kept.name} is validated already")
-    elif answers(run / "eval" / "predictions.jsonl") != answers(kept / "eval" / "predictions.jsonl"):
-        print(f"{run.name}: NOT adopted: its test completions differ from {kept.name}'s (not the same training)")
+    elif (a := answers(run / "eval" / "predictions.jsonl")) != (b := answers(kept / "eval" / "predictions.jsonl")):
+        for f in small:
+            (again / kept.name / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(run / f, again / kept.name / f)
+        n = sum(x != y for x, y in zip(a, b))
+        print(f"{run.name}: {n} of its {len(a)} test completions differ from {kept.name}'s (another CPU's kernels?): "
+              f"kept as a twin in {again / kept.name}, not adopted")
     else:
         (kept / "eval-validation").mkdir()
         for f in ("eval.json", "predictions.jsonl"):

@@ -10,7 +10,8 @@ settings where `splitlora` has them (`lesft epochs=8` against `splitlora epochs=
 the kept runs). A GPU cell's pairs cross
 hardware; on the test split a seed's GPU run answers as its CPU run on 99.5 % of the questions (session 15).
 CPU cells whose runs were trained again for their validation (configs/studies/cpu/evidence_validation.yaml) were
-adopted only where the 500 test completions equal the kept run's (`keep.sh adopt`), so they are the kept runs.
+adopted only where the 500 test completions equal the kept run's (`keep.sh adopt`), so they are the kept runs;
+the others (trained first on another CPU, whose fp32 kernels round differently) are twins in results-again/.
 Per cell: the seeds' accuracies, the paired difference in points with its cluster-bootstrap interval over
 questions, discordant question x seed pairs, the pooled McNemar p, the sign-flip p (question as the unit) and
 the mean over seeds with its t interval (lesft.stats).
@@ -27,22 +28,50 @@ sys.path.insert(0, str(ROOT))
 
 from lesft.stats import paired_comparison  # noqa: E402
 
-SOURCES = {"CPU": ROOT / "docs/evidence/results", "GPU": ROOT / "docs/evidence/results-gpu"}
+SOURCES = {"CPU": ROOT / "docs/evidence/results",               # the study's kept runs (retrained ones adopted)
+           "CPU again": ROOT / "docs/evidence/results-again",   # retrained on another CPU: a twin, like a GPU run
+           "GPU": ROOT / "docs/evidence/results-gpu"}
 BASELINE = frozenset({"method=splitlora"})
+TWINS = {"lesft.weighting=boost": "lesft.weighting=uniform-1"}  # a named weighting = the ablation it was named from
 
 
 def load(path: Path) -> dict[str, bool]:
     return {str(r["id"]): bool(r["correct"]) for r in map(json.loads, path.open())}
 
 
+def cells(root: Path, pattern: str) -> dict[frozenset, dict[int, Path]]:
+    """cell (its run-name keys without the seed) -> seed -> the file ``pattern`` matches in that run's directory.
+    The untuned model (no seed) is left out."""
+    out: dict[frozenset, dict[int, Path]] = {}
+    for f in sorted(root.glob(f"*/{pattern}")):
+        keys = f.relative_to(root).parts[0].split("__")  # the sweep names a run by its keys, in grid or runs order
+        seeds = [int(k.split("=")[1]) for k in keys if k.startswith("seed=")]
+        if seeds:
+            out.setdefault(frozenset(k for k in keys if not k.startswith("seed=")), {})[seeds[0]] = f
+    return out
+
+
 def validated(root: Path) -> dict[frozenset, dict[int, Path]]:
-    """cell (its run-name keys without the seed) -> seed -> validation predictions, for every validated run."""
-    cells: dict[frozenset, dict[int, Path]] = {}
-    for f in sorted(root.glob("*/eval-validation/predictions.jsonl")):
-        keys = f.parent.parent.name.split("__")  # the sweep names a run by its keys, in grid or runs order
-        seed = next(int(k.split("=")[1]) for k in keys if k.startswith("seed="))
-        cells.setdefault(frozenset(k for k in keys if not k.startswith("seed=")), {})[seed] = f
-    return cells
+    """cell -> seed -> validation predictions, for every validated run."""
+    return cells(root, "eval-validation/predictions.jsonl")
+
+
+def coverage() -> None:
+    """Issue 30 part 4: which of the CPU study's cell x seed runs are validated (on the CPU, or by the GPU round)."""
+    def twin(c: frozenset) -> frozenset:
+        return frozenset(TWINS.get(k, k) for k in c)
+
+    study = {twin(c): v for c, v in cells(SOURCES["CPU"], "eval/predictions.jsonl").items()}
+    done = {hw: {twin(c): v for c, v in validated(root).items()} for hw, root in SOURCES.items()}
+    n = sum(len(v) for v in study.values())
+    have, missing = 0, []
+    for cell, seeds in sorted(study.items(), key=lambda c: name(c[0])):
+        got = {s for s in seeds if any(s in done[hw].get(cell, {}) for hw in SOURCES)}
+        have += len(got)
+        if got != set(seeds):
+            missing.append(f"`{name(cell)}` ({', '.join(str(s) for s in sorted(set(seeds) - got))})")
+    print(f"\nValidated: {have} of the CPU study's {n} trained cell x seed runs (on the CPU, or their GPU twin). "
+          f"Not yet: {'; '.join(missing) or 'none'}.")
 
 
 def name(cell: frozenset) -> str:
@@ -86,6 +115,7 @@ def main() -> None:
             print(f"| `{name(cell)}` | {hw} | {', '.join(map(str, used))} | {acc} | `{name(ref)}` | {accb} "
                   f"| {100 * p.diff:+.1f} [{100 * p.low:+.1f}, {100 * p.high:+.1f}] | {p.only_method} / {p.only_baseline} "
                   f"| {p.p_value:.2g} | {p.p_sign_flip:.2g} | {over} |")
+    coverage()
 
 
 if __name__ == "__main__":
