@@ -38,7 +38,7 @@ from lesft.data.prompts import render_prompt  # noqa: E402
 from lesft.data.rows import load_rows  # noqa: E402
 from lesft.evaluate import DEFAULT_STOP, generate  # noqa: E402
 from lesft.model.load import load_model  # noqa: E402
-from timing import BUSY, disturbed, interleaved, med, parse_with_timing_args, timed  # noqa: E402
+from timing import BUSY, BUSY_NOTE, disturbed, interleaved, med, parse_with_timing_args, timed  # noqa: E402
 
 DTYPES = ("fp32", "bf16")
 
@@ -115,7 +115,7 @@ def main() -> None:
                       prepare=one_round.skip_aggregation, deadline=t_start + args.retry_budget,
                       quiet_wait=args.quiet_wait)
     wall, foreign, retried = got.wall, got.foreign, got.retried
-    del runs
+    runs.clear()  # free the models (one_round holds the same dict) before the generation timing
 
     gen = time_generation(args)
 
@@ -144,7 +144,7 @@ def main() -> None:
         gap = abs(first_loss[m, "bf16"] - first_loss[m, "fp32"]) / abs(first_loss[m, "fp32"])
         print(f"RESULT  {m}: bf16/fp32 round time = {ratio[m]:.3f} (paired {paired[m]:.3f}); "
               f"{1 / ratio[m]:.2f}x {'faster' if ratio[m] < 1 else 'slower'} in bf16; first-round loss differs "
-              f"by {100 * gap:.2f} %{'  -- UNRELIABLE: the machine was busy; rerun on an idle machine' if shaky else ''}")
+              f"by {100 * gap:.2f} %{BUSY_NOTE if shaky else ''}")
     if gen:
         print()
         print(f"evaluation: generate, {args.gen_n} synthetic problems, batch {args.gen_batch}, "

@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import disturbed, interleaved, med, parse_with_timing_args  # noqa: E402
+from timing import disturbed, interleaved, med, parse_with_timing_args, verdict  # noqa: E402
 
 from lesft.data.prompts import render_prompt  # noqa: E402
 from lesft.data.synthetic import generate_arithmetic  # noqa: E402
@@ -172,16 +172,15 @@ def main() -> None:
               f"(one hidden vector = {hidden * wire_bytes} B)")
     print()
     unreliable = any(disturbed(foreign[m]) > len(walls[m]) / 4 for m in modes)
-    tag = "UNRELIABLE (busy machine; rerun on an idle one) " if unreliable else ""
-    print(f"PASS/FAIL  {tag}split in process / unsplit per token (batch {args.batch_size}) = {r_split:.3f} "
-          f"(<= {TARGET_SPLIT}): {'PASS' if r_split <= TARGET_SPLIT else 'FAIL'}")
-    print(f"PASS/FAIL  {tag}gRPC loopback / split in process per token (1 sequence) = {r_grpc:.3f} "
-          f"(<= {TARGET_GRPC}): {'PASS' if r_grpc <= TARGET_GRPC else 'FAIL'}")
+    print(verdict(f"split in process / unsplit per token (batch {args.batch_size}) = {r_split:.3f} (<= {TARGET_SPLIT})",
+                  r_split <= TARGET_SPLIT, unreliable))
+    print(verdict(f"gRPC loopback / split in process per token (1 sequence) = {r_grpc:.3f} (<= {TARGET_GRPC})",
+                  r_grpc <= TARGET_GRPC, unreliable))
     exact = (byts["standard"]["up_payload"] == hidden * wire_bytes and byts["standard"]["down_payload"] == 8
              and byts["label_private"]["up_payload"] == hidden * wire_bytes
              and byts["label_private"]["down_payload"] == hidden * wire_bytes)
-    print(f"PASS/FAIL  payload per decoded token: one hidden vector up, one token id (label-private: one hidden "
-          f"vector) down: {'PASS' if exact else 'FAIL'}")
+    print(verdict("payload per decoded token: one hidden vector up, one token id (label-private: one hidden vector) "
+                  "down", exact))
     if args.json:
         out = {"model": args.model, "client_layers": k, "hidden": hidden, "threads": torch.get_num_threads(),
                "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "wire_dtype": args.wire_dtype,

@@ -50,7 +50,7 @@ from lesft.roles import _eval_mode, _pad_cat, _to  # noqa: E402
 CLUSTER_TARGET = 0.05
 LOSS_TARGET = 0.10
 from bench_split import Rounds, make_run  # noqa: E402  (the same config and round stepping as bench_split)
-from timing import parse_with_timing_args, BUSY, _busy_jiffies, _foreign, _self_jiffies, disturbed, med, timed, wait_quiet  # noqa: E402  (bench/ is on sys.path when run as a script)
+from timing import parse_with_timing_args, BUSY, _busy_jiffies, _foreign, _self_jiffies, disturbed, med, timed, verdict, wait_quiet  # noqa: E402  (bench/ is on sys.path when run as a script)
 PIECE_FOREIGN: list[float] = []  # CPU other processes used while each loss piece was timed (cores)
 
 
@@ -236,11 +236,10 @@ def main() -> None:
     print(f"{f'(aggregation, every {cfg.aggregate_every} rounds, not in the timed rounds)':<58}{agg_s:>10.5f}"
           f"{agg_s / t_round:>10.2%}")
     print()
-    note = "  -- UNRELIABLE: the machine was busy; rerun on an idle machine" if unreliable else ""
-    print(f"PASS/FAIL  clustering / round = {r_cluster:.2%} (<= 5%; full-sequence [{B},{T - 1},{H}]: {r_full:.2%}): "
-          f"{'PASS' if r_cluster <= CLUSTER_TARGET and r_full <= CLUSTER_TARGET else 'FAIL'}{note}")
-    print(f"PASS/FAIL  loss / round = {r_loss:.2%} (<= 10%; with its backward {t_loss_fb / t_round:.2%}): "
-          f"{'PASS' if r_loss <= LOSS_TARGET else 'FAIL'}{note}")
+    print(verdict(f"clustering / round = {r_cluster:.2%} (<= 5%; full-sequence [{B},{T - 1},{H}]: {r_full:.2%})",
+                  r_cluster <= CLUSTER_TARGET and r_full <= CLUSTER_TARGET, unreliable))
+    print(verdict(f"loss / round = {r_loss:.2%} (<= 10%; with its backward {t_loss_fb / t_round:.2%})",
+                  r_loss <= LOSS_TARGET, unreliable))
     elapsed = time.perf_counter() - t_start
     print(f"(bench wall time {elapsed:.0f} s)")
 

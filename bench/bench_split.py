@@ -40,7 +40,7 @@ from lesft.train import Run  # noqa: E402
 
 SPLIT_TARGET = 1.05
 LESFT_TARGET = 1.5
-from timing import parse_with_timing_args, BUSY, disturbed, interleaved, med, timed  # noqa: E402  (bench/ is on sys.path when run as a script)
+from timing import parse_with_timing_args, BUSY, disturbed, interleaved, med, timed, verdict  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 def make_cfg(args: argparse.Namespace, method: str, **over) -> TrainConfig:
     kw = dict(
@@ -137,7 +137,7 @@ def main() -> None:
     unreliable_lesft = shaky["lesft"] or shaky["sl"]
     k = runs["sl"].k
     n_layers = k + len(runs["sl"].server.top.layers)
-    del runs
+    runs.clear()  # free the models before the wire runs
 
     # ---------------------------------------------------------------- wire: one sl round per wire dtype
     wire = {}
@@ -202,13 +202,11 @@ def main() -> None:
     print(f"(hidden = payload - int64 bytes; equals B*T*H*elem exactly: {hidden_exact})")
     print()
     wire_pass = hidden_ratio == 0.5 and hidden_exact
-    note = "  -- UNRELIABLE: the machine was busy (see 'disturbed'); rerun on an idle machine"
-    print(f"PASS/FAIL  split overhead     sl/centralized = {ratio_split:.3f} (<= {SPLIT_TARGET}): "
-          f"{'PASS' if ratio_split <= SPLIT_TARGET else 'FAIL'}{note if unreliable_split else ''}")
-    print(f"PASS/FAIL  lesft overhead     lesft/sl = {ratio_lesft:.3f} (<= {LESFT_TARGET}): "
-          f"{'PASS' if ratio_lesft <= LESFT_TARGET else 'FAIL'}{note if unreliable_lesft else ''}")
-    print(f"PASS/FAIL  wire bf16 hidden   bf16/fp32 = {hidden_ratio:.4f} (== 0.5; total c->s {total_ratio:.4f}): "
-          f"{'PASS' if wire_pass else 'FAIL'}")
+    print(verdict(f"split overhead     sl/centralized = {ratio_split:.3f} (<= {SPLIT_TARGET})",
+                  ratio_split <= SPLIT_TARGET, unreliable_split))
+    print(verdict(f"lesft overhead     lesft/sl = {ratio_lesft:.3f} (<= {LESFT_TARGET})",
+                  ratio_lesft <= LESFT_TARGET, unreliable_lesft))
+    print(verdict(f"wire bf16 hidden   bf16/fp32 = {hidden_ratio:.4f} (== 0.5; total c->s {total_ratio:.4f})", wire_pass))
     elapsed = time.perf_counter() - t_start
     print(f"(bench wall time {elapsed:.0f} s)")
 

@@ -118,6 +118,15 @@ def interleaved(fns: dict, reps: int, retries: int = 0, *, prepare=None, before=
     return out
 
 
+BUSY_NOTE = "  -- UNRELIABLE: the machine was busy (see 'disturbed'); rerun on an idle machine"
+
+
+def verdict(claim: str, ok: bool, unreliable: bool = False) -> str:
+    """The line a bench prints for one target: ``PASS/FAIL  <claim>: PASS`` (or FAIL), marked when the
+    measurement behind it was disturbed by other processes."""
+    return f"PASS/FAIL  {claim}: {'PASS' if ok else 'FAIL'}{BUSY_NOTE if unreliable else ''}"
+
+
 def med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
