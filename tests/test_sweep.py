@@ -67,6 +67,16 @@ def test_expand_names_and_checks() -> None:
         expand({"runs": [{"method": "base"}]})
     with pytest.raises(ValueError, match="unknown eval key"):
         expand({"eval": {"limitt": 3}})
+    with pytest.raises(ValueError, match="unknown validation key"):
+        expand({"validation": {"limitt": 3}})
+    with pytest.raises(ValueError, match=r"validation.out is set by the sweep \(RUN/eval-validation\)"):
+        expand({"validation": {"out": "x"}})
+    assert expand({"runs": [{"method": "base"}], "validation": {}}) == [("method=base", {"method": "base"})]
+    # validation: eval's settings, the validation split, then its own on top
+    assert sw.evaluations({"eval": {"limit": 5, "seed": 1}, "validation": {"limit": 3}}) == {
+        "eval": {"limit": 5, "seed": 1}, "eval-validation": {"limit": 3, "seed": 1, "split": "validation"}}
+    assert sw.evaluations({"validation": {}}) == {"eval-validation": {"split": "validation"}}
+    assert sw.evaluations({}) == {}
     with pytest.raises(ValueError, match="unknown top-level"):
         expand({"grids": {}})
 
@@ -194,6 +204,22 @@ def test_eval_and_base_method(assets, tmp_path, monkeypatch) -> None:
     spec["base"]["lr"] = 1e-3  # a training-only change: the trained run is stale, the base run is not
     res = run_sweep(write_spec(tmp_path / "s2.yaml", spec), str(out), dry_run=True)
     assert [r["status"] for r in res] == ["stale", "done"]
+
+    # a validation added to the finished sweep: each run evaluated on the validation split only
+    spec = {**spec, "validation": {"limit": 3}}
+    del spec["base"]["lr"]
+    before = mtimes(out)
+    test_json = {d: (out / d / "eval" / "eval.json").read_text() for d in ("method=sl", "method=base")}
+    n = len(calls)
+    assert [r["status"] for r in run_sweep(write_spec(tmp_path / "s3.yaml", spec), str(out), dry_run=True)] == [
+        "needs-eval", "needs-eval"]
+    res = run_sweep(str(tmp_path / "s3.yaml"), str(out))
+    assert [(r["status"], r["action"]) for r in res] == [("done", "eval"), ("done", "eval")]
+    assert [(c["limit"], c["run_dir"]) for c in calls[n:]] == [(3, str(out / "method=sl")), (3, None)]
+    assert mtimes(out) == before and all((out / d / "eval" / "eval.json").read_text() == t for d, t in test_json.items())
+    v = json.loads((out / "method=sl" / "eval-validation" / "eval.json").read_text())
+    assert v["split"] == "validation" and v["config"] == {"dataset": "synthetic", "split": "validation", "limit": 3}
+    assert [r["action"] for r in run_sweep(str(tmp_path / "s3.yaml"), str(out))] == ["skip", "skip"]
 
     from lesft.report import write_report  # the sweep's directory reports, base row included
 

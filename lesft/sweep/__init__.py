@@ -18,6 +18,7 @@ Spec format
       - {method: base}           # the untuned model (no training, evaluation only)
       - {method: lesft, aggregate_every: 0, seed: [0, 1]}   # a list value expands within this entry
     eval: {split: test, limit: 100, max_new_tokens: 96}   # optional: evaluate every finished run
+    validation: {limit: 50}      # optional: and on the validation split (eval's settings, these on top)
 
 * ``base``: :class:`lesft.config.TrainConfig` fields, nested (``lora: {r: 8}``) or dotted
   (``lora.r: 8``). ``dataset`` is accepted for ``data``. ``out``, ``resume`` and ``overwrite`` belong
@@ -34,6 +35,10 @@ Spec format
   ``validation``). The evaluation ``seed`` is the same for every run, so every run answers the same
   questions. Runs without an aggregation step (``sl``, ``splitfrozen``) are evaluated with client
   0's adapter (``RUN/adapter``). Leave ``eval`` out to train only.
+* ``validation``: a second evaluation of every finished run, into ``RUN/eval-validation``: ``eval``'s
+  fields with ``split: validation``, then these on top (``{}`` takes them as they are). Choose settings
+  on it (``lesft report DIR --eval eval-validation``) and confirm on ``eval``. Added to a finished sweep,
+  it evaluates each run on the validation split only: nothing is retrained or evaluated again.
 * ``method: base`` (in the grid or in ``runs``) is the untuned model: nothing is trained, the model
   is evaluated without an adapter (needs ``eval``). Its run name keeps only the keys that can change
   an untuned model's answers (method, model, data, data_dir, rationale, chat_template,
@@ -50,18 +55,19 @@ short hash of their values appended, and very long names are shortened the same 
 holds what ``lesft train`` writes (config.yaml, metrics.jsonl, summary.json, adapter/, checkpoint/)
 plus ``config.input.yaml`` (the full TrainConfig of the point: ``lesft train --config
 RUN/config.input.yaml`` reruns it by hand), ``sweep_point.json`` (name, overrides, eval spec),
-``eval/`` (eval.json, predictions.jsonl), ``error.json`` when it failed, ``log.txt`` with ``--jobs``.
+``eval/`` (eval.json, predictions.jsonl; ``eval-validation/`` likewise with ``validation``), ``error.json``
+when it failed, ``log.txt`` with ``--jobs``.
 
 Status of a run, checked from its files on every call:
 
-* ``done``: summary.json (and, when ``eval`` is asked, eval/eval.json made with the same eval spec)
-  exists: skipped.
+* ``done``: summary.json (and, for each of ``eval`` and ``validation`` asked, its eval.json made with
+  the same settings) exists: skipped.
 * ``pending``: nothing yet, or rounds logged before any checkpoint: trained from the start, then
   evaluated.
 * ``interrupted``: a checkpoint but no summary: training continues from the checkpoint
   (``resume=True``), ending exactly as an uninterrupted run would. A run in progress reads the same;
   the detail column says how far it got (the checkpoint's round, the rounds logged).
-* ``needs-eval``: trained, evaluation missing or made with another eval spec: evaluated only.
+* ``needs-eval``: trained, an evaluation missing or made with other settings: that one is made, only.
 * ``failed``: ``error.json`` (type, message, stage, traceback tail, attempts): retried on the next
   call, from its checkpoint when it has one.
 * ``stale``: the directory was made with another configuration (``config.input.yaml`` differs from
@@ -103,10 +109,10 @@ from typing import Any, Sequence
 from lesft.plugins import load_plugins
 from lesft.provenance import git_commit
 from lesft.sweep.point import _prepare, _spawn, _write_json, execute
-from lesft.sweep.spec import BASE_METHOD, RUNNABLE, _flatten, _norm_key, expand, load_spec
+from lesft.sweep.spec import BASE_METHOD, RUNNABLE, _flatten, _norm_key, evaluations, expand, load_spec
 from lesft.sweep.status import Point, _points, _read_json, _status
 
-__all__ = ["BASE_METHOD", "expand", "load_spec", "run_sweep", "execute", "add_arguments", "command", "main"]
+__all__ = ["BASE_METHOD", "evaluations", "expand", "load_spec", "run_sweep", "execute", "add_arguments", "command", "main"]
 
 
 # ----------------------------------------------------------------------------------------------

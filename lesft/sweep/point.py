@@ -21,7 +21,7 @@ from lesft.config import TrainConfig
 from lesft.typed import from_dict, load_yaml
 from lesft.data.registry import BENCHMARKS
 from lesft.sweep.spec import BASE_METHOD
-from lesft.sweep.status import Point, _read_json
+from lesft.sweep.status import Point, _evaluated_as, _read_json
 
 
 # ----------------------------------------------------------------------------------------------
@@ -33,7 +33,7 @@ def _prepare(p: Point) -> None:
     """Write the point's inputs to its directory (what ``--one`` reads back)."""
     p.dir.mkdir(parents=True, exist_ok=True)
     meta = _read_json(p.dir / "sweep_point.json") or {}
-    meta.update(name=p.name, overrides=p.overrides, eval=p.eval)
+    meta.update(name=p.name, overrides=p.overrides, eval=p.evals.get("eval"), evals=p.evals)
     if p.config_error:
         meta["config_error"] = p.config_error
     else:
@@ -77,12 +77,16 @@ def execute(run_dir: str | Path) -> dict[str, Any]:
             train(dataclasses.replace(cfg, out=str(d), resume=ckpt, overwrite=not ckpt))
         elif cfg.method != BASE_METHOD:
             action = "eval"
-        if meta.get("eval") is not None:
-            stage = "eval"
-            _evaluate(d, cfg, meta["eval"])
-            meta = _read_json(d / "sweep_point.json") or meta
-            meta["evaluated_with"] = meta.get("eval")
-            _write_json(d / "sweep_point.json", meta)
+        trained_now = stage == "train"
+        for sub, spec in meta.get("evals", {}).items():
+            if not trained_now and _evaluated_as(d, sub, spec, meta):
+                continue  # e.g. a validation added to a finished sweep: the test evaluation is not redone
+            stage = sub
+            _evaluate(d, cfg, spec, sub)
+            if sub == "eval":
+                meta = _read_json(d / "sweep_point.json") or meta
+                meta["evaluated_with"] = spec
+                _write_json(d / "sweep_point.json", meta)
         return {"ok": True, "action": action, "wall_s": time.perf_counter() - t0}
     except KeyboardInterrupt:
         raise
@@ -108,17 +112,19 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _evaluate(d: Path, cfg: TrainConfig, spec: dict[str, Any]) -> dict[str, Any]:
+def _evaluate(d: Path, cfg: TrainConfig, spec: dict[str, Any], sub: str = "eval") -> dict[str, Any]:
+    """Evaluate run ``d`` (or, for ``method: base``, the untuned model) with EvalConfig fields ``spec``
+    into ``d/sub``."""
     from lesft import evaluate as ev  # lazily: only sweeps that evaluate import it
 
     known = BENCHMARKS
     kw = dict(spec)
     if "dataset" not in kw:
         if cfg.data not in known:
-            raise ValueError(f"eval: the run trains on {cfg.data!r}, not a benchmark: set eval.dataset in the spec")
+            raise ValueError(f"{sub}: the run trains on {cfg.data!r}, not a benchmark: set eval.dataset in the spec")
         kw["dataset"] = cfg.data
     kw.setdefault("chat_template", cfg.chat_template)
-    kw["out"] = str(d / "eval")
+    kw["out"] = str(d / sub)
     ecfg = ev.EvalConfig(**kw)
     if cfg.method != BASE_METHOD:
         return ev.run_eval(ecfg, cfg.model, run_dir=str(d))  # adapter: RUN/adapter

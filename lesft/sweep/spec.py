@@ -17,7 +17,9 @@ from lesft.typed import _base_type, load_yaml
 
 
 BASE_METHOD = "base"
-SPEC_KEYS = ("name", "description", "base", "grid", "runs", "eval")
+SPEC_KEYS = ("name", "description", "base", "grid", "runs", "eval", "validation")
+#: Where a run keeps each evaluation: ``eval`` (the spec's ``eval``) and ``eval-validation`` (its ``validation``).
+EVAL_DIRS = {"eval": "eval", "validation": "eval-validation"}
 #: For ``method: base`` (no training), the only keys that can change the evaluation.
 BASE_KEYS = ("method", "model", "data", "data_dir", "rationale", "chat_template")
 BASE_PREFIXES = ("synthetic.",)
@@ -113,18 +115,32 @@ def _check(spec: dict[str, Any], where: str = "spec") -> None:
     runs = spec.get("runs") or []
     if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
         raise ValueError(f"{where}: 'runs' must be a list of mappings of overrides")
-    ev = spec.get("eval")
-    if ev is not None:
+    for key, sub in EVAL_DIRS.items():
+        ev = spec.get(key)
+        if ev is None:
+            continue
         if not isinstance(ev, dict):
-            raise ValueError(f"{where}: 'eval' must be a mapping of EvalConfig fields")
+            raise ValueError(f"{where}: '{key}' must be a mapping of EvalConfig fields")
         if "out" in ev:
-            raise ValueError(f"{where}: eval.out is set by the sweep (RUN/eval)")
+            raise ValueError(f"{where}: {key}.out is set by the sweep (RUN/{sub})")
         from lesft.evaluate import EvalConfig  # lazily: only specs that evaluate need it
 
         known = {f.name for f in fields(EvalConfig)}
         bad = set(ev) - known
         if bad:
-            raise ValueError(f"{where}: unknown eval key(s) {sorted(bad)}; known: {sorted(known)}")
+            raise ValueError(f"{where}: unknown {key} key(s) {sorted(bad)}; known: {sorted(known)}")
+
+
+def evaluations(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The evaluations a spec asks of every finished run, by run sub-directory: ``eval`` as written, and
+    ``eval-validation``: ``eval``'s settings with ``split: validation``, then ``validation``'s own on top
+    (e.g. another ``limit``). Empty: train only."""
+    out: dict[str, dict[str, Any]] = {}
+    if spec.get("eval") is not None:
+        out[EVAL_DIRS["eval"]] = dict(spec["eval"])
+    if spec.get("validation") is not None:
+        out[EVAL_DIRS["validation"]] = {**(spec.get("eval") or {}), "split": "validation", **spec["validation"]}
+    return out
 
 
 def _slug(v: Any) -> str:
@@ -179,8 +195,9 @@ def expand(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     for ov in points:
         if _method_of(base, ov) == BASE_METHOD:
             ov = _base_only(ov)
-            if spec.get("eval") is None:
-                raise ValueError("method 'base' trains nothing: the spec needs an 'eval' section to evaluate it")
+            if not evaluations(spec):
+                raise ValueError("method 'base' trains nothing: the spec needs an 'eval' section (or a "
+                                 "'validation' one) to evaluate it")
         key = json.dumps(ov, sort_keys=True, default=str)
         if key not in seen:
             seen.add(key)

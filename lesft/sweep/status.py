@@ -11,7 +11,7 @@ from typing import Any
 
 from lesft.config import FREE_FIELDS, TrainConfig
 from lesft.typed import apply_overrides, flatten, from_dict, load_yaml, normalised, to_dict
-from lesft.sweep.spec import BASE_KEYS, BASE_METHOD, BASE_PREFIXES, _flatten, expand
+from lesft.sweep.spec import BASE_KEYS, BASE_METHOD, BASE_PREFIXES, _flatten, evaluations, expand
 
 
 # ----------------------------------------------------------------------------------------------
@@ -26,7 +26,7 @@ class Point:
     dir: Path
     config: dict[str, Any] | None  # nested TrainConfig as plain values (None: invalid)
     config_error: str | None
-    eval: dict[str, Any] | None
+    evals: dict[str, dict[str, Any]]  # run sub-directory (eval, eval-validation) -> EvalConfig fields
 
     @property
     def method(self) -> str:
@@ -49,7 +49,7 @@ def _points(spec: dict[str, Any], out: Path) -> list[Point]:
             cfg = to_dict(tc)
         except Exception as e:  # reported as this run's failure, the others go on
             err = f"{type(e).__name__}: {e}"
-        pts.append(Point(name, ov, d, cfg, err, spec.get("eval")))
+        pts.append(Point(name, ov, d, cfg, err, evaluations(spec)))
     return pts
 
 
@@ -86,10 +86,8 @@ def _status(p: Point) -> tuple[str, str]:
         if diff:
             return "stale", f"made with another config (differs in {diff}); delete {d} or use another --out"
     trained = p.method == BASE_METHOD or (d / "summary.json").is_file()
-    evaluated = True
-    if p.eval is not None:
-        meta = _read_json(d / "sweep_point.json") or {}
-        evaluated = _evaluated_as(d / "eval" / "eval.json", p.eval, meta)
+    meta = _read_json(d / "sweep_point.json") or {} if p.evals else {}
+    evaluated = all(_evaluated_as(d, sub, spec, meta) for sub, spec in p.evals.items())
     if trained and evaluated:
         return "done", ""
     if (d / "error.json").is_file():
@@ -107,16 +105,17 @@ def _status(p: Point) -> tuple[str, str]:
     return "pending", f"{logged} rounds logged, no checkpoint yet" if logged else ""
 
 
-def _evaluated_as(path: Path, spec: dict[str, Any], meta: dict[str, Any]) -> bool:
-    """Whether ``path`` (a run's eval.json) holds an evaluation made with ``spec``: every key the spec sets agrees
+def _evaluated_as(d: Path, sub: str, spec: dict[str, Any], meta: dict[str, Any]) -> bool:
+    """Whether run ``d``'s ``sub/eval.json`` holds an evaluation made with ``spec``: every key the spec sets agrees
     with the settings the evaluation recorded itself (so a later ``lesft eval --run`` with other settings is
-    noticed). An eval.json too old to record its settings is judged by the sweep's ``evaluated_with`` marker."""
+    noticed). An eval/eval.json too old to record its settings is judged by the sweep's ``evaluated_with`` marker."""
+    path = d / sub / "eval.json"
     ev = _read_json(path) if path.is_file() else None
     if ev is None:
         return False
     done = ev.get("config")
     if not isinstance(done, dict):
-        return meta.get("evaluated_with") == spec
+        return sub == "eval" and meta.get("evaluated_with") == spec
     return all(done.get(k) == v for k, v in spec.items() if k not in ("out", "progress"))
 
 
