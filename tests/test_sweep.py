@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -239,6 +244,53 @@ def test_jobs_run_in_child_processes(assets, tmp_path) -> None:
     assert sw.main(["--one", str(out / "client_layers=1")]) == 0  # finished: returns at once
 
 
+def _processes_naming(text: str) -> list[int]:
+    """Pids of the processes whose command line holds ``text``."""
+    pids = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                pids.append(int(d.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the sweep's children")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_a_jobs_sweep_checkpoints_its_runs_and_leaves_no_process(assets, tmp_path, sig) -> None:
+    """`kill -INT PID` or `kill PID` to a `--jobs 2` sweep alone, started with SIGINT ignored (as a script's
+    background job is): every run in flight checkpoints, the sweep exits 130, no child is left, and the
+    next call resumes both runs."""
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "s.yaml", {"name": "k", "base": base(assets, rounds=400, method="sl",
+                                                                      client_layers="1"), "grid": {"seed": [0, 1]}})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lesft.cli", "sweep", spec, "--out", str(out), "--jobs", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        logs = [out / f"seed={s}" / "metrics.jsonl" for s in (0, 1)]
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if all(f.is_file() and len(f.read_text().splitlines()) >= 2 for f in logs):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1]
+        assert len(_processes_naming(str(out))) == 3  # the sweep and its two runs
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        for pid in _processes_naming(str(out)):  # whatever a failure left
+            os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "Resume with: lesft sweep" in err and _processes_naming(str(out)) == []
+    assert [r["status"] for r in run_sweep(spec, str(out), dry_run=True)] == ["interrupted", "interrupted"]
+    for f in logs:
+        state = json.loads((f.parent / "checkpoint" / "state.json").read_text())
+        assert 2 <= state["rounds_done"] == len(f.read_text().splitlines()) < 400
+
+
 def test_a_field_added_since_a_run_does_not_make_it_stale() -> None:
     from lesft.config import TrainConfig
     from lesft.typed import to_dict
@@ -261,14 +313,19 @@ def test_a_killed_child_names_its_signal() -> None:
 
 def test_a_killed_child_counts_its_attempts(tmp_path, monkeypatch) -> None:
     """A child killed before it could write error.json (out of memory) is attempt 1, then 2, ... (was always 1)."""
-    import subprocess
     import types
 
-    from lesft.sweep.point import _spawn
+    from lesft.sweep.point import InFlight, _spawn
+
+    class Killed(InFlight):  # every child dies of SIGKILL
+        def start(self, argv, **kw):
+            return object()
+
+        def wait(self, proc) -> int:
+            return -9
 
     point = types.SimpleNamespace(dir=tmp_path, name="p")
-    monkeypatch.setattr(subprocess, "run", lambda *a, **kw: types.SimpleNamespace(returncode=-9))
     for attempt in (1, 2, 3):
-        res = _spawn(point, 1)
+        res = _spawn(point, 1, Killed())
         assert not res["ok"] and res["error"]["attempts"] == attempt
         assert json.loads((tmp_path / "error.json").read_text())["attempts"] == attempt

@@ -98,6 +98,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import signal
 import sys
 import threading
 import time
@@ -108,7 +109,7 @@ from typing import Any, Sequence
 
 from lesft.plugins import load_plugins
 from lesft.provenance import git_commit
-from lesft.sweep.point import _prepare, _spawn, _write_json, execute
+from lesft.sweep.point import InFlight, _prepare, _spawn, _write_json, execute
 from lesft.sweep.spec import BASE_METHOD, RUNNABLE, _flatten, _norm_key, evaluations, expand, load_spec
 from lesft.sweep.status import Point, _points, _read_json, _status
 
@@ -194,7 +195,7 @@ def run_sweep(spec_path: str, out: str, dry_run: bool = False, jobs: int = 1) ->
         _prepare(p)
         k = next(counter)
         print(f"[{k}/{len(todo)}] {records[i]['action']} {p.name}", flush=True)
-        res = execute(p.dir) if jobs == 1 else _spawn(p, max(1, (os.cpu_count() or 1) // jobs))
+        res = execute(p.dir) if jobs == 1 else _spawn(p, max(1, (os.cpu_count() or 1) // jobs), in_flight)
         status, detail = _status(p)
         with lock:
             records[i].update(status=status, detail=detail, wall_s=res["wall_s"])
@@ -205,6 +206,20 @@ def run_sweep(spec_path: str, out: str, dry_run: bool = False, jobs: int = 1) ->
             print(f"  {status} {p.name} in {res['wall_s']:.1f} s", flush=True)
         save()
 
+    in_flight, signals = InFlight(), 0
+
+    def on_signal(signum: int, frame: Any) -> None:
+        """SIGINT or SIGTERM: passed on to the runs in flight (``--jobs``); the first also stops the sweep."""
+        nonlocal signals
+        signals += 1
+        in_flight.interrupt()
+        if signals == 1:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name}; the runs in flight checkpoint")
+
+    # explicit handlers (in the main thread only): a sweep started in the background of a script inherits
+    # SIGINT ignored, and SIGTERM would end the sweep and leave its children running
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if threading.current_thread() is threading.main_thread() else {}
     try:
         if jobs == 1:
             for i in todo:
@@ -221,6 +236,8 @@ def run_sweep(spec_path: str, out: str, dry_run: bool = False, jobs: int = 1) ->
         raise Interrupted(f"sweep {name} stopped{' (' + str(e).split(' Resume with')[0] + ')' if str(e) else ''}. "
                           f"Resume with: lesft sweep {spec_path} --out {out}") from None
     finally:
+        for s, h in old.items():
+            signal.signal(s, h)
         save()
     done = sum(r["status"] == "done" for r in records)
     bad = [r for r in records if r["status"] != "done"]
@@ -276,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "`lesft sweep`)", file=sys.stderr)
         return 2
     load_plugins()  # $LESFT_PLUGINS: the parent's --plugin extensions
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the sweep's SIGINT stops an evaluation too
     try:
         return 0 if execute(argv[1])["ok"] else 1
     except KeyboardInterrupt as e:

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -155,8 +156,43 @@ def _signal_cause(signum: int) -> str:
     return f"killed by {name}"
 
 
-def _spawn(p: Point, threads: int) -> dict[str, Any]:
-    """Run one prepared point in a child process (``--jobs``)."""
+class InFlight:
+    """The child processes of the ``--jobs`` runs in flight. Each runs in its own process group, so that a
+    Ctrl-C at the terminal reaches the sweep alone; the sweep passes every SIGINT or SIGTERM it gets on to
+    each child as one SIGINT (the first: finish the round, checkpoint, exit; a second: stop at once)."""
+
+    def __init__(self) -> None:
+        self._procs: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+        self.stopping = False
+
+    def start(self, argv: list[str], **kw: Any) -> subprocess.Popen | None:
+        """The started child, or None once the sweep is stopping (no new run starts then)."""
+        with self._lock:
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(argv, process_group=0, **kw)
+            self._procs.add(proc)
+            return proc
+
+    def wait(self, proc: subprocess.Popen) -> int:
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._procs.discard(proc)
+
+    def interrupt(self) -> None:
+        with self._lock:
+            self.stopping = True
+            for proc in self._procs:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGINT)
+
+
+
+def _spawn(p: Point, threads: int, in_flight: InFlight) -> dict[str, Any]:
+    """Run one prepared point in a child process (``--jobs``), one of the sweep's ``in_flight``."""
     t0 = time.perf_counter()
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads))
@@ -166,8 +202,9 @@ def _spawn(p: Point, threads: int) -> dict[str, Any]:
     before = _read_json(p.dir / "error.json")  # the last attempt's (the child reads it to count attempts)
     prior = int((before or {}).get("attempts", 0))
     with log.open("w") as fh:
-        rc = subprocess.run([sys.executable, "-m", "lesft.sweep", "--one", str(p.dir)], stdout=fh,
-                            stderr=subprocess.STDOUT, env=env).returncode
+        proc = in_flight.start([sys.executable, "-m", "lesft.sweep", "--one", str(p.dir)], stdout=fh,
+                               stderr=subprocess.STDOUT, env=env)
+        rc = 130 if proc is None else in_flight.wait(proc)  # None: the sweep stopped before this run began
     wall = time.perf_counter() - t0
     err = _read_json(p.dir / "error.json")
     if err is not None and err == before:  # not this attempt's: the child died before it removed it
