@@ -257,10 +257,10 @@ def _processes_naming(text: str) -> list[int]:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the sweep's children")
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_to_a_jobs_sweep_checkpoints_its_runs_and_leaves_no_process(assets, tmp_path, sig) -> None:
-    """`kill -INT PID` or `kill PID` to a `--jobs 2` sweep alone, started with SIGINT ignored (as a script's
-    background job is): every run in flight checkpoints, the sweep exits 130, no child is left, and the
+    """`kill -INT PID`, `kill PID` or a closed terminal's SIGHUP to a `--jobs 2` sweep alone, started with SIGINT
+    ignored (as a script's background job is): every run in flight checkpoints, the sweep exits 130, no child is left, and the
     next call resumes both runs."""
     out = tmp_path / "out"
     spec = write_spec(tmp_path / "s.yaml", {"name": "k", "base": base(assets, rounds=400, method="sl",

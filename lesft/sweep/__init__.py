@@ -209,7 +209,7 @@ def run_sweep(spec_path: str, out: str, dry_run: bool = False, jobs: int = 1) ->
     in_flight, signals = InFlight(), 0
 
     def on_signal(signum: int, frame: Any) -> None:
-        """SIGINT or SIGTERM: passed on to the runs in flight (``--jobs``); the first also stops the sweep."""
+        """SIGINT, SIGTERM or SIGHUP: passed on to the runs in flight (``--jobs``); the first also stops the sweep."""
         nonlocal signals
         signals += 1
         in_flight.interrupt()
@@ -217,9 +217,11 @@ def run_sweep(spec_path: str, out: str, dry_run: bool = False, jobs: int = 1) ->
             raise KeyboardInterrupt(f"{signal.Signals(signum).name}; the runs in flight checkpoint")
 
     # explicit handlers (in the main thread only): a sweep started in the background of a script inherits
-    # SIGINT ignored, and SIGTERM would end the sweep and leave its children running
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} \
-        if threading.current_thread() is threading.main_thread() else {}
+    # SIGINT ignored, and SIGTERM or a closed terminal's SIGHUP would end the sweep and leave its children
+    # running; a SIGHUP ignored at the start (nohup) stays ignored
+    sigs = [signal.SIGINT, signal.SIGTERM] + [s for s in (getattr(signal, "SIGHUP", None),)
+                                               if s is not None and signal.getsignal(s) is not signal.SIG_IGN]
+    old = {s: signal.signal(s, on_signal) for s in sigs} if threading.current_thread() is threading.main_thread() else {}
     try:
         if jobs == 1:
             for i in todo:

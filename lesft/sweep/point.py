@@ -158,8 +158,9 @@ def _signal_cause(signum: int) -> str:
 
 class InFlight:
     """The child processes of the ``--jobs`` runs in flight. Each runs in its own process group, so that a
-    Ctrl-C at the terminal reaches the sweep alone; the sweep passes every SIGINT or SIGTERM it gets on to
-    each child as one SIGINT (the first: finish the round, checkpoint, exit; a second: stop at once)."""
+    Ctrl-C at the terminal reaches the sweep alone; the sweep passes every SIGINT, SIGTERM (or SIGHUP, unless
+    ignored as under nohup) it gets on to each child as one SIGINT (the first: finish the round, checkpoint,
+    exit; a second: stop at once)."""
 
     def __init__(self) -> None:
         self._procs: set[subprocess.Popen] = set()
@@ -171,7 +172,7 @@ class InFlight:
         with self._lock:
             if self.stopping:
                 return None
-            proc = subprocess.Popen(argv, process_group=0, **kw)
+            proc = subprocess.Popen(argv, start_new_session=True, **kw)  # its own process group
             self._procs.add(proc)
             return proc
 
