@@ -5,7 +5,8 @@
 #   bash docs/evidence/validation.sh [SWEEP_DIR] [RUN ...]   # the runs named (default: the seed-0 trio of issue 10)
 #   bash docs/evidence/validation.sh [SWEEP_DIR] --all       # every trained run that still has its adapter
 # Only runs trained on this machine have an adapter (docs/evidence/results keeps no adapters): `keep.sh save`
-# keeps each run's eval-validation/ beside its test evaluation.
+# keeps each run's eval-validation/ beside its test evaluation. New sweeps need none of this: a spec's
+# `validation:` section evaluates each run on the validation split as it finishes (configs/README.md).
 set -euo pipefail
 dir=${1:-runs/evidence}; shift || true
 runs=("$@")
