@@ -79,7 +79,8 @@ def execute(run_dir: str | Path) -> dict[str, Any]:
         elif cfg.method != BASE_METHOD:
             action = "eval"
         trained_now = stage == "train"
-        for sub, spec in meta.get("evals", {}).items():
+        evals = meta.get("evals") or ({"eval": meta["eval"]} if meta.get("eval") is not None else {})  # older files
+        for sub, spec in evals.items():
             if not trained_now and _evaluated_as(d, sub, spec, meta):
                 continue  # e.g. a validation added to a finished sweep: the test evaluation is not redone
             stage = sub
@@ -164,7 +165,7 @@ class InFlight:
 
     def __init__(self) -> None:
         self._procs: set[subprocess.Popen] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a second signal may arrive inside interrupt()
         self.stopping = False
 
     def start(self, argv: list[str], **kw: Any) -> subprocess.Popen | None:
@@ -189,7 +190,6 @@ class InFlight:
             for proc in self._procs:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGINT)
-
 
 
 def _spawn(p: Point, threads: int, in_flight: InFlight) -> dict[str, Any]:
