@@ -86,7 +86,7 @@ def _status(p: Point) -> tuple[str, str]:
         if diff:
             return "stale", f"made with another config (differs in {diff}); delete {d} or use another --out"
     trained = p.method == BASE_METHOD or (d / "summary.json").is_file()
-    meta = _read_json(d / "sweep_point.json") or {} if p.evals else {}
+    meta = (_read_json(d / "sweep_point.json") or {}) if p.evals else {}
     evaluated = all(_evaluated_as(d, sub, spec, meta) for sub, spec in p.evals.items())
     if trained and evaluated:
         return "done", ""
