@@ -7,7 +7,7 @@ import argparse
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -89,10 +89,10 @@ def rotated(items, rep: int) -> list:
 @dataclass
 class Interleaved:
     """What :func:`interleaved` measured, per key, in the order the repetitions ran."""
-    wall: dict = field(default_factory=dict)      # key -> seconds per kept call
-    foreign: dict = field(default_factory=dict)   # key -> other processes' CPU during it, in cores
-    deltas: dict = field(default_factory=dict)    # key -> snap(key) deltas over each kept call
-    retried: int = 0                              # re-takes of disturbed calls, all keys together
+    wall: dict      # key -> seconds per kept call
+    foreign: dict   # key -> other processes' CPU during it, in cores
+    deltas: dict    # key -> snap(key) deltas over each kept call
+    retried: int = 0  # re-takes of disturbed calls, all keys together
 
 
 def interleaved(fns: dict, reps: int, retries: int = 0, *, prepare=None, before=None, after=None, snap=None,

@@ -96,22 +96,20 @@ def main() -> None:
             if hw == "CPU" and cell == BASELINE:
                 continue
             ref = baseline_of(cell, cpu)
+            used = [s for s in sorted(seeds) if s in cpu[ref]]  # the seeds whose baseline is validated
             a, b = [], []
-            for s in sorted(seeds):
-                if s not in cpu[ref]:
-                    continue  # that seed's baseline is not validated
+            for s in used:
                 mine, base = load(seeds[s]), load(cpu[ref][s])
                 assert sorted(mine) == ids == sorted(base), f"{name(cell)} seed {s}: not the same questions"
                 a.append([mine[k] for k in ids])
                 b.append([base[k] for k in ids])
-            if not a:
+            if not used:
                 continue
             p = paired_comparison(a, b)
             acc = ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in a)
             accb = ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in b)
             over = "–" if p.seed_t is None else \
                 f"{100 * p.seed_t[0]:+.1f} [{100 * p.seed_t[1]:+.1f}, {100 * p.seed_t[2]:+.1f}], {p.seed_t[3]:.2g}"
-            used = [s for s in sorted(seeds) if s in cpu[ref]]
             print(f"| `{name(cell)}` | {hw} | {', '.join(map(str, used))} | {acc} | `{name(ref)}` | {accb} "
                   f"| {100 * p.diff:+.1f} [{100 * p.low:+.1f}, {100 * p.high:+.1f}] | {p.only_method} / {p.only_baseline} "
                   f"| {p.p_value:.2g} | {p.p_sign_flip:.2g} | {over} |")

@@ -54,7 +54,7 @@ value become ``-``, any other unsafe character ``_``; two points that would get 
 short hash of their values appended, and very long names are shortened the same way). A directory
 holds what ``lesft train`` writes (config.yaml, metrics.jsonl, summary.json, adapter/, checkpoint/)
 plus ``config.input.yaml`` (the full TrainConfig of the point: ``lesft train --config
-RUN/config.input.yaml`` reruns it by hand), ``sweep_point.json`` (name, overrides, eval spec),
+RUN/config.input.yaml`` reruns it by hand), ``sweep_point.json`` (name, overrides, evaluations),
 ``eval/`` (eval.json, predictions.jsonl; ``eval-validation/`` likewise with ``validation``), ``error.json``
 when it failed, ``log.txt`` with ``--jobs``.
 

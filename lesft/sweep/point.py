@@ -34,7 +34,7 @@ def _prepare(p: Point) -> None:
     """Write the point's inputs to its directory (what ``--one`` reads back)."""
     p.dir.mkdir(parents=True, exist_ok=True)
     meta = _read_json(p.dir / "sweep_point.json") or {}
-    meta.update(name=p.name, overrides=p.overrides, eval=p.evals.get("eval"), evals=p.evals)
+    meta.update(name=p.name, overrides=p.overrides, evals=p.evals)
     if p.config_error:
         meta["config_error"] = p.config_error
     else:
@@ -79,8 +79,7 @@ def execute(run_dir: str | Path) -> dict[str, Any]:
         elif cfg.method != BASE_METHOD:
             action = "eval"
         trained_now = stage == "train"
-        evals = meta.get("evals") or ({"eval": meta["eval"]} if meta.get("eval") is not None else {})  # older files
-        for sub, spec in evals.items():
+        for sub, spec in meta.get("evals", {}).items():  # written by _prepare just before
             if not trained_now and _evaluated_as(d, sub, spec, meta):
                 continue  # e.g. a validation added to a finished sweep: the test evaluation is not redone
             stage = sub
