@@ -1,6 +1,6 @@
 """Every validated cell of the evidence study against plain CE (`splitlora`), recomputed from the kept predictions.
 
-    .venv/bin/python docs/evidence/validation_pairs.py
+    .venv/bin/python docs/evidence/validation_pairs.py   # the table and the count, as docs/evidence.md prints them
 
 A cell is a method and its settings, at the seeds whose adapter was evaluated on the 300 validation problems
 (`eval-validation/predictions.jsonl` of a run in docs/evidence/results, the CPU study, or docs/evidence/results-gpu,
@@ -70,8 +70,13 @@ def coverage() -> None:
         have += len(got)
         if got != set(seeds):
             missing.append(f"`{name(cell)}` ({', '.join(str(s) for s in sorted(set(seeds) - got))})")
-    print(f"\nValidated: {have} of the CPU study's {n} trained cell x seed runs (on the CPU, or their GPU twin). "
+    print(f"\nValidated: {have} of the CPU study's {n} trained cell \u00d7 seed runs (on the CPU, or their GPU twin). "
           f"Not yet: {'; '.join(missing) or 'none'}.")
+
+
+def signed(x: float) -> str:
+    """A difference in points as docs/evidence.md prints it: one decimal, a sign, a true minus."""
+    return f"{x:+.1f}".replace("-", "\u2212")
 
 
 def name(cell: frozenset) -> str:
@@ -90,7 +95,7 @@ def main() -> None:
     ids = sorted(load(cpu[BASELINE][0]))
     print("| cell, 300 validation problems | trained on | seeds | accuracy by seed | baseline (CPU) | baseline by seed "
           "| Δ, points [95 %, questions] | discordant | McNemar p | sign-flip p | over seeds [95 % t], p |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|" + " --- |" * 11)
     for hw, root in SOURCES.items():
         for cell, seeds in sorted(validated(root).items(), key=lambda c: name(c[0])):
             if hw == "CPU" and cell == BASELINE:
@@ -109,9 +114,9 @@ def main() -> None:
             acc = ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in a)
             accb = ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in b)
             over = "–" if p.seed_t is None else \
-                f"{100 * p.seed_t[0]:+.1f} [{100 * p.seed_t[1]:+.1f}, {100 * p.seed_t[2]:+.1f}], {p.seed_t[3]:.2g}"
+                f"{signed(100 * p.seed_t[0])} [{signed(100 * p.seed_t[1])}, {signed(100 * p.seed_t[2])}], {p.seed_t[3]:.2g}"
             print(f"| `{name(cell)}` | {hw} | {', '.join(map(str, used))} | {acc} | `{name(ref)}` | {accb} "
-                  f"| {100 * p.diff:+.1f} [{100 * p.low:+.1f}, {100 * p.high:+.1f}] | {p.only_method} / {p.only_baseline} "
+                  f"| {signed(100 * p.diff)} [{signed(100 * p.low)}, {signed(100 * p.high)}] | {p.only_method} / {p.only_baseline} "
                   f"| {p.p_value:.2g} | {p.p_sign_flip:.2g} | {over} |")
     coverage()
 
