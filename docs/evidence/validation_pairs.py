@@ -74,9 +74,10 @@ def coverage() -> None:
           f"Not yet: {'; '.join(missing) or 'none'}.")
 
 
-def signed(x: float) -> str:
-    """A difference in points as docs/evidence.md prints it: one decimal, a sign, a true minus."""
-    return f"{x:+.1f}".replace("-", "\u2212")
+def interval(mid: float, low: float, high: float) -> str:
+    """A difference with its interval, fractions as points the way docs/evidence.md prints them (true minus)."""
+    m, lo, hi = (f"{100 * x:+.1f}".replace("-", "\u2212") for x in (mid, low, high))
+    return f"{m} [{lo}, {hi}]"
 
 
 def name(cell: frozenset) -> str:
@@ -114,9 +115,9 @@ def main() -> None:
             acc = ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in a)
             accb = ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in b)
             over = "–" if p.seed_t is None else \
-                f"{signed(100 * p.seed_t[0])} [{signed(100 * p.seed_t[1])}, {signed(100 * p.seed_t[2])}], {p.seed_t[3]:.2g}"
+                f"{interval(*p.seed_t[:3])}, {p.seed_t[3]:.2g}"
             print(f"| `{name(cell)}` | {hw} | {', '.join(map(str, used))} | {acc} | `{name(ref)}` | {accb} "
-                  f"| {signed(100 * p.diff)} [{signed(100 * p.low)}, {signed(100 * p.high)}] | {p.only_method} / {p.only_baseline} "
+                  f"| {interval(p.diff, p.low, p.high)} | {p.only_method} / {p.only_baseline} "
                   f"| {p.p_value:.2g} | {p.p_sign_flip:.2g} | {over} |")
     coverage()
 
