@@ -196,15 +196,15 @@ def seed_t_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float,
     """``(mean, low, high, p)`` over seeds: the mean of the per-seed accuracy differences (fractions), its
     Student t interval ``mean +- t_{(1+level)/2, k-1} sd / sqrt(k)`` and the two-sided one-sample t-test p
     against 0, k = seeds; the unit resampled in thought is the seed (a training run), so seed-to-seed
-    variation is in the interval. None for one seed; with sd 0 the interval is the point and p is 1.0
-    (mean 0) or 0.0."""
+    variation is in the interval. None for one seed, and None when every seed differs by the same amount
+    (sd 0): the t interval is then undefined, not the point, and a p of 0 from two seeds would overclaim."""
     k = len(diffs)
     if k < 2:
         return None
     mean = sum(diffs) / k
     sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (k - 1))
-    if sd == 0.0:
-        return mean, mean, mean, 1.0 if mean == 0.0 else 0.0
+    if max(diffs) - min(diffs) <= 1e-12:  # sd 0 up to rounding (k / n - j / n in floats)
+        return None
     se = sd / math.sqrt(k)
     half = t_quantile((1 + level) / 2, k - 1) * se
     t = mean / se
@@ -226,7 +226,7 @@ class Paired:
     p_value: float  # exact McNemar on the pooled discordant question x seed pairs (optimistic with seeds > 1)
     p_sign_flip: float = 1.0  # exact sign-flip permutation p, questions as the unit
     per_seed: list[float] | None = None  # acc(method) - acc(baseline) per seed
-    seed_t: tuple[float, float, float, float] | None = None  # (mean, low, high, p) over seeds; None for 1 seed
+    seed_t: tuple[float, float, float, float] | None = None  # (mean, low, high, p) over seeds; None: 1 seed or sd 0
 
 
 def paired_comparison(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]], resamples: int = 10_000,

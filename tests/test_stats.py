@@ -191,8 +191,8 @@ def test_seed_t_interval_by_hand() -> None:
     mean, lo, hi, p = seed_t_interval([-0.052, -0.258, -0.212])
     assert (round(100 * mean, 1), round(100 * lo, 1), round(100 * hi, 1), round(p, 2)) == (-17.4, -44.3, 9.5, 0.11)
     assert seed_t_interval([0.3]) is None
-    assert seed_t_interval([0.1, 0.1]) == (0.1, 0.1, 0.1, 0.0)
-    assert seed_t_interval([0.0, 0.0]) == (0.0, 0.0, 0.0, 1.0)
+    assert seed_t_interval([0.1, 0.1]) is None  # sd 0: undefined, not a point with p = 0
+    assert seed_t_interval([0.0, 0.0]) is None
 
 
 def test_seed_spread() -> None:
@@ -310,3 +310,13 @@ def test_the_untuned_model_as_baseline_pairs_with_every_seed(tmp_path: Path) -> 
     assert cells[7] == "3 / 0" and cells[8] == "0.25"  # exact McNemar: 2 * (1/2)^3
     assert cells[9] == "0.5"  # per question (q0 +2, q1 +1): T = 3; the flips give 3, 1, -1, -3: p = 2/4
     assert cells[10].startswith("+30.0 [")
+
+
+def test_seed_t_interval_undefined_when_every_seed_differs_alike() -> None:
+    # two seeds, 300 questions, both 4 points behind (12 more right by the baseline) but with other counts:
+    # in floats the two per-seed differences need not be bit-equal; a t interval must still not be reported
+    a = [[i < 100 for i in range(300)], [i < 87 for i in range(300)]]
+    b = [[i < 112 for i in range(300)], [i < 99 for i in range(300)]]
+    pc = paired_comparison(a, b, resamples=200)
+    assert [round(d, 12) for d in pc.per_seed] == [-0.04, -0.04]
+    assert pc.seed_t is None

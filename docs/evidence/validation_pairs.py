@@ -114,7 +114,7 @@ def main() -> None:
             p = paired_comparison(a, b)
             acc = ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in a)
             accb = ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in b)
-            over = "–" if p.seed_t is None else \
+            over = ("–" if p.seeds == 1 else "sd 0") if p.seed_t is None else \
                 f"{interval(*p.seed_t[:3])}, {p.seed_t[3]:.2g}"
             print(f"| `{name(cell)}` | {hw} | {', '.join(map(str, used))} | {acc} | `{name(ref)}` | {accb} "
                   f"| {interval(p.diff, p.low, p.high)} | {p.only_method} / {p.only_baseline} "

@@ -161,7 +161,8 @@ def write_report(sweep_dir: str, baseline: str | None = None, eval_dir: str = "e
                 "question the difference summed over seeds; two-sided, exact over all sign flips, counted by "
                 "convolution, not sampled). Δ over seeds: the mean of the per-seed differences with its Student "
                 "t interval (df = seeds − 1) and one-sample t-test p: the seed (a training run) as the unit, so "
-                "seed-to-seed variation is in it; with 3 seeds it is wide (t₀.₉₇₅,₂ = 4.30); – with one seed.",
+                "seed-to-seed variation is in it; with 3 seeds it is wide (t₀.₉₇₅,₂ = 4.30); – with one seed; 'sd 0' "
+                "where every seed differs by the same amount (a t interval is then undefined, not a point).",
                 ""] + paired + [""]) if paired else \
             [f"No run shares a seed and a column with `{baseline}`.", ""]
     md += ["## Contamination", ""] + contamination + [""]
