@@ -70,8 +70,9 @@ def coverage() -> None:
         have += len(got)
         if got != set(seeds):
             missing.append(f"`{name(cell)}` ({', '.join(str(s) for s in sorted(set(seeds) - got))})")
+    untuned = "is" if (SOURCES["CPU"] / "method=base/eval-validation/predictions.jsonl").is_file() else "is not yet"
     print(f"\nValidated: {have} of the CPU study's {n} trained cell \u00d7 seed runs (on the CPU, or their GPU twin). "
-          f"Not yet: {'; '.join(missing) or 'none'}.")
+          f"Not yet: {'; '.join(missing) or 'none'}. The untuned model (no training) {untuned} evaluated on validation.")
 
 
 def interval(mid: float, low: float, high: float) -> str:
@@ -89,6 +90,18 @@ def baseline_of(cell: frozenset, cpu: dict[frozenset, dict[int, Path]]) -> froze
     """`splitlora` with the cell's settings (its column) where such a CPU cell is validated, else plain `splitlora`."""
     same = BASELINE | {k for k in cell if not k.startswith("method=")}
     return same if same in cpu and same != cell else BASELINE
+
+
+def row(label: str, hw: str, seeds: str, a: list[list[bool]], b: list[list[bool]], ref: str,
+        one_run: bool = False) -> None:
+    """One table line: ``a`` against ``b``, seed by seed (lists of per-question correctness, the same questions);
+    ``one_run``: ``a`` is one run repeated against each of ``b``'s seeds, its accuracy printed once."""
+    p = paired_comparison(a, b)
+    acc, accb = (", ".join(f"{100 * sum(x) / len(x):.1f}" for x in runs[:1 if one_run and runs is a else None])
+                 for runs in (a, b))
+    over = ("–" if p.seeds == 1 else "sd 0") if p.seed_t is None else f"{interval(*p.seed_t[:3])}, {p.seed_t[3]:.2g}"
+    print(f"| {label} | {hw} | {seeds} | {acc} | {ref} | {accb} | {interval(p.diff, p.low, p.high)} "
+          f"| {p.only_method} / {p.only_baseline} | {p.p_value:.2g} | {p.p_sign_flip:.2g} | {over} |")
 
 
 def main() -> None:
@@ -109,16 +122,15 @@ def main() -> None:
                 assert sorted(mine) == ids == sorted(base), f"{name(cell)} seed {s}: not the same questions"
                 a.append([mine[k] for k in ids])
                 b.append([base[k] for k in ids])
-            if not used:
-                continue
-            p = paired_comparison(a, b)
-            acc = ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in a)
-            accb = ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in b)
-            over = ("–" if p.seeds == 1 else "sd 0") if p.seed_t is None else \
-                f"{interval(*p.seed_t[:3])}, {p.seed_t[3]:.2g}"
-            print(f"| `{name(cell)}` | {hw} | {', '.join(map(str, used))} | {acc} | `{name(ref)}` | {accb} "
-                  f"| {interval(p.diff, p.low, p.high)} | {p.only_method} / {p.only_baseline} "
-                  f"| {p.p_value:.2g} | {p.p_sign_flip:.2g} | {over} |")
+            if used:
+                row(f"`{name(cell)}`", hw, ", ".join(map(str, used)), a, b, f"`{name(ref)}`")
+    untuned = SOURCES["CPU"] / "method=base/eval-validation/predictions.jsonl"
+    if untuned.is_file():  # no seed: paired with every seed of the baseline, as `lesft report` pairs it
+        mine = load(untuned)
+        assert sorted(mine) == ids, "the untuned model: not the same questions"
+        b = [[load(f)[k] for k in ids] for _, f in sorted(cpu[BASELINE].items())]
+        row("the untuned model", "none", "– (each baseline seed)", [[mine[k] for k in ids]] * len(b), b,
+            f"`{name(BASELINE)}`", one_run=True)
     coverage()
 
 
