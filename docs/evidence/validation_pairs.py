@@ -97,8 +97,10 @@ def row(label: str, hw: str, seeds: str, a: list[list[bool]], b: list[list[bool]
     """One table line: ``a`` against ``b``, seed by seed (lists of per-question correctness, the same questions);
     ``one_run``: ``a`` is one run repeated against each of ``b``'s seeds, its accuracy printed once."""
     p = paired_comparison(a, b)
-    acc, accb = (", ".join(f"{100 * sum(x) / len(x):.1f}" for x in runs[:1 if one_run and runs is a else None])
-                 for runs in (a, b))
+    def accuracies(runs: list[list[bool]]) -> str:
+        return ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in runs)
+
+    acc, accb = accuracies(a[:1] if one_run else a), accuracies(b)
     over = ("–" if p.seeds == 1 else "sd 0") if p.seed_t is None else f"{interval(*p.seed_t[:3])}, {p.seed_t[3]:.2g}"
     print(f"| {label} | {hw} | {seeds} | {acc} | {ref} | {accb} | {interval(p.diff, p.low, p.high)} "
           f"| {p.only_method} / {p.only_baseline} | {p.p_value:.2g} | {p.p_sign_flip:.2g} | {over} |")

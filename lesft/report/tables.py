@@ -317,15 +317,15 @@ def _paired_table(rows: list[PairedRow], lay: Layout, baseline: str) -> list[str
     body = []
     for p in rows:
         mean, sd = seed_spread(p.accs)
-        none = "–" if p.pc.seeds == 1 else "sd 0"  # no t interval: one seed, or every seed's Δ the same
+        no_t = "–" if p.pc.seeds == 1 else "sd 0"  # no t interval: one seed, or every seed's Δ the same
         body.append([
             p.row, _col_header(lay, p.col) if lay.col_keys else "", str(p.pc.seeds), str(p.pc.questions),
             f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else ""),
             f"{100 * p.pc.diff:+.1f} [{100 * p.pc.low:+.1f}, {100 * p.pc.high:+.1f}]",
             ", ".join(f"{100 * d:+.1f}" for d in p.per_seed),
             f"{p.pc.only_method} / {p.pc.only_baseline}", f"{p.pc.p_value:.2g}", f"{p.pc.p_sign_flip:.2g}",
-            (f"{100 * t[0]:+.1f} [{100 * t[1]:+.1f}, {100 * t[2]:+.1f}]" if (t := p.pc.seed_t) else none),
-            f"{t[3]:.2g}" if t else none,
+            (f"{100 * t[0]:+.1f} [{100 * t[1]:+.1f}, {100 * t[2]:+.1f}]" if (t := p.pc.seed_t) else no_t),
+            f"{t[3]:.2g}" if t else no_t,
         ])
     if not body:
         return []
