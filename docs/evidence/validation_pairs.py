@@ -32,6 +32,7 @@ SOURCES = {"CPU": ROOT / "docs/evidence/results",               # the study's ke
            "CPU again": ROOT / "docs/evidence/results-again",   # retrained on another CPU: a twin, like a GPU run
            "GPU": ROOT / "docs/evidence/results-gpu"}
 BASELINE = frozenset({"method=splitlora"})
+UNTUNED = SOURCES["CPU"] / "method=base/eval-validation/predictions.jsonl"  # the untuned model: no seed, no training
 TWINS = {"lesft.weighting=boost": "lesft.weighting=uniform-1"}  # a named weighting = the ablation it was named from
 
 
@@ -70,7 +71,7 @@ def coverage() -> None:
         have += len(got)
         if got != set(seeds):
             missing.append(f"`{name(cell)}` ({', '.join(str(s) for s in sorted(set(seeds) - got))})")
-    untuned = "is" if (SOURCES["CPU"] / "method=base/eval-validation/predictions.jsonl").is_file() else "is not yet"
+    untuned = "is" if UNTUNED.is_file() else "is not yet"
     print(f"\nValidated: {have} of the CPU study's {n} trained cell \u00d7 seed runs (on the CPU, or their GPU twin). "
           f"Not yet: {'; '.join(missing) or 'none'}. The untuned model (no training) {untuned} evaluated on validation.")
 
@@ -96,10 +97,10 @@ def row(label: str, hw: str, seeds: str, a: list[list[bool]], b: list[list[bool]
         one_run: bool = False) -> None:
     """One table line: ``a`` against ``b``, seed by seed (lists of per-question correctness, the same questions);
     ``one_run``: ``a`` is one run repeated against each of ``b``'s seeds, its accuracy printed once."""
-    p = paired_comparison(a, b)
     def accuracies(runs: list[list[bool]]) -> str:
         return ", ".join(f"{100 * sum(x) / len(x):.1f}" for x in runs)
 
+    p = paired_comparison(a, b)
     acc, accb = accuracies(a[:1] if one_run else a), accuracies(b)
     over = ("–" if p.seeds == 1 else "sd 0") if p.seed_t is None else f"{interval(*p.seed_t[:3])}, {p.seed_t[3]:.2g}"
     print(f"| {label} | {hw} | {seeds} | {acc} | {ref} | {accb} | {interval(p.diff, p.low, p.high)} "
@@ -126,9 +127,8 @@ def main() -> None:
                 b.append([base[k] for k in ids])
             if used:
                 row(f"`{name(cell)}`", hw, ", ".join(map(str, used)), a, b, f"`{name(ref)}`")
-    untuned = SOURCES["CPU"] / "method=base/eval-validation/predictions.jsonl"
-    if untuned.is_file():  # no seed: paired with every seed of the baseline, as `lesft report` pairs it
-        mine = load(untuned)
+    if UNTUNED.is_file():  # no seed: paired with every seed of the baseline, as `lesft report` pairs it
+        mine = load(UNTUNED)
         assert sorted(mine) == ids, "the untuned model: not the same questions"
         b = [[load(f)[k] for k in ids] for _, f in sorted(cpu[BASELINE].items())]
         row("the untuned model", "none", "– (each baseline seed)", [[mine[k] for k in ids]] * len(b), b,
