@@ -8,11 +8,12 @@
 #                                                    # configs/studies/cpu/evidence_validation.yaml) -> the kept
 #                                                    # run's eval-validation/ where the retrained run's 500 test
 #                                                    # completions equal the kept run's, every one of them; else
-#                                                    # (another CPU's kernels) the whole run -> results-again/, a
+#                                                    # (it did not reproduce to the letter) the whole run -> results-again/, a
 #                                                    # twin like a GPU run, never mixed with the kept one
 # A run's directory under runs/ is not tracked (adapters, checkpoints); what is kept is what the report reads:
 # the configs, metrics, summary, training-row hashes and the evaluation with its predictions.
 set -euo pipefail
+source "$(dirname "$0")/../keep_runs.sh"
 cmd=${1:?usage: keep.sh save|restore [SWEEP_DIR]}
 dir=${2:-runs/evidence}
 keep=docs/evidence/results
@@ -20,36 +21,22 @@ files=(config.input.yaml config.yaml metrics.jsonl summary.json train_keys.json 
        eval-validation/eval.json eval-validation/predictions.jsonl)
 case "$cmd" in
   save)
-    for run in "$dir"/*/; do
-      run=$(basename "$run")
-      [ -f "$dir/$run/eval/eval.json" ] || continue   # not finished: nothing to keep yet
-      for f in "${files[@]}"; do
-        [ -f "$dir/$run/$f" ] || continue
-        mkdir -p "$keep/$run/$(dirname "$f")"
-        cp "$dir/$run/$f" "$keep/$run/$f"
-      done
-    done
+    n=$(keep_finished "$dir" "$keep" '*' "${files[@]}")
     [ -f "$dir/report.md" ] && cp "$dir/report.md" docs/evidence/report_partial.md
     [ -d "$dir/figures" ] && cp "$dir"/figures/*.png docs/evidence/figures/
-    echo "kept $(ls "$keep" | wc -l) finished runs in $keep" ;;
+    echo "kept $n finished runs of $dir in $keep" ;;
   restore)
-    mkdir -p "$dir"
-    for run in "$keep"/*/; do
-      run=$(basename "$run")
-      [ -e "$dir/$run" ] && continue                 # never overwrite a run directory that is there
-      cp -r "$keep/$run" "$dir/$run"
-    done
-    echo "restored $(ls "$keep" | wc -l) finished runs into $dir" ;;
+    n=$(restore_kept "$keep" "$dir")
+    echo "restored into $dir those of the $n kept runs in $keep not there already" ;;
   adopt)
     [ -n "${2:-}" ] || { echo "usage: keep.sh adopt RETRAIN_DIR" >&2; exit 2; }
-    python3 - "$dir" "$keep" <<'PY'
+    python3 - "$dir" "$keep" "${files[@]}" <<'PY'
 import json, shutil, sys
 from pathlib import Path
 
 src, keep = Path(sys.argv[1]), Path(sys.argv[2])
 again = keep.parent / "results-again"
-small = ("config.input.yaml", "config.yaml", "metrics.jsonl", "summary.json", "train_keys.json", "eval/eval.json",
-         "eval/predictions.jsonl", "eval-validation/eval.json", "eval-validation/predictions.jsonl")
+small = sys.argv[3:]  # the files `save` keeps
 by_keys = {frozenset(d.name.split("__")): d for d in keep.iterdir() if d.is_dir()}  # grid and runs name keys in other orders
 answers = lambda f: [(r["id"], r["completion"]) for r in map(json.loads, f.open())]
 for run in sorted(d for d in src.iterdir() if (d / "eval-validation" / "predictions.jsonl").is_file()):
@@ -63,7 +50,7 @@ for run in sorted(d for d in src.iterdir() if (d / "eval-validation" / "predicti
             (again / kept.name / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(run / f, again / kept.name / f)
         n = sum(x != y for x, y in zip(a, b))
-        print(f"{run.name}: {n} of its {len(a)} test completions differ from {kept.name}'s (another CPU's kernels?): "
+        print(f"{run.name}: {n} of its {len(a)} test completions differ from {kept.name}'s (not reproduced to the letter): "
               f"kept as a twin in {again / kept.name}, not adopted")
     else:
         (kept / "eval-validation").mkdir()

@@ -5,6 +5,7 @@
 #   bash docs/wire/keep.sh save [SWEEP_DIR]      # finished compressed runs' small files -> docs/wire/results/
 # `lesft sweep` then counts the restored runs as done: their config.input.yaml equals the spec's point.
 set -euo pipefail
+source "$(dirname "$0")/../keep_runs.sh"
 cmd=${1:?usage: keep.sh save|restore [SWEEP_DIR]}
 dir=${2:-runs/wire}
 keep=docs/wire/results
@@ -19,26 +20,9 @@ case "$cmd" in
         [ -e "$dst" ] || cp -r "$src" "$dst"
       done
     done
-    if [ -d "$keep" ]; then
-      for run in "$keep"/*/; do
-        run=$(basename "$run")
-        [ -e "$dir/$run" ] || cp -r "$keep/$run" "$dir/$run"
-      done
-    fi
-    echo "restored the 6 uncompressed pairs and $(ls "$keep" 2>/dev/null | wc -l) kept runs into $dir" ;;
+    echo "restored the 6 uncompressed pairs and $(restore_kept "$keep" "$dir") kept runs into $dir" ;;
   save)
-    n=0
-    for run in "$dir"/*/; do
-      run=$(basename "$run")
-      case "$run" in *wire*) ;; *) continue ;; esac          # the pairs are kept in docs/evidence/results
-      [ -f "$dir/$run/eval/eval.json" ] || continue          # not finished: nothing to keep yet
-      for f in "${files[@]}"; do
-        [ -f "$dir/$run/$f" ] || continue
-        mkdir -p "$keep/$run/$(dirname "$f")"
-        cp "$dir/$run/$f" "$keep/$run/$f"
-      done
-      n=$((n + 1))
-    done
+    n=$(keep_finished "$dir" "$keep" '*wire*' "${files[@]}")   # the pairs are kept in docs/evidence/results
     [ -f "$dir/report.md" ] && cp "$dir/report.md" docs/wire/report.md
     echo "kept $n finished runs in $keep" ;;
   *) echo "keep.sh: unknown command '$cmd' (save or restore)" >&2; exit 2 ;;
