@@ -10,7 +10,7 @@ frozen.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer

@@ -537,7 +537,7 @@ def test_a_mid_round_server_restart_gives_the_uninterrupted_run(tokenizer, tmp_p
         summary = train(replace_out(cfg, tmp_path / name), make_model(), tokenizer, rows(8), link=link)
         results[name] = (summary, load_file(str(tmp_path / name / "checkpoint" / "tensors.safetensors")),
                          {k: v.clone() for k, v in link.server.top.state_dict().items() if "lora_" in k})
-    (s0, c0, v0), (s1, c1, v1) = results["plain"], results["restarted"]
+    (_, c0, v0), (s1, c1, v1) = results["plain"], results["restarted"]
     assert s1["rounds"] == 3 and s1["rounds_skipped"] == []
     assert [json.loads(x)["loss"] for x in (tmp_path / "plain" / "metrics.jsonl").open()] == \
         [json.loads(x)["loss"] for x in (tmp_path / "restarted" / "metrics.jsonl").open()]
