@@ -11,7 +11,7 @@ the kept runs). A GPU cell's pairs cross
 hardware; on the test split a seed's GPU run answers as its CPU run on 99.5 % of the questions (session 15).
 CPU cells whose runs were trained again for their validation (configs/studies/cpu/evidence_validation.yaml) were
 adopted only where the 500 test completions equal the kept run's (`keep.sh adopt`), so they are the kept runs;
-the others (trained first on another CPU, whose fp32 kernels round differently) are twins in results-again/.
+the others (not reproduced to the letter: `sl` seed 2, one completion apart) are twins in results-again/.
 Per cell: the seeds' accuracies, the paired difference in points with its cluster-bootstrap interval over
 questions, discordant question x seed pairs, the pooled McNemar p, the sign-flip p (question as the unit) and
 the mean over seeds with its t interval (lesft.stats).
