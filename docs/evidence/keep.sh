@@ -8,8 +8,9 @@
 #                                                    # configs/studies/cpu/evidence_validation.yaml) -> the kept
 #                                                    # run's eval-validation/ where the retrained run's 500 test
 #                                                    # completions equal the kept run's, every one of them; else
-#                                                    # (it did not reproduce to the letter) the whole run -> results-again/, a
-#                                                    # twin like a GPU run, never mixed with the kept one
+#                                                    # (it did not reproduce to the letter) the whole run ->
+#                                                    # results-again/, a twin like a GPU run, never mixed with
+#                                                    # the kept one
 # A run's directory under runs/ is not tracked (adapters, checkpoints); what is kept is what the report reads:
 # the configs, metrics, summary, training-row hashes and the evaluation with its predictions.
 set -euo pipefail
@@ -50,8 +51,8 @@ for run in sorted(d for d in src.iterdir() if (d / "eval-validation" / "predicti
             (again / kept.name / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(run / f, again / kept.name / f)
         n = sum(x != y for x, y in zip(a, b))
-        print(f"{run.name}: {n} of its {len(a)} test completions differ from {kept.name}'s (not reproduced to the letter): "
-              f"kept as a twin in {again / kept.name}, not adopted")
+        print(f"{run.name}: {n} of its {len(a)} test completions differ from {kept.name}'s "
+              f"(not reproduced to the letter): kept as a twin in {again / kept.name}, not adopted")
     else:
         (kept / "eval-validation").mkdir()
         for f in ("eval.json", "predictions.jsonl"):

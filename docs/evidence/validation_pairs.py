@@ -19,6 +19,7 @@ the mean over seeds with its t interval (lesft.stats).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -36,7 +37,9 @@ UNTUNED = SOURCES["CPU"] / "method=base/eval-validation/predictions.jsonl"  # th
 TWINS = {"lesft.weighting=boost": "lesft.weighting=uniform-1"}  # a named weighting = the ablation it was named from
 
 
+@functools.cache  # a baseline's predictions are read once, not once per cell it is paired with
 def load(path: Path) -> dict[str, bool]:
+    """Question id -> correct, from one run's predictions.jsonl (never mutated: callers share the cached dict)."""
     return {str(r["id"]): bool(r["correct"]) for r in map(json.loads, path.open())}
 
 
@@ -130,7 +133,7 @@ def main() -> None:
     if UNTUNED.is_file():  # no seed: paired with every seed of the baseline, as `lesft report` pairs it
         mine = load(UNTUNED)
         assert sorted(mine) == ids, "the untuned model: not the same questions"
-        b = [[load(f)[k] for k in ids] for _, f in sorted(cpu[BASELINE].items())]
+        b = [[base[k] for k in ids] for base in (load(f) for _, f in sorted(cpu[BASELINE].items()))]
         row("the untuned model", "none", "– (each baseline seed)", [[mine[k] for k in ids]] * len(b), b,
             f"`{name(BASELINE)}`", one_run=True)
     coverage()
