@@ -228,6 +228,11 @@ class Paired:
     per_seed: list[float] | None = None  # acc(method) - acc(baseline) per seed
     seed_t: tuple[float, float, float, float] | None = None  # (mean, low, high, p) over seeds; None: 1 seed or sd 0
 
+    @property
+    def no_seed_t(self) -> str:
+        """The mark a table prints where ``seed_t`` is None: "–" for one seed, "sd 0" when every seed's Δ is equal."""
+        return "–" if self.seeds == 1 else "sd 0"
+
 
 def paired_comparison(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]], resamples: int = 10_000,
                       seed: int = 0) -> Paired:

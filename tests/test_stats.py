@@ -195,6 +195,14 @@ def test_seed_t_interval_by_hand() -> None:
     assert seed_t_interval([0.0, 0.0]) is None
 
 
+def test_no_seed_t_mark() -> None:
+    # one seed: "–"; two seeds with the same difference (+1 of 2 questions each): "sd 0"; else a t interval
+    one = paired_comparison([[True, False]], [[False, False]])
+    same = paired_comparison([[True, False], [True, False]], [[False, False], [False, False]])
+    assert (one.seed_t, one.no_seed_t) == (None, "–")
+    assert (same.seed_t, same.no_seed_t) == (None, "sd 0")
+
+
 def test_seed_spread() -> None:
     assert seed_spread([0.1, 0.2, 0.3]) == (pytest.approx(0.2), pytest.approx(0.1))
     assert seed_spread([0.5]) == (0.5, None)

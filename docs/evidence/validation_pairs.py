@@ -105,7 +105,7 @@ def row(label: str, hw: str, seeds: str, a: list[list[bool]], b: list[list[bool]
 
     p = paired_comparison(a, b)
     acc, accb = accuracies(a[:1] if one_run else a), accuracies(b)
-    over = ("–" if p.seeds == 1 else "sd 0") if p.seed_t is None else f"{interval(*p.seed_t[:3])}, {p.seed_t[3]:.2g}"
+    over = p.no_seed_t if p.seed_t is None else f"{interval(*p.seed_t[:3])}, {p.seed_t[3]:.2g}"
     print(f"| {label} | {hw} | {seeds} | {acc} | {ref} | {accb} | {interval(p.diff, p.low, p.high)} "
           f"| {p.only_method} / {p.only_baseline} | {p.p_value:.2g} | {p.p_sign_flip:.2g} | {over} |")
 

@@ -317,7 +317,7 @@ def _paired_table(rows: list[PairedRow], lay: Layout, baseline: str) -> list[str
     body = []
     for p in rows:
         mean, sd = seed_spread(p.accs)
-        no_t = "–" if p.pc.seeds == 1 else "sd 0"  # no t interval: one seed, or every seed's Δ the same
+        no_t = p.pc.no_seed_t
         body.append([
             p.row, _col_header(lay, p.col) if lay.col_keys else "", str(p.pc.seeds), str(p.pc.questions),
             f"{100 * mean:.1f}" + (f" ± {100 * sd:.1f}" if sd is not None else ""),
